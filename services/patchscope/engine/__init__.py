@@ -1,0 +1,54 @@
+"""The Patchscope engine: pure torch + transformers, no Ray, no gRPC."""
+
+from patchscope.engine.errors import (
+    IncompatibleModels,
+    InvalidArgument,
+    ModelNotFound,
+    ModelUnavailable,
+    PatchscopeError,
+    UnsupportedArchitecture,
+)
+from patchscope.engine.explain import ExplainRequest, Explanation, Site, SiteResult, explain, plan_sites
+from patchscope.engine.generation import (
+    GenerationConfig,
+    GeneratedRow,
+    PatchedRow,
+    RowPatch,
+    iter_patched_generate,
+    patched_generate,
+)
+from patchscope.engine.hooks import HiddenStates, Patch, extract, patching
+from patchscope.engine.models import LoadedModel, ModelRegistry, load_directory, load_model
+from patchscope.engine.presets import PRESETS, Preset, get_preset
+
+__all__ = [
+    "PRESETS",
+    "ExplainRequest",
+    "Explanation",
+    "GeneratedRow",
+    "GenerationConfig",
+    "HiddenStates",
+    "IncompatibleModels",
+    "InvalidArgument",
+    "LoadedModel",
+    "ModelNotFound",
+    "ModelRegistry",
+    "ModelUnavailable",
+    "Patch",
+    "PatchedRow",
+    "PatchscopeError",
+    "Preset",
+    "RowPatch",
+    "Site",
+    "SiteResult",
+    "UnsupportedArchitecture",
+    "explain",
+    "extract",
+    "get_preset",
+    "iter_patched_generate",
+    "load_directory",
+    "load_model",
+    "patched_generate",
+    "patching",
+    "plan_sites",
+]

@@ -1,0 +1,191 @@
+"""A sweep: extract a source prompt's states at many sites and explain each through the target.
+
+This is the whole Patchscope in one function: source pass (all layers at once), mapping, one batched
+patched generation (or the logit lens), answers. The service and the CLI are thin shells around it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from patchscope.engine.errors import IncompatibleModels, InvalidArgument
+from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, Timings, patched_generate
+from patchscope.engine.hooks import extract
+from patchscope.engine.models.loading import LoadedModel
+from patchscope.engine.presets import get_preset, resolve_template
+from patchscope.engine.template import tokenize_prompt
+from patchscope.engine.validation import check_layers, check_positions, check_positive, check_prompt
+
+MAX_SITES = 4096
+MAX_TOP_K = 100
+
+
+class Mapping(Protocol):
+    """A map f from source states at one layer to target states at another (the mapping issue fills this)."""
+
+    id: str
+    r2: float | None
+
+    def __call__(self, states: torch.Tensor, source_layer: int, target_layer: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a state comes from and where it goes: source position and layer, target layer."""
+
+    position: int
+    source_layer: int
+    target_layer: int
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """One source prompt, its sites and how to verbalise them."""
+
+    prompt: str
+    layers: Sequence[int]
+    positions: Sequence[int] = (-1,)
+    target_layers: Sequence[int] | None = None  # None: the same layer as the source
+    preset: str = "identity"
+    template: str | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """The explanation of one site."""
+
+    site: Site
+    source_token: str
+    explanation: str
+    answer: str
+    mapping_id: str | None = None
+    mapping_r2: float | None = None
+    top_k: list[tuple[str, float]] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        record: dict[str, object] = {
+            "source_layer": self.site.source_layer,
+            "target_layer": self.site.target_layer,
+            "position": self.site.position,
+            "source_token": self.source_token,
+            "explanation": self.explanation,
+            "answer": self.answer,
+            "mapping_id": self.mapping_id,
+            "mapping_r2": self.mapping_r2,
+        }
+        if self.top_k is not None:
+            record["top_k"] = [{"token": t, "prob": p} for t, p in self.top_k]
+        return record
+
+
+@dataclass
+class ExplainTimings:
+    """Seconds spent per phase of one sweep."""
+
+    source_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass
+class Explanation:
+    results: list[SiteResult]
+    timings: ExplainTimings
+
+
+def plan_sites(source: LoadedModel, target: LoadedModel, request: ExplainRequest) -> list[Site]:
+    """Validate the request against both models and list its sites (layer-major), running no model."""
+    check_prompt("prompt", request.prompt)
+    layers = check_layers("layers", request.layers, source.facts)
+    num_tokens = len(tokenize_prompt(source.tokenizer, request.prompt))
+    positions = check_positions("positions", request.positions, num_tokens)
+    if request.target_layers is None:
+        target_layers = check_layers("layers", layers, target.facts)
+    else:
+        target_layers = check_layers("target_layers", request.target_layers, target.facts)
+        if len(target_layers) == 1:
+            target_layers = target_layers * len(layers)
+        elif len(target_layers) != len(layers):
+            raise InvalidArgument(
+                "target_layers",
+                "must name one layer, or one layer per source layer",
+                limit=f"1 or {len(layers)} entries",
+                value=len(target_layers),
+            )
+    preset = get_preset(request.preset)
+    resolve_template(preset, request.template)
+    request.generation.validate()
+    check_positive("top_k", request.top_k, MAX_TOP_K)
+    sites = [Site(p, s, t) for s, t in zip(layers, target_layers, strict=True) for p in positions]
+    if len(sites) > MAX_SITES:
+        raise InvalidArgument("layers × positions", "too many sites", limit=f"<= {MAX_SITES}", value=len(sites))
+    return sites
+
+
+def explain(
+    source: LoadedModel, target: LoadedModel, request: ExplainRequest, mapping: Mapping | None = None
+) -> Explanation:
+    """Explain every site of `request`; cross-model requests need a `mapping`."""
+    same_model = source.fingerprint == target.fingerprint
+    if mapping is None and not same_model:
+        raise IncompatibleModels(
+            f"source {source.id} and target {target.id} are different models: a cross-model explanation needs a "
+            "mapping (fit one with `patchscope fit-mapping`), or use the same model as source and target"
+        )
+    sites = plan_sites(source, target, request)
+    preset = get_preset(request.preset)
+    timings = ExplainTimings()
+
+    started = time.perf_counter()
+    layers = sorted({s.source_layer for s in sites})
+    positions = sorted({s.position for s in sites})
+    hidden = extract(source, request.prompt, layers, positions)
+    timings.source_s = time.perf_counter() - started
+
+    vectors = []
+    for site in sites:
+        state = hidden.states[layers.index(site.source_layer), positions.index(site.position)]  # [d]
+        if mapping is not None:
+            state = mapping(state, site.source_layer, site.target_layer)
+        vectors.append(state)
+
+    def result(site: Site, explanation: str, top_k: list[tuple[str, float]] | None = None) -> SiteResult:
+        return SiteResult(
+            site=site,
+            source_token=hidden.tokens[site.position],
+            explanation=explanation,
+            answer=preset.answer(explanation),
+            mapping_id=mapping.id if mapping is not None else None,
+            mapping_r2=mapping.r2 if mapping is not None else None,
+            top_k=top_k,
+        )
+
+    if not preset.generates:
+        return Explanation([result(s, *_logit_lens(target, v, request.top_k)) for s, v in zip(sites, vectors)], timings)
+
+    template = resolve_template(preset, request.template)
+    rows = [
+        PatchedRow(template=template, filler=preset.filler, patches=(RowPatch(layer=s.target_layer, vector=v),))
+        for s, v in zip(sites, vectors, strict=True)
+    ]
+    gen_timings = Timings()
+    generated = patched_generate(target, rows, request.generation, timings=gen_timings)
+    timings.prefill_s, timings.decode_s = gen_timings.prefill_s, gen_timings.decode_s
+    return Explanation([result(s, g.text) for s, g in zip(sites, generated, strict=True)], timings)
+
+
+@torch.inference_mode()
+def _logit_lens(target: LoadedModel, vector: torch.Tensor, top_k: int) -> tuple[str, list[tuple[str, float]]]:
+    """Top-1 token (the explanation) and the top-k (token, probability) pairs of the state itself."""
+    hidden = vector.to(target.device, target.dtype)[None, :]  # [1, d]
+    probs = torch.softmax(target.layout.logits(hidden).float(), dim=-1)[0]  # [V]
+    values, ids = probs.topk(top_k)
+    pairs = [(target.tokenizer.decode([i]), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return pairs[0][0], pairs

@@ -1,0 +1,262 @@
+"""Batched patched generation with a shared prefix cache.
+
+One call runs many rows; rows with the same template form one batch with no padding. The prompt pass
+starts from the cached prefix (the tokens before the earliest patched position), applies every row's
+patches, and decoding continues from the KV cache without hooks: later tokens see the patch only through
+the cache, as the method prescribes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from patchscope.engine.errors import InvalidArgument
+from patchscope.engine.hooks import Patch, patching
+from patchscope.engine.models.loading import LoadedModel
+from patchscope.engine.template import TemplateTokens, tokenize_template
+from patchscope.engine.validation import (
+    check_layers,
+    check_positions,
+    check_positive,
+    check_probability,
+    check_vector,
+)
+
+MAX_NEW_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class RowPatch:
+    """One patch of a row: `vector` ([d]) replaces block `layer`'s output at `position` (None: the placeholder)."""
+
+    layer: int
+    vector: torch.Tensor
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class PatchedRow:
+    """A template with the placeholder `{}`, the filler that stands in it, and the patches to apply."""
+
+    template: str
+    filler: str
+    patches: tuple[RowPatch, ...]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding options; greedy unless `temperature` > 0."""
+
+    max_new_tokens: int = 10
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        check_positive("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS)
+        if not 0.0 <= self.temperature <= 100.0:
+            raise InvalidArgument("temperature", "out of range", limit="0 (greedy) .. 100", value=self.temperature)
+        check_probability("top_p", self.top_p)
+
+
+@dataclass
+class Timings:
+    """Where a call's time went, in seconds (filled in by `patched_generate`)."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class GeneratedRow:
+    """The continuation of one row; `text` drops special tokens and strips nothing."""
+
+    token_ids: list[int]
+    text: str
+    placeholder: int
+    scores: torch.Tensor | None = None  # [steps, V] float32 logits, only when asked for
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decoding step of one batch: `token_ids[k]` is the next token of row `rows[k]`."""
+
+    rows: list[int]
+    token_ids: list[int]
+    finished: list[bool]
+    logits: torch.Tensor | None = field(default=None, repr=False)  # [B, V]
+
+
+@cache
+def _cache_kwarg(model_type: type) -> str:
+    # transformers renamed `past_key_values` to `cache` during 5.x; support both spellings.
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
+def _forward(target: LoadedModel, ids: torch.Tensor, kv: Cache) -> torch.Tensor:
+    """Logits of the last position only ([B, V]); the rest of the vocabulary projection is never computed."""
+    kwargs = {_cache_kwarg(type(target.model)): kv}
+    out = target.model(ids, use_cache=True, logits_to_keep=1, **kwargs)
+    return out.logits[:, -1].float()
+
+
+def _stop_ids(target: LoadedModel) -> set[int]:
+    ids = {target.tokenizer.eos_token_id}
+    eos = getattr(target.model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}
+
+
+def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if config.temperature == 0.0:
+        return logits.argmax(dim=-1)  # [B]
+    probs = torch.softmax(logits / config.temperature, dim=-1)  # [B, V]
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > config.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _resolve(target: LoadedModel, rows: Sequence[PatchedRow]) -> list[tuple[TemplateTokens, list[Patch]]]:
+    """Tokenise templates and check every patch before any model runs."""
+    facts = target.facts
+    resolved = []
+    for r, row in enumerate(rows):
+        tokens = tokenize_template(target.tokenizer, row.template, row.filler)
+        patches = []
+        for k, rp in enumerate(row.patches):
+            field_name = f"rows[{r}].patches[{k}]"
+            (layer,) = check_layers(f"{field_name}.layer", [rp.layer], facts)
+            position = tokens.placeholder if rp.position is None else rp.position
+            (position,) = check_positions(f"{field_name}.position", [position], len(tokens.ids))
+            check_vector(f"{field_name}.vector", rp.vector, facts)
+            patches.append(Patch(row=r, position=position, layer=layer, vector=rp.vector))
+        resolved.append((tokens, patches))
+    return resolved
+
+
+def _run_batch(
+    target: LoadedModel,
+    tokens: TemplateTokens,
+    rows: list[int],
+    patches: list[Patch],
+    config: GenerationConfig,
+    use_prefix_cache: bool,
+    keep_logits: bool,
+    timings: Timings,
+) -> Iterator[Step]:
+    """Generate for rows sharing one template; patches carry their row index within this batch."""
+    batch, device = len(rows), target.device
+    ids = torch.tensor(tokens.ids, device=device)  # [T]
+    # Tokens before the earliest patched position are identical in every row: share their KV cache.
+    shared = min([tokens.prefix_len, *(p.position for p in patches)]) if use_prefix_cache else 0
+
+    def compute_prefix() -> Cache:
+        kv = DynamicCache(config=target.model.config)
+        _forward(target, ids[None, :shared], kv)
+        return kv
+
+    started = time.perf_counter()
+    if shared > 0:
+        kv = target.prefix_cache.take(tokens.ids[:shared], batch, compute_prefix)
+    else:
+        kv = DynamicCache(config=target.model.config)
+    with patching(target.layout, patches, offset=shared):
+        logits = _forward(target, ids[shared:].expand(batch, -1), kv)  # [B, V]
+    timings.prefill_s += time.perf_counter() - started
+
+    started = time.perf_counter()
+    generator = None
+    if config.temperature > 0.0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    stop = torch.tensor(sorted(_stop_ids(target)), device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(config.max_new_tokens):
+        next_ids = _next_tokens(logits, config, generator)  # [B]
+        done_before = finished.tolist()
+        finished |= torch.isin(next_ids, stop)
+        next_list, done_now = next_ids.tolist(), finished.tolist()  # one device sync per step
+        active = [k for k in range(batch) if not done_before[k]]
+        yield Step(
+            rows=[rows[k] for k in active],
+            token_ids=[next_list[k] for k in active],
+            finished=[done_now[k] for k in active],
+            logits=logits[active] if keep_logits else None,
+        )
+        timings.steps += 1
+        if all(done_now) or step == config.max_new_tokens - 1:
+            break
+        logits = _forward(target, next_ids[:, None], kv)
+    timings.decode_s += time.perf_counter() - started
+
+
+@torch.inference_mode()
+def iter_patched_generate(
+    target: LoadedModel,
+    rows: Sequence[PatchedRow],
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    use_prefix_cache: bool = True,
+    keep_logits: bool = False,
+    timings: Timings | None = None,
+) -> Iterator[Step]:
+    """Stream decoding steps of all rows; rows of one template are one batch, batches run in turn."""
+    config.validate()
+    if not rows:
+        raise InvalidArgument("rows", "must contain at least one row", limit=">= 1")
+    resolved = _resolve(target, rows)
+    groups: dict[TemplateTokens, list[int]] = defaultdict(list)
+    for r, (tokens, _) in enumerate(resolved):
+        groups[tokens].append(r)
+    timings = timings if timings is not None else Timings()
+    for tokens, members in groups.items():
+        local = {r: k for k, r in enumerate(members)}
+        patches = [
+            Patch(row=local[r], position=p.position, layer=p.layer, vector=p.vector)
+            for r in members
+            for p in resolved[r][1]
+        ]
+        yield from _run_batch(target, tokens, members, patches, config, use_prefix_cache, keep_logits, timings)
+
+
+def patched_generate(
+    target: LoadedModel,
+    rows: Sequence[PatchedRow],
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    use_prefix_cache: bool = True,
+    return_scores: bool = False,
+    timings: Timings | None = None,
+) -> list[GeneratedRow]:
+    """Run every row to completion; the result list is in the order of `rows`."""
+    token_ids: list[list[int]] = [[] for _ in rows]
+    logits: list[list[torch.Tensor]] = [[] for _ in rows]
+    for step in iter_patched_generate(
+        target, rows, config, use_prefix_cache=use_prefix_cache, keep_logits=return_scores, timings=timings
+    ):
+        for k, (row, token, done) in enumerate(zip(step.rows, step.token_ids, step.finished, strict=True)):
+            if not done:
+                token_ids[row].append(token)
+            if step.logits is not None:
+                logits[row].append(step.logits[k].cpu())
+    tokenizer = target.tokenizer
+    return [
+        GeneratedRow(
+            token_ids=ids,
+            text=tokenizer.decode(ids, skip_special_tokens=True),
+            placeholder=tokenize_template(tokenizer, row.template, row.filler).placeholder,
+            scores=torch.stack(logits[r]) if return_scores and logits[r] else None,
+        )
+        for r, (row, ids) in enumerate(zip(rows, token_ids, strict=True))
+    ]

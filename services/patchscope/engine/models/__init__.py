@@ -1,0 +1,22 @@
+"""Model registry, conversion cache, loading and hook-site discovery."""
+
+from patchscope.engine.models.layout import ARCHITECTURES, Layout, SitePaths, discover
+from patchscope.engine.models.loading import DTYPES, LoadedModel, embedding_fingerprint, load_directory, load_model
+from patchscope.engine.models.registry import BUILTIN, ModelRegistry, ModelSpec, ModelStatus, patchscope_home
+
+__all__ = [
+    "ARCHITECTURES",
+    "BUILTIN",
+    "DTYPES",
+    "Layout",
+    "LoadedModel",
+    "ModelRegistry",
+    "ModelSpec",
+    "ModelStatus",
+    "SitePaths",
+    "discover",
+    "embedding_fingerprint",
+    "load_directory",
+    "load_model",
+    "patchscope_home",
+]
