@@ -35,7 +35,7 @@ ARCHITECTURES: dict[str, SitePaths] = {
     "gemma3_text": _LLAMA_LIKE,
     "gpt2": SitePaths(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.wte"),
     "gpt_neox": SitePaths(
-        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="embed_out", embed="gpt_neox.embed_in"
+        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head", embed="gpt_neox.embed_in"
     ),
 }
 
