@@ -42,7 +42,9 @@ def data_dir() -> Path:
 
 
 def tiny_configs() -> dict[str, object]:
-    common = dict(vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1, bos_token_id=0, eos_token_id=1)
+    common = dict(
+        vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1, bos_token_id=0, eos_token_id=1
+    )
     return {
         "llama": LlamaConfig(**DIMS, num_key_value_heads=2, tie_word_embeddings=False, **common),
         "mistral": MistralConfig(**DIMS, num_key_value_heads=2, sliding_window=None, **common),
@@ -50,11 +52,22 @@ def tiny_configs() -> dict[str, object]:
         "qwen3": Qwen3Config(**DIMS, num_key_value_heads=2, head_dim=16, **common),
         # A sliding window shorter than the templates exercises Gemma's mixed cache layers.
         "gemma3_text": Gemma3TextConfig(
-            **DIMS, num_key_value_heads=2, head_dim=16, sliding_window=8, final_logit_softcapping=30.0, **common
+            **DIMS,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            **common,
         ),
         "gpt2": GPT2Config(
-            vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=256, initializer_range=0.1,
-            bos_token_id=0, eos_token_id=1,
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=256,
+            initializer_range=0.1,
+            bos_token_id=0,
+            eos_token_id=1,
         ),
         "gpt_neox": GPTNeoXConfig(**DIMS, **common),
     }

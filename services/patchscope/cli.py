@@ -50,7 +50,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'id':<16}{'ready':<7}{'layers':>7}{'hidden':>8}{'vocab':>9}  description")
     for s in statuses:
         ready = "yes" if s.ready else ("no" if s.installed else "absent")
-        layers, hidden, vocab = (str(v) if v is not None else "-" for v in (s.num_layers, s.hidden_size, s.vocab_size))
+        layers, hidden, vocab = (
+            str(v) if v is not None else "-" for v in (s.num_layers, s.hidden_size, s.vocab_size)
+        )
         print(f"{s.id:<16}{ready:<7}{layers:>7}{hidden:>8}{vocab:>9}  {s.description}")
         if s.problem:
             print(f"{'':<16}{s.problem}")
@@ -68,25 +70,41 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def registry_with_paths(*names: str):
+    """The default registry, plus any name that is a local model directory or GGUF file (CLI only)."""
+    from pathlib import Path
+
+    from patchscope.engine.models import ModelRegistry
+
+    registry = ModelRegistry()
+    for name in names:
+        if name not in registry.ids() and Path(name).exists():
+            registry.register(name, name)
+    return registry
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_model
-    from patchscope.engine.models import ModelRegistry
 
     if args.target != args.source:
         from patchscope.engine.errors import IncompatibleModels
 
         raise IncompatibleModels(
-            f"cross-model explanation ({args.source} -> {args.target}) needs a mapping, which this version cannot "
-            "fit yet; use the same model for --source and --target"
+            f"cross-model explanation ({args.source} -> {args.target}) needs a mapping, which this "
+            "version cannot fit yet; use the same model for --source and --target"
         )
     torch.manual_seed(0)
-    registry = ModelRegistry()
-    source = load_model(args.source, registry=registry, dtype=args.dtype, device=args.device, progress=_progress)
+    registry = registry_with_paths(args.source, args.target)
+    source = load_model(
+        args.source, registry=registry, dtype=args.dtype, device=args.device, progress=_progress
+    )
     target = source
     if args.target != args.source:
-        target = load_model(args.target, registry=registry, dtype=args.dtype, device=args.device, progress=_progress)
+        target = load_model(
+            args.target, registry=registry, dtype=args.dtype, device=args.device, progress=_progress
+        )
     request = ExplainRequest(
         prompt=args.prompt,
         layers=parse_int_list(args.layers, num_layers=source.facts.num_layers),
@@ -129,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("explain", help="explain a source prompt's hidden states through a target model")
     ex.add_argument("prompt")
-    ex.add_argument("--source", required=True, help="source model id")
+    ex.add_argument("--source", required=True, help="source model id (or a local model directory / .gguf)")
     ex.add_argument("--target", required=True, help="target model id (same as --source for same-model)")
     ex.add_argument("--preset", default="identity", help="identity | description | attribute | logit-lens")
-    ex.add_argument("--template", default=None, help="override the preset's target prompt; {} marks the placeholder")
+    ex.add_argument(
+        "--template", default=None, help="override the preset's target prompt; {} marks the placeholder"
+    )
     ex.add_argument("--layers", default="all", help="source layers: 0-10, 1,3,5 or all (default)")
     ex.add_argument("--position", default="-1", help="source token positions, BOS counted; default -1 (last)")
     ex.add_argument("--target-layers", default="same", help="'same', one layer, or one per source layer")

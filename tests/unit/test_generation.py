@@ -76,8 +76,9 @@ def test_patch_before_the_placeholder_shrinks_the_shared_prefix(tiny):
     uncached = patched_generate(tiny, rows, CONFIG, use_prefix_cache=False, return_scores=True)
     for a, b in zip(cached, uncached, strict=True):
         assert_same_generation(a, b)
-    (unpatched,) = patched_generate(tiny, [PatchedRow(IDENTITY.template, IDENTITY.filler, ())], CONFIG,
-                                    return_scores=True)
+    (unpatched,) = patched_generate(
+        tiny, [PatchedRow(IDENTITY.template, IDENTITY.filler, ())], CONFIG, return_scores=True
+    )
     assert not torch.allclose(cached[0].scores[0], unpatched.scores[0])
 
 
@@ -107,7 +108,9 @@ def test_generation_stops_at_end_of_sequence(llama):
     """Force EOS at the first step by raising its logit with a hook on the unembedding."""
     eos = llama.tokenizer.eos_token_id
     rows = sweep_rows(llama)[:2]
-    handle = llama.layout.unembed.register_forward_hook(lambda _m, _a, out: out.index_fill(-1, torch.tensor([eos]), 1e4))
+    handle = llama.layout.unembed.register_forward_hook(
+        lambda _m, _a, out: out.index_fill(-1, torch.tensor([eos]), 1e4)
+    )
     try:
         out = patched_generate(llama, rows, GenerationConfig(max_new_tokens=8))
     finally:

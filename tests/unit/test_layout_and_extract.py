@@ -19,7 +19,7 @@ def test_discovery_finds_every_block_norm_and_unembedding(tiny):
 
 
 def test_unknown_architecture_error_lists_supported_ones():
-    with pytest.raises(UnsupportedArchitecture, match="llama.*qwen3"):
+    with pytest.raises(UnsupportedArchitecture, match=r"llama.*qwen3"):
         site_paths("mamba")
 
 

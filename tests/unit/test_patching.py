@@ -30,11 +30,15 @@ def test_foreign_vector_changes_logits_at_and_after_site_only(tiny):
     unpatched = tiny.model(ids).logits[0]  # [T, V]
     with patching(tiny.layout, [Patch(row=0, position=position, layer=layer, vector=vector)]):
         patched = tiny.model(ids).logits[0]
-    assert torch.equal(patched[:position], unpatched[:position]), "positions before the site must be bit-identical"
+    assert torch.equal(patched[:position], unpatched[:position]), (
+        "positions before the site must be bit-identical"
+    )
     changed = (patched[position:] - unpatched[position:]).abs().amax(dim=-1)  # [T - position]
     # With sliding-window attention (tiny Gemma: 8 tokens, all layers sliding) the patch reaches only so far.
     reach = getattr(tiny.model.config, "sliding_window", None) or len(changed)
-    assert bool((changed[:reach] > 1e-4).all()), "the site and every later position in reach must see the patch"
+    assert bool((changed[:reach] > 1e-4).all()), (
+        "the site and every later position in reach must see the patch"
+    )
 
 
 @torch.inference_mode()
@@ -42,7 +46,10 @@ def test_hooks_are_removed_even_when_the_forward_fails(llama):
     ids = torch.tensor([[0, 1, 2]])
     vector = torch.zeros(llama.facts.hidden_size)
     before = [len(block._forward_hooks) for block in llama.layout.blocks]  # transformers may keep its own
-    with pytest.raises(IndexError), patching(llama.layout, [Patch(row=0, position=10, layer=0, vector=vector)]):
+    with (
+        pytest.raises(IndexError),
+        patching(llama.layout, [Patch(row=0, position=10, layer=0, vector=vector)]),
+    ):
         llama.model(ids)
     assert [len(block._forward_hooks) for block in llama.layout.blocks] == before
 

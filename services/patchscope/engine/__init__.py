@@ -10,8 +10,8 @@ from patchscope.engine.errors import (
 )
 from patchscope.engine.explain import ExplainRequest, Explanation, Site, SiteResult, explain, plan_sites
 from patchscope.engine.generation import (
-    GenerationConfig,
     GeneratedRow,
+    GenerationConfig,
     PatchedRow,
     RowPatch,
     iter_patched_generate,

@@ -96,6 +96,8 @@ class ExplainTimings:
 
 @dataclass
 class Explanation:
+    """The results of a sweep, in site order, with where its time went."""
+
     results: list[SiteResult]
     timings: ExplainTimings
 
@@ -125,7 +127,9 @@ def plan_sites(source: LoadedModel, target: LoadedModel, request: ExplainRequest
     check_positive("top_k", request.top_k, MAX_TOP_K)
     sites = [Site(p, s, t) for s, t in zip(layers, target_layers, strict=True) for p in positions]
     if len(sites) > MAX_SITES:
-        raise InvalidArgument("layers × positions", "too many sites", limit=f"<= {MAX_SITES}", value=len(sites))
+        raise InvalidArgument(
+            "layers × positions", "too many sites", limit=f"<= {MAX_SITES}", value=len(sites)
+        )
     return sites
 
 
@@ -136,8 +140,8 @@ def explain(
     same_model = source.fingerprint == target.fingerprint
     if mapping is None and not same_model:
         raise IncompatibleModels(
-            f"source {source.id} and target {target.id} are different models: a cross-model explanation needs a "
-            "mapping (fit one with `patchscope fit-mapping`), or use the same model as source and target"
+            f"source {source.id} and target {target.id} are different models: a cross-model explanation "
+            "needs a mapping (fit one with `patchscope fit-mapping`), or use the same model as source and target"
         )
     sites = plan_sites(source, target, request)
     preset = get_preset(request.preset)
@@ -168,11 +172,16 @@ def explain(
         )
 
     if not preset.generates:
-        return Explanation([result(s, *_logit_lens(target, v, request.top_k)) for s, v in zip(sites, vectors)], timings)
+        return Explanation(
+            [result(s, *_logit_lens(target, v, request.top_k)) for s, v in zip(sites, vectors, strict=True)],
+            timings,
+        )
 
     template = resolve_template(preset, request.template)
     rows = [
-        PatchedRow(template=template, filler=preset.filler, patches=(RowPatch(layer=s.target_layer, vector=v),))
+        PatchedRow(
+            template=template, filler=preset.filler, patches=(RowPatch(layer=s.target_layer, vector=v),)
+        )
         for s, v in zip(sites, vectors, strict=True)
     ]
     gen_timings = Timings()
@@ -187,5 +196,7 @@ def _logit_lens(target: LoadedModel, vector: torch.Tensor, top_k: int) -> tuple[
     hidden = vector.to(target.device, target.dtype)[None, :]  # [1, d]
     probs = torch.softmax(target.layout.logits(hidden).float(), dim=-1)[0]  # [V]
     values, ids = probs.topk(top_k)
-    pairs = [(target.tokenizer.decode([i]), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    pairs = [
+        (target.tokenizer.decode([i]), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
     return pairs[0][0], pairs

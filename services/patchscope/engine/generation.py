@@ -35,7 +35,10 @@ MAX_NEW_TOKENS = 512
 
 @dataclass(frozen=True)
 class RowPatch:
-    """One patch of a row: `vector` ([d]) replaces block `layer`'s output at `position` (None: the placeholder)."""
+    """One patch of a row: `vector` ([d]) replaces block `layer`'s output at `position`.
+
+    `position` None means the template's placeholder, the usual site.
+    """
 
     layer: int
     vector: torch.Tensor
@@ -63,7 +66,9 @@ class GenerationConfig:
     def validate(self) -> None:
         check_positive("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS)
         if not 0.0 <= self.temperature <= 100.0:
-            raise InvalidArgument("temperature", "out of range", limit="0 (greedy) .. 100", value=self.temperature)
+            raise InvalidArgument(
+                "temperature", "out of range", limit="0 (greedy) .. 100", value=self.temperature
+            )
         check_probability("top_p", self.top_p)
 
 
@@ -116,7 +121,9 @@ def _stop_ids(target: LoadedModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def _next_tokens(
+    logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     if config.temperature == 0.0:
         return logits.argmax(dim=-1)  # [B]
     probs = torch.softmax(logits / config.temperature, dim=-1)  # [B, V]
@@ -227,7 +234,9 @@ def iter_patched_generate(
             for r in members
             for p in resolved[r][1]
         ]
-        yield from _run_batch(target, tokens, members, patches, config, use_prefix_cache, keep_logits, timings)
+        yield from _run_batch(
+            target, tokens, members, patches, config, use_prefix_cache, keep_logits, timings
+        )
 
 
 def patched_generate(

@@ -71,7 +71,9 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def capturing(layout: Layout, layers: Sequence[int], positions: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+def capturing(
+    layout: Layout, layers: Sequence[int], positions: Sequence[int]
+) -> Iterator[dict[int, torch.Tensor]]:
     """Collect block outputs at `positions` of batch row 0 into the yielded dict, keyed by layer."""
     captured: dict[int, torch.Tensor] = {}
     last = max(layers)

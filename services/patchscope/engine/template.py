@@ -51,7 +51,9 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, template: str, filler: str) ->
     if not filler_ids:
         raise InvalidArgument("filler", "tokenises to nothing", value=filler)
     ids = tuple(prefix_ids + filler_ids + suffix_ids)
-    return TemplateTokens(ids=ids, placeholder=len(prefix_ids) + len(filler_ids) - 1, prefix_len=len(prefix_ids))
+    return TemplateTokens(
+        ids=ids, placeholder=len(prefix_ids) + len(filler_ids) - 1, prefix_len=len(prefix_ids)
+    )
 
 
 def tokenize_template(tokenizer: PreTrainedTokenizerBase, template: str, filler: str) -> TemplateTokens:

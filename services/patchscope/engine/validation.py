@@ -50,7 +50,9 @@ def check_layers(field: str, layers: Sequence[int], facts: ModelFacts) -> list[i
 def check_positions(field: str, positions: Sequence[int], num_tokens: int) -> list[int]:
     """Positions are absolute token indices (BOS counted); negative ones count from the end."""
     if len(positions) == 0:
-        raise InvalidArgument(field, "must name at least one position", limit=f"-{num_tokens}..{num_tokens - 1}")
+        raise InvalidArgument(
+            field, "must name at least one position", limit=f"-{num_tokens}..{num_tokens - 1}"
+        )
     resolved = []
     for position in positions:
         if not -num_tokens <= position < num_tokens:

