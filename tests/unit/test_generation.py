@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, patched_generate
+from patchscope.engine.models.layout import Layout
 from patchscope.engine.presets import PRESETS
 from patchscope.engine.template import tokenize_template
 
@@ -104,17 +105,15 @@ def test_sampling_is_reproducible_with_a_seed(llama):
     assert first != [r.token_ids for r in patched_generate(llama, rows, GenerationConfig(max_new_tokens=8))]
 
 
-def test_generation_stops_at_end_of_sequence(llama):
-    """Force EOS at the first step by raising its logit with a hook on the unembedding."""
+def test_generation_stops_at_end_of_sequence(llama, monkeypatch):
+    """Force EOS at the first step by raising its logit in the head."""
     eos = llama.tokenizer.eos_token_id
     rows = sweep_rows(llama)[:2]
-    handle = llama.layout.unembed.register_forward_hook(
-        lambda _m, _a, out: out.index_fill(-1, torch.tensor([eos]), 1e4)
+    head = Layout.unembed_normed
+    monkeypatch.setattr(
+        Layout, "unembed_normed", lambda self, h: head(self, h).index_fill(-1, torch.tensor([eos]), 1e4)
     )
-    try:
-        out = patched_generate(llama, rows, GenerationConfig(max_new_tokens=8))
-    finally:
-        handle.remove()
+    out = patched_generate(llama, rows, GenerationConfig(max_new_tokens=8))
     assert all(r.token_ids == [] and r.text == "" for r in out)
 
 
@@ -124,3 +123,16 @@ def test_template_ids_join_prefix_filler_and_suffix(tiny):
     assert text == "The capital of x is"
     assert tiny.tokenizer.decode([tokens.ids[tokens.placeholder]]).endswith("x")
     assert tokens.prefix_len <= tokens.placeholder
+
+
+@torch.inference_mode()
+def test_engine_head_equals_the_models_own_logits(tiny):
+    """Decoding runs the base model and the head itself; it must match the causal-LM wrapper exactly."""
+    from transformers.cache_utils import DynamicCache
+
+    from patchscope.engine.generation import _forward
+
+    ids = torch.tensor([tokenize_template(tiny.tokenizer, IDENTITY.template, IDENTITY.filler).ids] * 2)
+    want = tiny.model(ids).logits[:, -1]
+    got = _forward(tiny, ids, DynamicCache(config=tiny.model.config))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

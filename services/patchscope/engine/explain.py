@@ -141,7 +141,7 @@ def explain(
     if mapping is None and not same_model:
         raise IncompatibleModels(
             f"source {source.id} and target {target.id} are different models: a cross-model explanation "
-            "needs a mapping (fit one with `patchscope fit-mapping`), or use the same model as source and target"
+            "needs a mapping from source states to target states, or use one model as source and target"
         )
     sites = plan_sites(source, target, request)
     preset = get_preset(request.preset)

@@ -108,10 +108,15 @@ def _cache_kwarg(model_type: type) -> str:
 
 
 def _forward(target: LoadedModel, ids: torch.Tensor, kv: Cache) -> torch.Tensor:
-    """Logits of the last position only ([B, V]); the rest of the vocabulary projection is never computed."""
-    kwargs = {_cache_kwarg(type(target.model)): kv}
-    out = target.model(ids, use_cache=True, logits_to_keep=1, **kwargs)
-    return out.logits[:, -1].float()
+    """Logits of the last position only ([B, V]).
+
+    Runs the base model (which ends with the final norm) and the head ourselves: the causal-LM wrapper
+    adds measurable per-step overhead on the CPU, and only the last position's logits are ever needed.
+    """
+    base = target.model.base_model
+    kwargs = {_cache_kwarg(type(base)): kv}
+    normed = base(ids, use_cache=True, **kwargs).last_hidden_state[:, -1]  # [B, d]
+    return target.layout.unembed_normed(normed).float()
 
 
 def _stop_ids(target: LoadedModel) -> set[int]:

@@ -63,7 +63,17 @@ class Layout:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, unembedding and (Gemma) soft-capping: the logit lens applies the norm exactly once."""
-        logits = self.unembed(self.final_norm(hidden))
+        return self.unembed_normed(self.final_norm(hidden))
+
+    def unembed_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits ([n, V]) of already-normed states ([n, d]), as the model's own head computes them.
+
+        `W @ h.T` rather than `linear(h, W)`: with few rows and a large vocabulary the former is the
+        faster CPU kernel (measured ~20% on SmolLM2's 49k × 576 head), and decoding calls it every step.
+        """
+        logits = (self.unembed.weight @ normed.T).T  # [V, n] -> [n, V]
+        if getattr(self.unembed, "bias", None) is not None:
+            logits = logits + self.unembed.bias
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
