@@ -72,14 +72,16 @@ def build(m: LoadedModel, new: int) -> dict[str, Callable[[], object]]:
     device = m.device
     src = torch.tensor([tokenize_prompt(m.tokenizer, PROMPT)], device=device)
     tpl = torch.tensor([tt.ids], device=device)
-    # Block ℓ's raw output is hidden_states[ℓ + 1], except the last, which transformers returns normed.
-    last = {}
+    # Block ℓ's raw output is hidden_states[ℓ + 1], except the last: transformers returns it normed.
 
     def states() -> torch.Tensor:
-        hs = source_states(m, src)
-        out = torch.stack([hs[layer + 1][0, -1] for layer in layers[:-1]] + [hs[-1][0, -1]])
-        last["hs"] = out
-        return out
+        raw_last = []
+        handle = m.layout.blocks[-1].register_forward_hook(lambda _m, _a, out: raw_last.append(out[0, -1]))
+        try:
+            hs = source_states(m, src)
+        finally:
+            handle.remove()
+        return torch.stack([hs[layer + 1][0, -1] for layer in layers[:-1]] + raw_last)
 
     def per_site_loop():
         for layer in layers:
@@ -93,6 +95,7 @@ def build(m: LoadedModel, new: int) -> dict[str, Callable[[], object]]:
     def unpatched_batch():
         return m.model.generate(
             tpl.expand(len(layers), -1),
+            attention_mask=torch.ones_like(tpl.expand(len(layers), -1)),
             max_new_tokens=new,
             min_new_tokens=new,
             do_sample=False,
@@ -149,7 +152,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if m.device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"model {m.id} ({m.layout.num_layers} layers, {args.dtype}) on {device_name}; commit {commit}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; sweep of {m.layout.num_layers} sites, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"sweep of {m.layout.num_layers} sites, "
         f"{args.new_tokens} new tokens, median of {args.repeats}"
     )
 
@@ -184,7 +188,8 @@ def main() -> None:
         print(f"{name:<32}{t:>10.3f}{t / engine:>16.2f}×{t / med['(c) unpatched batch (floor)']:>12.2f}")
     t = breakdown.timings
     print(
-        f"engine breakdown: source pass {t.source_s:.3f}s, prefill {t.prefill_s:.3f}s, decode {t.decode_s:.3f}s"
+        f"engine breakdown: source pass {t.source_s:.3f}s, prefill {t.prefill_s:.3f}s, "
+        f"decode {t.decode_s:.3f}s"
     )
     prompt_len = len(tokenize_template(m.tokenizer, PRESETS["identity"].template, "?").ids)
     texts = [m.tokenizer.decode(row[prompt_len:], skip_special_tokens=True) for row in reference.tolist()]
