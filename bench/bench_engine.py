@@ -55,6 +55,7 @@ def hooked_generate(
     try:
         return m.model.generate(
             batch_ids,
+            attention_mask=torch.ones_like(batch_ids),
             max_new_tokens=new,
             do_sample=False,
             pad_token_id=m.tokenizer.eos_token_id,
