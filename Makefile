@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PATCHSCOPE_DATA := $(abspath $(DATA))
 
-.PHONY: install models run test lint bench-engine clean
+.PHONY: install models run test lint bench-engine bench-mapping data-check clean
 
 # Torch first and exactly pinned: anything else pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -28,9 +28,13 @@ models: install
 data-check:
 	@test -d "$(DATA)/wikitext-2" || { echo "data directory $(DATA) is missing: pass DATA=/path/to/shared/data"; exit 1; }
 
-run: install
-	$(VENV)/bin/patchscope prepare smollm2-135m
-	$(VENV)/bin/patchscope explain "Barack Obama" --source smollm2-135m --target smollm2-135m --preset identity --layers 1-6
+# The main job: the default pair smollm2-135m -> gemma3-270m through depth-proportional affine maps
+# (2:1, 6:4, 10:6), fitted once on the wikitext-2 file if the registry lacks them.
+run: install data-check
+	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
+	$(VENV)/bin/patchscope fit-mapping --source smollm2-135m --target gemma3-270m --pairs 2:1,6:4,10:6 \
+		--method affine --max-words 20000 --corpus "$(DATA)/wikitext-2/valid.txt" --if-missing
+	$(VENV)/bin/patchscope explain "Barack Obama" --source smollm2-135m --target gemma3-270m --layers 2,6,10
 
 lint: install
 	$(VENV)/bin/ruff check services tests bench

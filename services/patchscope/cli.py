@@ -1,7 +1,4 @@
-"""`patchscope` command: models, prepare, explain.
-
-Later issues add serve, mappings, fit-mapping and eval here.
-"""
+"""`patchscope` command: models, prepare, explain, mappings, fit-mapping."""
 
 from __future__ import annotations
 
@@ -87,14 +84,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_model
+    from patchscope.mapping.pipeline import depth_proportional
+    from patchscope.mapping.registry import MappingRegistry
+    from patchscope.mapping.resolve import AUTO, resolve_mappings
 
-    if args.target != args.source:
-        from patchscope.engine.errors import IncompatibleModels
-
-        raise IncompatibleModels(
-            f"cross-model explanation ({args.source} -> {args.target}) needs a mapping, which this "
-            "version cannot fit yet; use the same model for --source and --target"
-        )
     torch.manual_seed(0)
     registry = registry_with_paths(args.source, args.target)
     source = load_model(
@@ -105,11 +98,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
         target = load_model(
             args.target, registry=registry, dtype=args.dtype, device=args.device, progress=_progress
         )
+    layers = parse_int_list(args.layers, num_layers=source.facts.num_layers)
+    same_model = source.fingerprint == target.fingerprint
+    if args.target_layers != "same":
+        target_layers = parse_int_list(args.target_layers)
+    elif same_model:
+        target_layers = None
+    else:  # the target layer at the same relative depth
+        L, L_star = source.facts.num_layers, target.facts.num_layers
+        target_layers = [depth_proportional(layer % L, L, L_star) for layer in layers]
     request = ExplainRequest(
         prompt=args.prompt,
-        layers=parse_int_list(args.layers, num_layers=source.facts.num_layers),
+        layers=layers,
         positions=parse_int_list(args.position),
-        target_layers=None if args.target_layers == "same" else parse_int_list(args.target_layers),
+        target_layers=target_layers,
         preset=args.preset,
         template=args.template,
         generation=GenerationConfig(
@@ -117,20 +119,123 @@ def cmd_explain(args: argparse.Namespace) -> int:
         ),
         top_k=args.top_k,
     )
-    result = explain(source, target, request)
+    mapping = None
+    if not same_model or args.mapping != AUTO:
+        from patchscope.engine.explain import plan_sites
+
+        pairs = {(s.source_layer, s.target_layer) for s in plan_sites(source, target, request)}
+        mapping = resolve_mappings(MappingRegistry(args.registry), source, target, pairs, args.mapping)
+    result = explain(source, target, request, mapping)
     if args.json:
         print(json.dumps([r.to_json() for r in result.results], indent=2, ensure_ascii=False))
         return 0
-    print(f"{'src':>4} {'tgt':>4} {'pos':>4}  {'source token':<16}{'answer':<20}explanation")
+    print(f"{'src':>4} {'tgt':>4} {'pos':>4}  {'source token':<16}{'answer':<20}{'R²':>6}  explanation")
     for r in result.results:
         s = r.site
+        r2 = f"{r.mapping_r2:.2f}" if r.mapping_r2 is not None else "-"
         print(
             f"{s.source_layer:>4} {s.target_layer:>4} {s.position:>4}  "
-            f"{r.source_token!r:<16}{r.answer!r:<20}{r.explanation!r}"
+            f"{r.source_token!r:<16}{r.answer!r:<20}{r2:>6}  {r.explanation!r}"
         )
     t = result.timings
     _progress(f"source {t.source_s:.2f}s, prefill {t.prefill_s:.2f}s, decode {t.decode_s:.2f}s")
     return 0
+
+
+def cmd_mappings(args: argparse.Namespace) -> int:
+    from patchscope.mapping.registry import MappingRegistry
+
+    registry = MappingRegistry(args.registry)
+    listing = registry.scan()
+    if args.json:
+        print(json.dumps([m.__dict__ for m in listing.mappings], indent=2))
+        return 0
+    print(f"{'id':<48}{'method':<11}{'pairs':>7}{'R²':>7}{'R²/dim':>8}{'cos':>7}{'|y| mean':>10}")
+    for m in listing.mappings:
+        print(
+            f"{m.id:<48}{m.method:<11}{m.pairs_train:>7}{m.r2:>7.3f}{m.r2_mean_dim:>8.3f}{m.cosine:>7.3f}"
+            f"{m.target_norm_mean:>10.1f}"
+        )
+    for name, problem in listing.unreadable:
+        print(f"unreadable: {name}: {problem}")
+    print(f"registry: {registry.root}")
+    return 0
+
+
+def cmd_fit_mapping(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from patchscope.engine import load_model
+    from patchscope.mapping import pipeline
+    from patchscope.mapping.registry import MappingRegistry
+
+    corpus = Path(args.corpus) if args.corpus else default_corpus()
+    if not corpus.is_file():
+        raise pipeline.InvalidArgument("corpus", "file not found", value=str(corpus))
+    source = load_model(args.source, registry=registry_with_paths(args.source), progress=_progress)
+    target = source
+    if args.target != args.source:
+        target = load_model(args.target, registry=registry_with_paths(args.target), progress=_progress)
+    if args.method == "tuned-lens":  # a layer of the source to its own final layer
+        target = source
+    pairs = pipeline.parse_pairs(args.pairs, source, target)
+    if args.method == "tuned-lens":
+        pairs = sorted({(a, source.facts.num_layers - 1) for a, _ in pairs})
+    registry = MappingRegistry(args.registry)
+    if args.if_missing:
+        have = {
+            (m.source_model, m.target_model, m.source_layer, m.target_layer, m.method)
+            for m in registry.scan().mappings
+        }
+        pairs = [(a, b) for a, b in pairs if (source.id, target.id, a, b, args.method) not in have]
+        if not pairs:
+            _progress("all requested mappings are registered already")
+            return 0
+
+    with Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=None,
+        transient=False,
+    ) as bar:
+
+        class Bars(pipeline.Progress):
+            def __init__(self) -> None:
+                self.tasks: dict[str, int] = {}
+
+            def start(self, phase: str, total: int) -> None:
+                self.tasks[phase] = bar.add_task(phase, total=total)
+
+            def advance(self, phase: str, done: int) -> None:
+                bar.update(self.tasks[phase], completed=done)
+
+        report = pipeline.fit_mappings(
+            source,
+            target,
+            pairs,
+            args.method,
+            corpus,
+            registry,
+            max_words=args.max_words or None,
+            progress=Bars(),
+        )
+    print(f"pairs of states: {report.pairs}; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s")
+    print(f"{'mapping':<48}{'R²':>7}{'R²/dim':>8}{'cos':>7}{'MSE':>10}")
+    for m in report.infos:
+        print(f"{m.id:<48}{m.r2:>7.3f}{m.r2_mean_dim:>8.3f}{m.cosine:>7.3f}{m.mse:>10.3g}")
+    print(f"written to {registry.root}")
+    return 0
+
+
+def default_corpus():
+    from pathlib import Path
+
+    data = Path(os.environ.get("PATCHSCOPE_DATA", "../shared/data"))
+    return data / "wikitext-2" / "valid.txt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +269,31 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.add_argument("--device", default="cpu")
     ex.add_argument("--json", action="store_true", help="print a list of JSON objects, one per site")
+    ex.add_argument(
+        "--mapping", default="auto", help="'auto' (best held-out R² per layer pair) or a mapping id"
+    )
+    ex.add_argument(
+        "--registry", default=None, help="mapping registry directory (default $PATCHSCOPE_HOME/mappings)"
+    )
     ex.set_defaults(func=cmd_explain)
+
+    maps = sub.add_parser("mappings", help="list registered mappings with their held-out metrics")
+    maps.add_argument("--registry", default=None)
+    maps.add_argument("--json", action="store_true")
+    maps.set_defaults(func=cmd_mappings)
+
+    fit = sub.add_parser("fit-mapping", help="fit source -> target maps on a corpus and register them")
+    fit.add_argument("--source", required=True)
+    fit.add_argument("--target", required=True)
+    fit.add_argument("--pairs", default="depth", help="2:1,6:4,10:6 | depth (every source layer) | all")
+    fit.add_argument("--method", default="affine", choices=["affine", "learned", "identity", "tuned-lens"])
+    fit.add_argument(
+        "--corpus", default=None, help="text file (default $PATCHSCOPE_DATA/wikitext-2/valid.txt)"
+    )
+    fit.add_argument("--max-words", type=int, default=20000, help="words read from the corpus (0 = all)")
+    fit.add_argument("--registry", default=None)
+    fit.add_argument("--if-missing", action="store_true", help="fit only pairs the registry lacks")
+    fit.set_defaults(func=cmd_fit_mapping)
     return parser
 
 

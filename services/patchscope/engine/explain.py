@@ -26,12 +26,13 @@ MAX_TOP_K = 100
 
 
 class Mapping(Protocol):
-    """A map f from source states at one layer to target states at another (the mapping issue fills this)."""
+    """Maps f from source states at layer ℓ to target states at layer ℓ*, one per layer pair of a sweep."""
 
-    id: str
-    r2: float | None
+    def __call__(self, state: torch.Tensor, source_layer: int, target_layer: int) -> torch.Tensor: ...
 
-    def __call__(self, states: torch.Tensor, source_layer: int, target_layer: int) -> torch.Tensor: ...
+    def describe(self, source_layer: int, target_layer: int) -> tuple[str, float | None]:
+        """The id and held-out R² of the map used for this layer pair."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -157,17 +158,24 @@ def explain(
     for site in sites:
         state = hidden.states[layers.index(site.source_layer), positions.index(site.position)]  # [d]
         if mapping is not None:
-            state = mapping(state, site.source_layer, site.target_layer)
+            state = mapping(state, site.source_layer, site.target_layer)  # [d] -> [d*]
+            if state.shape != (target.facts.hidden_size,):
+                raise IncompatibleModels(
+                    f"mapped state has shape {list(state.shape)}, target needs [{target.facts.hidden_size}]"
+                )
         vectors.append(state)
 
     def result(site: Site, explanation: str, top_k: list[tuple[str, float]] | None = None) -> SiteResult:
+        mapping_id, mapping_r2 = (None, None)
+        if mapping is not None:
+            mapping_id, mapping_r2 = mapping.describe(site.source_layer, site.target_layer)
         return SiteResult(
             site=site,
             source_token=hidden.tokens[site.position],
             explanation=explanation,
             answer=preset.answer(explanation),
-            mapping_id=mapping.id if mapping is not None else None,
-            mapping_r2=mapping.r2 if mapping is not None else None,
+            mapping_id=mapping_id,
+            mapping_r2=mapping_r2,
             top_k=top_k,
         )
 

@@ -72,16 +72,21 @@ class _StopForward(Exception):
 
 @contextmanager
 def capturing(
-    layout: Layout, layers: Sequence[int], positions: Sequence[int]
+    layout: Layout, layers: Sequence[int], positions: Sequence[int] | None = None
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect block outputs at `positions` of batch row 0 into the yielded dict, keyed by layer."""
+    """Collect block outputs into the yielded dict, keyed by layer.
+
+    With `positions`, row 0 at those positions ([p, d]); without, the whole output ([B, T, d]). The forward
+    stops after the highest requested layer by raising `_StopForward`, which the caller catches.
+    """
     captured: dict[int, torch.Tensor] = {}
     last = max(layers)
-    index = list(positions)
+    index = None if positions is None else list(positions)
 
     def make_hook(layer: int):
         def hook(_module, _args, output):
-            captured[layer] = _hidden(output)[0, index].detach()  # [p, d]
+            hidden = _hidden(output).detach()
+            captured[layer] = hidden if index is None else hidden[0, index]
             if layer == last:
                 raise _StopForward
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -49,6 +50,13 @@ class LoadedModel:
             vocab_size=cfg.vocab_size,
             max_positions=getattr(cfg, "max_position_embeddings", None),
         )
+
+    @functools.cached_property
+    def tokenizer_fingerprint(self) -> str:
+        """sha256 of the vocabulary and special tokens: two models pair positions directly only if equal."""
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        record = json.dumps([vocab, sorted(self.tokenizer.all_special_tokens)], ensure_ascii=False)
+        return hashlib.sha256(record.encode()).hexdigest()
 
     @property
     def device(self) -> torch.device:

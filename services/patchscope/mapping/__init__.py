@@ -1,0 +1,1 @@
+"""Cross-model mappings: paired states, fits, the safetensors artefact and its registry."""

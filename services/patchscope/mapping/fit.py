@@ -1,0 +1,173 @@
+"""Fitting maps from source states to target states.
+
+`affine`: ridge least squares with bias in closed form. Each source layer's Gram matrix is
+eigendecomposed once; every target layer paired with it and every candidate regularisation then costs one
+small matrix product, and the regularisation with the best validation R² wins.
+`learned`: the ridge solution plus a one-hidden-layer MLP on the residual, trained with Adam on MSE and
+stopped early on validation (so it starts where `affine` ends and keeps only what held-out data confirms).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from patchscope.mapping.metrics import MapMetrics, evaluate
+
+RIDGE_SCALES = tuple(10.0 ** (k / 2) for k in range(-12, 3))  # × mean eigenvalue of the Gram matrix
+
+
+@dataclass
+class FittedMap:
+    """Weights of one map, `y = x @ weight + bias (+ mlp(x))`, with how it was chosen."""
+
+    method: str
+    weight: torch.Tensor  # [d_s, d_t]
+    bias: torch.Tensor  # [d_t]
+    hyperparameters: dict[str, float | int | str]
+    validation: MapMetrics
+    mlp: dict[str, torch.Tensor] = field(default_factory=dict)  # w1 [d_s, h], b1 [h], w2 [h, d_t], b2 [d_t]
+    seconds: float = 0.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "bias": self.bias, **{f"mlp.{k}": v for k, v in self.mlp.items()}}
+
+
+def apply(tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The map stored in `tensors` applied to `x` ([..., d_s]) in float32."""
+    x = x.float()
+    y = x @ tensors["weight"] + tensors["bias"]
+    if "mlp.w1" in tensors:
+        y = (
+            y
+            + torch.nn.functional.gelu(x @ tensors["mlp.w1"] + tensors["mlp.b1"]) @ tensors["mlp.w2"]
+            + tensors["mlp.b2"]
+        )
+    return y
+
+
+@dataclass
+class RidgeBasis:
+    """The eigendecomposition of one source layer's centred Gram matrix, shared by all its target layers."""
+
+    x_mean: torch.Tensor  # [d_s]
+    eigenvalues: torch.Tensor  # [d_s]
+    eigenvectors: torch.Tensor  # [d_s, d_s]
+    centred: torch.Tensor  # [N, d_s] float64
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> RidgeBasis:
+        x = x.double()
+        x_mean = x.mean(dim=0)
+        centred = x - x_mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+        return cls(x_mean, eigenvalues.clamp_min(0), eigenvectors, centred)
+
+
+def fit_affine(
+    basis: RidgeBasis, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, scales=RIDGE_SCALES
+) -> FittedMap:
+    """Ridge with bias; the regularisation is chosen on validation R²."""
+    started = time.perf_counter()
+    y = y.double()
+    y_mean = y.mean(dim=0)
+    projected = basis.eigenvectors.T @ (basis.centred.T @ (y - y_mean))  # [d_s, d_t]
+    scale = float(basis.eigenvalues.mean())
+    best: FittedMap | None = None
+    for s in scales:
+        alpha = s * scale
+        weight = basis.eigenvectors @ (projected / (basis.eigenvalues + alpha)[:, None])  # [d_s, d_t]
+        bias = y_mean - basis.x_mean @ weight
+        metrics = evaluate(x_val.double() @ weight + bias, y_val)
+        if best is None or metrics.r2 > best.validation.r2:
+            best = FittedMap(
+                "affine", weight.float(), bias.float(), {"alpha": alpha, "alpha_scale": s}, metrics
+            )
+    assert best is not None
+    best.seconds = time.perf_counter() - started
+    return best
+
+
+def fit_learned(
+    start: FittedMap,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    *,
+    hidden: int = 1024,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 512,
+    max_epochs: int = 200,
+    patience: int = 8,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] = lambda _e, _r2: None,
+) -> FittedMap:
+    """Ridge start plus an MLP residual, Adam on MSE, early stopping on validation R²."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    d_s, d_t = start.weight.shape
+    weight = torch.nn.Parameter(start.weight.clone())
+    bias = torch.nn.Parameter(start.bias.clone())
+    w1 = torch.nn.Parameter(torch.randn(d_s, hidden) / (d_s**0.5 * x.std()))
+    b1 = torch.nn.Parameter(torch.zeros(hidden))
+    w2 = torch.nn.Parameter(torch.zeros(hidden, d_t))  # zero: training starts exactly at the ridge map
+    b2 = torch.nn.Parameter(torch.zeros(d_t))
+    params = [weight, bias, w1, b1, w2, b2]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    target_var = float(y.var(dim=0).sum())
+
+    def current() -> dict[str, torch.Tensor]:
+        return {"weight": weight, "bias": bias, "mlp.w1": w1, "mlp.b1": b1, "mlp.w2": w2, "mlp.b2": b2}
+
+    best_state = {k: v.detach().clone() for k, v in current().items()}
+    best_metrics, stale, epochs = start.validation, 0, 0
+    for epoch in range(max_epochs):
+        epochs = epoch + 1
+        order = torch.randperm(x.shape[0])
+        for begin in range(0, x.shape[0], batch_size):
+            idx = order[begin : begin + batch_size]
+            loss = ((apply(current(), x[idx]) - y[idx]) ** 2).sum(dim=-1).mean() / target_var
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            metrics = evaluate(apply(current(), x_val), y_val)
+        on_epoch(epochs, metrics.r2)
+        if metrics.r2 > best_metrics.r2 + 1e-5:
+            best_metrics, stale = metrics, 0
+            best_state = {k: v.detach().clone() for k, v in current().items()}
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    mlp = {k.removeprefix("mlp."): v for k, v in best_state.items() if k.startswith("mlp.")}
+    hyper = {
+        "hidden": hidden,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "patience": patience,
+        "init": "affine",
+        **{f"affine_{k}": v for k, v in start.hyperparameters.items()},
+    }
+    return FittedMap(
+        "learned",
+        best_state["weight"],
+        best_state["bias"],
+        hyper,
+        best_metrics,
+        mlp,
+        time.perf_counter() - started,
+    )
+
+
+def identity_map(d: int) -> FittedMap:
+    """The same-model map: the state itself."""
+    nan = float("nan")
+    return FittedMap("identity", torch.eye(d), torch.zeros(d), {}, MapMetrics(nan, nan, nan, nan))

@@ -1,0 +1,197 @@
+"""`fit-mapping` end to end: corpus → paired states → fits → held-out metrics → artefacts in the registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from patchscope.engine.errors import IncompatibleModels, InvalidArgument
+from patchscope.engine.models import LoadedModel
+from patchscope.engine.validation import check_layers
+from patchscope.mapping.artefact import MappingInfo, mapping_id
+from patchscope.mapping.collect import PairedStates, collect_pairs
+from patchscope.mapping.corpus import file_fingerprint, read_documents, split_documents, take_words
+from patchscope.mapping.fit import FittedMap, RidgeBasis, apply, fit_affine, fit_learned, identity_map
+from patchscope.mapping.metrics import evaluate
+from patchscope.mapping.registry import MappingRegistry
+
+METHODS = ("affine", "learned", "identity", "tuned-lens")
+SPLIT_SHARES = {"train": 0.75, "validation": 0.08, "test": 0.17}
+
+
+@dataclass
+class FitReport:
+    """What one `fit-mapping` run produced and where its time went."""
+
+    infos: list[MappingInfo] = field(default_factory=list)
+    extract_s: float = 0.0
+    solve_s: float = 0.0
+    pairs: dict[str, int] = field(default_factory=dict)
+
+
+class Progress:
+    """Hooks for a progress display; the CLI draws bars, tests pass nothing."""
+
+    def start(self, phase: str, total: int) -> None: ...
+
+    def advance(self, phase: str, done: int) -> None: ...
+
+
+def depth_proportional(layer: int, source_layers: int, target_layers: int) -> int:
+    """round(ℓ·(L*−1)/(L−1)): the target layer at the same relative depth (2→1, 6→4, 10→6 for 30→18)."""
+    return round(layer * (target_layers - 1) / max(1, source_layers - 1))
+
+
+def parse_pairs(spec: str, source: LoadedModel, target: LoadedModel) -> list[tuple[int, int]]:
+    """`2:1,6:4`, `all` (every source × target layer) or `depth` (every source layer, depth-proportional)."""
+    L, L_star = source.facts.num_layers, target.facts.num_layers
+    if spec == "all":
+        return [(a, b) for a in range(L) for b in range(L_star)]
+    if spec == "depth":
+        return [(a, depth_proportional(a, L, L_star)) for a in range(L)]
+    pairs = []
+    for part in spec.split(","):
+        left, sep, right = part.partition(":")
+        if not sep:
+            raise InvalidArgument(
+                "pairs", "each pair is SOURCE:TARGET", limit="e.g. 2:1,6:4,10:6", value=part
+            )
+        (a,) = check_layers("pairs (source layer)", [int(left)], source.facts)
+        (b,) = check_layers("pairs (target layer)", [int(right)], target.facts)
+        pairs.append((a, b))
+    return pairs
+
+
+def fit_mappings(
+    source: LoadedModel,
+    target: LoadedModel,
+    pairs: list[tuple[int, int]],
+    method: str,
+    corpus: Path,
+    registry: MappingRegistry,
+    *,
+    max_words: int | None = 20_000,
+    progress: Progress | None = None,
+    learned_options: dict[str, float] | None = None,
+    seed: int = 0,
+) -> FitReport:
+    """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`."""
+    progress = progress or Progress()
+    if method not in METHODS:
+        raise InvalidArgument("method", "unknown method", limit=", ".join(METHODS), value=method)
+    if method in ("identity", "tuned-lens") and source.fingerprint != target.fingerprint:
+        raise IncompatibleModels(f"method {method} maps within one model; got {source.id} -> {target.id}")
+    if method == "identity" and source.facts.hidden_size != target.facts.hidden_size:
+        raise IncompatibleModels("identity needs equal hidden sizes")
+    if not pairs:
+        raise InvalidArgument("pairs", "must name at least one layer pair")
+
+    split = split_documents(read_documents(corpus), seed=seed)
+    budget = {
+        k: None if max_words is None else max(1, int(max_words * share)) for k, share in SPLIT_SHARES.items()
+    }
+    texts = {
+        "train": take_words(split.train, budget["train"]),
+        "validation": take_words(split.validation, budget["validation"]),
+        "test": take_words(split.test, budget["test"]),
+    }
+    source_layers = sorted({a for a, _ in pairs})
+    target_layers = sorted({b for _, b in pairs})
+
+    report = FitReport()
+    started = time.perf_counter()
+    states: dict[str, PairedStates] = {}
+    for name, part in texts.items():
+        phase = f"extract {name}"
+        progress.start(phase, len(part))
+        states[name] = collect_pairs(
+            source, target, part, source_layers, target_layers, lambda k, p=phase: progress.advance(p, k)
+        )
+        report.pairs[name] = states[name].num_pairs
+    report.extract_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    train, val, test = states["train"], states["validation"], states["test"]
+    progress.start("fit", len(pairs))
+    by_source: dict[int, list[int]] = {}
+    for a, b in pairs:
+        by_source.setdefault(a, []).append(b)
+    done = 0
+    corpus_fp = file_fingerprint(corpus)
+    for a, targets in by_source.items():
+        basis = RidgeBasis.of(train.source[a]) if method in ("affine", "learned", "tuned-lens") else None
+        for b in targets:
+            if method == "identity":
+                fitted = identity_map(source.facts.hidden_size)
+            else:
+                assert basis is not None
+                fitted = fit_affine(basis, train.target[b], val.source[a], val.target[b])
+                if method == "learned":
+                    fitted = fit_learned(
+                        fitted,
+                        train.source[a],
+                        train.target[b],
+                        val.source[a],
+                        val.target[b],
+                        seed=seed,
+                        **(learned_options or {}),
+                    )
+                fitted.method = method
+            info = _info(source, target, a, b, fitted, train, val, test, corpus, corpus_fp)
+            registry.save(info, fitted.tensors())
+            report.infos.append(info)
+            done += 1
+            progress.advance("fit", done)
+    report.solve_s = time.perf_counter() - started
+    return report
+
+
+def _info(
+    source: LoadedModel,
+    target: LoadedModel,
+    a: int,
+    b: int,
+    fitted: FittedMap,
+    train: PairedStates,
+    val: PairedStates,
+    test: PairedStates,
+    corpus: Path,
+    corpus_fp: str,
+) -> MappingInfo:
+    with torch.no_grad():
+        metrics = evaluate(apply(fitted.tensors(), test.source[a]), test.target[b])
+    norms = train.target[b].norm(dim=-1)
+    return MappingInfo(
+        id=mapping_id(source.id, target.id, a, b, fitted.method),
+        method=fitted.method,
+        hyperparameters=json.dumps(fitted.hyperparameters),
+        source_model=source.id,
+        source_fingerprint=source.fingerprint,
+        source_tokenizer=source.tokenizer_fingerprint,
+        source_layer=a,
+        source_dim=source.facts.hidden_size,
+        target_model=target.id,
+        target_fingerprint=target.fingerprint,
+        target_tokenizer=target.tokenizer_fingerprint,
+        target_layer=b,
+        target_dim=target.facts.hidden_size,
+        corpus=corpus.name,
+        corpus_fingerprint=corpus_fp,
+        corpus_words=train.words + val.words + test.words,
+        pairs_train=train.num_pairs,
+        pairs_validation=val.num_pairs,
+        pairs_test=test.num_pairs,
+        r2=metrics.r2,
+        r2_mean_dim=metrics.r2_mean_dim,
+        cosine=metrics.cosine,
+        mse=metrics.mse,
+        target_norm_mean=float(norms.mean()),
+        target_norm_p99=float(norms.quantile(0.99)),
+        fit_seconds=fitted.seconds,
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )

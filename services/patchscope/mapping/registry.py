@@ -1,0 +1,95 @@
+"""A directory of mapping artefacts, listed from their metadata and chosen by held-out R²."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from patchscope.engine.errors import PatchscopeError
+from patchscope.engine.models import patchscope_home
+from patchscope.mapping.artefact import (
+    LoadedMapping,
+    MappingCorrupt,
+    MappingInfo,
+    load_mapping,
+    read_info,
+    write_mapping,
+)
+
+SUFFIX = ".safetensors"
+
+
+class MappingNotFound(PatchscopeError, LookupError):
+    """No registered mapping by that id, or none for the requested layer pair (NOT_FOUND)."""
+
+
+def default_registry_dir() -> Path:
+    return patchscope_home() / "mappings"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The readable mappings and, separately, the files that could not be read (never silently hidden)."""
+
+    mappings: list[MappingInfo]
+    unreadable: list[tuple[str, str]]
+
+
+class MappingRegistry:
+    """Mappings in one directory; ids are file names without `.safetensors`."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_registry_dir()
+        self._cache: dict[str, tuple[float, LoadedMapping]] = {}
+        self._lock = threading.Lock()
+
+    def path(self, mapping_id: str) -> Path:
+        if not mapping_id or "/" in mapping_id or "\\" in mapping_id or mapping_id.startswith("."):
+            raise MappingNotFound(f"{mapping_id!r} is not a mapping id")
+        return self.root / f"{mapping_id}{SUFFIX}"
+
+    def scan(self) -> Listing:
+        """Read every artefact's metadata (a rescan: files added by another process appear)."""
+        infos, bad = [], []
+        for file in sorted(self.root.glob(f"*{SUFFIX}")) if self.root.is_dir() else []:
+            try:
+                infos.append(read_info(file))
+            except MappingCorrupt as error:
+                bad.append((file.name, str(error)))
+        return Listing(infos, bad)
+
+    def save(self, info: MappingInfo, tensors: dict[str, torch.Tensor]) -> Path:
+        path = self.path(info.id)
+        write_mapping(path, info, tensors)
+        return path
+
+    def load(self, mapping_id: str) -> LoadedMapping:
+        path = self.path(mapping_id)
+        if not path.exists():
+            known = [i.id for i in self.scan().mappings]
+            raise MappingNotFound(
+                f"mapping {mapping_id!r} is not registered in {self.root}; "
+                f"known: {', '.join(known) or 'none'}"
+            )
+        mtime = path.stat().st_mtime
+        with self._lock:
+            hit = self._cache.get(mapping_id)
+            if hit and hit[0] == mtime:
+                return hit[1]
+        loaded = load_mapping(path)
+        with self._lock:
+            self._cache[mapping_id] = (mtime, loaded)
+        return loaded
+
+    def candidates(self, source: str, target: str, source_layer: int, target_layer: int) -> list[MappingInfo]:
+        """Mappings for exactly this (source, ℓ) → (target, ℓ*), best held-out R² first."""
+        found = [
+            i
+            for i in self.scan().mappings
+            if (i.source_model, i.target_model, i.source_layer, i.target_layer)
+            == (source, target, source_layer, target_layer)
+        ]
+        return sorted(found, key=lambda i: -i.r2)
