@@ -77,13 +77,13 @@ ARCHS = list(tiny_configs())
 NO_BOS = {"gpt2", "gpt_neox"}  # GPT-2-style tokenizers add no BOS: both paths must work
 
 
-def train_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+def train_tokenizer(add_bos: bool, vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     text = (data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()[:3000]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(text, trainer)
     if add_bos:
@@ -96,8 +96,8 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     tokenizers = {True: train_tokenizer(True), False: train_tokenizer(False)}
     dirs = {}
-    for arch, config in tiny_configs().items():
-        torch.manual_seed(0)
+    for seed, (arch, config) in enumerate(tiny_configs().items()):
+        torch.manual_seed(seed)  # distinct weights, so distinct fingerprints
         model = AutoModelForCausalLM.from_config(config)
         path = root / arch
         model.save_pretrained(path)
