@@ -59,6 +59,7 @@ class MappingInfo:
     mse: float
     target_norm_mean: float
     target_norm_p99: float
+    mapped_norm_mean: float  # mean norm of mapped held-out states: compare with target_norm_mean
     fit_seconds: float
     created: str
     format_version: str = FORMAT_VERSION

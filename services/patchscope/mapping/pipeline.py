@@ -164,7 +164,8 @@ def _info(
     corpus_fp: str,
 ) -> MappingInfo:
     with torch.no_grad():
-        metrics = evaluate(apply(fitted.tensors(), test.source[a]), test.target[b])
+        mapped = apply(fitted.tensors(), test.source[a])
+        metrics = evaluate(mapped, test.target[b])
     norms = train.target[b].norm(dim=-1)
     return MappingInfo(
         id=mapping_id(source.id, target.id, a, b, fitted.method),
@@ -192,6 +193,7 @@ def _info(
         mse=metrics.mse,
         target_norm_mean=float(norms.mean()),
         target_norm_p99=float(norms.quantile(0.99)),
+        mapped_norm_mean=float(mapped.norm(dim=-1).mean()),
         fit_seconds=fitted.seconds,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
