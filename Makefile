@@ -47,5 +47,10 @@ test: install data-check lint
 bench-engine: install
 	$(PY) bench/bench_engine.py
 
+# Fits affine and learned maps, the held-out noun identity rates and every layer pair (minutes).
+bench-mapping: install data-check
+	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
+	$(PY) bench/bench_mapping.py
+
 clean:
 	rm -rf $(VENV)
