@@ -45,18 +45,36 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def quality(source, target, registry: MappingRegistry) -> None:
-    print("== quality: held-out R² (variance-weighted / mean per dim / cosine), test split by document")
+def quality(source, target, registry: MappingRegistry, methods: list[str], vocab_words: int) -> None:
+    print(
+        "== quality: held-out R² (variance-weighted / mean per dim / cosine), test split by document"
+        + (f"; + {vocab_words} vocabulary texts" if vocab_words else "")
+    )
+    held_out = set((ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split())
     rows = {}
-    for method in ("affine", "learned"):
+    for method in methods:
         started = time.perf_counter()
-        report = fit_mappings(source, target, PAIRS, method, corpus(), registry, max_words=20_000)
+        report = fit_mappings(
+            source,
+            target,
+            PAIRS,
+            method,
+            corpus(),
+            registry,
+            max_words=20_000,
+            vocab_words=vocab_words,
+            exclude_words=held_out,
+        )
         print(
             f"{method}: {report.pairs} pairs; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s, "
             f"total {time.perf_counter() - started:.1f}s"
         )
         for info in report.infos:
             rows.setdefault((info.source_layer, info.target_layer), {})[method] = info
+    if len(methods) < 2:
+        for (a, b), m in rows.items():
+            print(f"{a}:{b:<6}" + "  ".join(f"{k} R² {v.r2:.3f} cos {v.cosine:.3f}" for k, v in m.items()))
+        return
     print(f"{'pair':<8}{'affine R²':>10}{'learned R²':>12}{'Δ':>8}{'affine cos':>12}{'learned cos':>12}")
     for (a, b), m in rows.items():
         print(
@@ -91,7 +109,7 @@ def identity_rate(source, target, pairs, mapping, words: list[str], chunk: int =
     return hits
 
 
-def identity(source, target, registry: MappingRegistry, method: str) -> None:
+def identity(source, target, registry: MappingRegistry, method: str, cross_only: bool = False) -> None:
     words = (ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split()
     n = len(words)
     print(f"== identity: {n} held-out nouns, single-token in both tokenizers, absent from the fit text")
@@ -107,7 +125,7 @@ def identity(source, target, registry: MappingRegistry, method: str) -> None:
         (f"{source.id} -> {source.id}", source, source, [(a, a) for a, _ in pairs], None),
         (f"{target.id} -> {target.id}", target, target, [(b, b) for _, b in pairs], None),
     ]
-    for name, s, t, ps, m in settings:
+    for name, s, t, ps, m in settings[:1] if cross_only else settings:
         started = time.perf_counter()
         hits = identity_rate(s, t, ps, m, words)
         cells = []
@@ -162,6 +180,9 @@ def main() -> None:
     parser.add_argument("--registry", default=None, help="scratch registry (default: a temporary directory)")
     parser.add_argument("--method", default="affine", help="which fitted method the identity part uses")
     parser.add_argument("--out", default=str(ROOT / "docs"))
+    parser.add_argument("--methods", default="affine,learned", help="methods the quality part fits")
+    parser.add_argument("--vocab-words", type=int, default=0, help="vocabulary texts added to training")
+    parser.add_argument("--cross-only", action="store_true", help="identity part: skip same-model references")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     commit = subprocess.run(
@@ -171,9 +192,9 @@ def main() -> None:
     source, target = load_model("smollm2-135m"), load_model("gemma3-270m")
     registry = MappingRegistry(Path(args.registry or tempfile.mkdtemp(prefix="patchscope-bench-")))
     if "quality" in args.parts:
-        quality(source, target, registry)
+        quality(source, target, registry, args.methods.split(","), args.vocab_words)
     if "identity" in args.parts:
-        identity(source, target, registry, args.method)
+        identity(source, target, registry, args.method, args.cross_only)
     if "all-pairs" in args.parts:
         all_pairs(
             source, target, MappingRegistry(Path(tempfile.mkdtemp(prefix="patchscope-all-"))), Path(args.out)

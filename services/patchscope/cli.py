@@ -213,6 +213,7 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
             def advance(self, phase: str, done: int) -> None:
                 bar.update(self.tasks[phase], completed=done)
 
+        exclude = set(Path(args.exclude_words).read_text().split()) if args.exclude_words else set()
         report = pipeline.fit_mappings(
             source,
             target,
@@ -222,6 +223,8 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
             registry,
             max_words=args.max_words or None,
             progress=Bars(),
+            vocab_words=args.vocab_words,
+            exclude_words=exclude,
         )
     print(f"pairs of states: {report.pairs}; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s")
     print(f"{'mapping':<48}{'R²':>7}{'R²/dim':>8}{'cos':>7}{'MSE':>10}")
@@ -293,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-words", type=int, default=20000, help="words read from the corpus (0 = all)")
     fit.add_argument("--registry", default=None)
     fit.add_argument("--if-missing", action="store_true", help="fit only pairs the registry lacks")
+    fit.add_argument(
+        "--vocab-words",
+        type=int,
+        default=0,
+        help="add N training texts that each end in a word shared by both tokenizers (better identity)",
+    )
+    fit.add_argument("--exclude-words", default=None, help="file of words the vocabulary texts must not use")
     fit.set_defaults(func=cmd_fit_mapping)
     return parser
 

@@ -224,3 +224,27 @@ def test_missing_mapping_names_the_fit_command(fitted_registry, tiny_models):
         MappingNotFound, match=r"patchscope fit-mapping --source tiny-llama --target tiny-qwen2 --pairs 0:3"
     ):
         resolve_mappings(registry, tiny_models["llama"], tiny_models["qwen2"], [(0, 3), (1, 1)])
+
+
+def test_vocabulary_texts_add_training_pairs_and_respect_exclusions(tiny_models, tmp_path):
+    from patchscope.mapping.collect import shared_words
+
+    source, target = tiny_models["llama"], tiny_models["qwen2"]
+    words = shared_words(source, target, exclude=set())
+    assert words and all(w.isalpha() and w.islower() and len(w) >= 4 for w in words)
+    assert words[0] not in shared_words(source, target, exclude={words[0]})
+    plain = fit_mappings(
+        source, target, [(1, 1)], "affine", WIKITEXT, MappingRegistry(tmp_path / "a"), max_words=800
+    )
+    more = fit_mappings(
+        source,
+        target,
+        [(1, 1)],
+        "affine",
+        WIKITEXT,
+        MappingRegistry(tmp_path / "b"),
+        max_words=800,
+        vocab_words=40,
+    )
+    assert more.pairs["train"] > plain.pairs["train"] and more.pairs["test"] == plain.pairs["test"]
+    assert '"vocab_words": 40' in more.infos[0].hyperparameters

@@ -29,6 +29,17 @@ class PairedStates:
         return next(iter(self.source.values())).shape[0]
 
 
+def shared_words(a: LoadedModel, b: LoadedModel, exclude: set[str]) -> list[str]:
+    """Lower-case alphabetic words (4+ letters) that are one token, after a space, in both tokenizers."""
+    found = []
+    for word in sorted({t.lstrip("Ġ▁") for t in a.tokenizer.get_vocab()}):
+        if len(word) < 4 or not (word.isalpha() and word.islower()) or word in exclude:
+            continue
+        if all(len(m.tokenizer(" " + word, add_special_tokens=False).input_ids) == 1 for m in (a, b)):
+            found.append(word)
+    return found
+
+
 def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
     return a.tokenizer_fingerprint == b.tokenizer_fingerprint
 

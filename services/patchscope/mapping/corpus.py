@@ -120,5 +120,17 @@ def take_words(documents: tuple[Document, ...], max_words: int | None) -> list[s
     return out
 
 
+def vocabulary_texts(paragraphs: list[str], words: list[str], count: int, *, seed: int = 0) -> list[str]:
+    """Short texts that end in a vocabulary word: a random sentence prefix of the corpus, then the word.
+
+    Corpus text repeats its common words; these texts give the map one example each of `count` more
+    words in ordinary context, which is what an identity patchscope asks about.
+    """
+    rng = random.Random(seed)
+    sentences = [s for p in paragraphs for s in _SENTENCE_END.split(p) if len(s.split()) >= 4]
+    chosen = rng.sample(words, min(count, len(words)))
+    return [" ".join(rng.choice(sentences).split()[: rng.randint(2, 10)]) + " " + w for w in chosen]
+
+
 def file_fingerprint(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

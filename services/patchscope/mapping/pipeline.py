@@ -14,8 +14,14 @@ from patchscope.engine.errors import IncompatibleModels, InvalidArgument
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.validation import check_layers
 from patchscope.mapping.artefact import MappingInfo, mapping_id
-from patchscope.mapping.collect import PairedStates, collect_pairs
-from patchscope.mapping.corpus import file_fingerprint, read_documents, split_documents, take_words
+from patchscope.mapping.collect import PairedStates, collect_pairs, shared_words
+from patchscope.mapping.corpus import (
+    file_fingerprint,
+    read_documents,
+    split_documents,
+    take_words,
+    vocabulary_texts,
+)
 from patchscope.mapping.fit import FittedMap, RidgeBasis, apply, fit_affine, fit_learned, identity_map
 from patchscope.mapping.metrics import evaluate
 from patchscope.mapping.registry import MappingRegistry
@@ -79,6 +85,8 @@ def fit_mappings(
     progress: Progress | None = None,
     learned_options: dict[str, float] | None = None,
     seed: int = 0,
+    vocab_words: int = 0,
+    exclude_words: set[str] | None = None,
 ) -> FitReport:
     """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`."""
     progress = progress or Progress()
@@ -100,6 +108,9 @@ def fit_mappings(
         "validation": take_words(split.validation, budget["validation"]),
         "test": take_words(split.test, budget["test"]),
     }
+    if vocab_words > 0:  # training texts only: validation and test stay plain corpus text
+        words = shared_words(source, target, exclude_words or set())
+        texts["train"] += vocabulary_texts(texts["train"], words, vocab_words, seed=seed)
     source_layers = sorted({a for a, _ in pairs})
     target_layers = sorted({b for _, b in pairs})
 
@@ -142,6 +153,8 @@ def fit_mappings(
                         **(learned_options or {}),
                     )
                 fitted.method = method
+            if vocab_words > 0:
+                fitted.hyperparameters["vocab_words"] = vocab_words
             info = _info(source, target, a, b, fitted, train, val, test, corpus, corpus_fp)
             registry.save(info, fitted.tensors())
             report.infos.append(info)
