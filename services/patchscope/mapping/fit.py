@@ -51,20 +51,24 @@ def apply(tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RidgeBasis:
-    """The eigendecomposition of one source layer's centred Gram matrix, shared by all its target layers."""
+    """The eigendecomposition of one source layer's centred Gram matrix, shared by all its target layers.
 
-    x_mean: torch.Tensor  # [d_s]
-    eigenvalues: torch.Tensor  # [d_s]
-    eigenvectors: torch.Tensor  # [d_s, d_s]
-    centred: torch.Tensor  # [N, d_s] float64
+    The Gram matrix and its eigenvectors are float64 (they are small and conditioning matters); the
+    N-row products run in float32, which halves the all-pairs solve time on a CPU.
+    """
+
+    x_mean: torch.Tensor  # [d_s] float64
+    eigenvalues: torch.Tensor  # [d_s] float64
+    eigenvectors: torch.Tensor  # [d_s, d_s] float64
+    centred: torch.Tensor  # [N, d_s] float32
 
     @classmethod
     def of(cls, x: torch.Tensor) -> RidgeBasis:
-        x = x.double()
-        x_mean = x.mean(dim=0)
-        centred = x - x_mean
+        x64 = x.double()
+        x_mean = x64.mean(dim=0)
+        centred = x64 - x_mean
         eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)
-        return cls(x_mean, eigenvalues.clamp_min(0), eigenvectors, centred)
+        return cls(x_mean, eigenvalues.clamp_min(0), eigenvectors, centred.float())
 
 
 def fit_affine(
@@ -72,23 +76,25 @@ def fit_affine(
 ) -> FittedMap:
     """Ridge with bias; the regularisation is chosen on validation R²."""
     started = time.perf_counter()
-    y = y.double()
-    y_mean = y.mean(dim=0)
-    projected = basis.eigenvectors.T @ (basis.centred.T @ (y - y_mean))  # [d_s, d_t]
+    y_mean = y.double().mean(dim=0)
+    cross = basis.centred.T @ (y.float() - y_mean.float())  # [d_s, d_t]
+    projected = basis.eigenvectors.T @ cross.double()  # [d_s, d_t] in the eigenbasis
+    val_projected = ((x_val.double() - basis.x_mean) @ basis.eigenvectors).float()  # [N_val, d_s]
     scale = float(basis.eigenvalues.mean())
-    best: FittedMap | None = None
+    best_r2, best_scale = -float("inf"), scales[0]
     for s in scales:
-        alpha = s * scale
-        weight = basis.eigenvectors @ (projected / (basis.eigenvalues + alpha)[:, None])  # [d_s, d_t]
-        bias = y_mean - basis.x_mean @ weight
-        metrics = evaluate(x_val.double() @ weight + bias, y_val)
-        if best is None or metrics.r2 > best.validation.r2:
-            best = FittedMap(
-                "affine", weight.float(), bias.float(), {"alpha": alpha, "alpha_scale": s}, metrics
-            )
-    assert best is not None
-    best.seconds = time.perf_counter() - started
-    return best
+        coef = (projected / (basis.eigenvalues + s * scale)[:, None]).float()  # [d_s, d_t]
+        r2 = evaluate(val_projected @ coef + y_mean.float(), y_val).r2
+        if r2 > best_r2:
+            best_r2, best_scale = r2, s
+    alpha = best_scale * scale
+    weight = basis.eigenvectors @ (projected / (basis.eigenvalues + alpha)[:, None])  # [d_s, d_t]
+    bias = y_mean - basis.x_mean @ weight
+    metrics = evaluate(x_val.double() @ weight + bias, y_val)
+    hyper = {"alpha": alpha, "alpha_scale": best_scale}
+    return FittedMap(
+        "affine", weight.float(), bias.float(), hyper, metrics, seconds=time.perf_counter() - started
+    )
 
 
 def fit_learned(
