@@ -88,9 +88,9 @@ def identity_rate(source, target, pairs, mapping, words: list[str], chunk: int =
     """How many words the target repeats, per layer pair (answer equals the word, case-insensitive)."""
     preset = PRESETS["identity"]
     rows, truth = [], []
+    layers = sorted({a for a, _ in pairs})
     for word in words:
-        states = extract(source, f"I saw the {word}", sorted({a for a, _ in pairs})).states[:, -1]  # [l, d]
-        layers = sorted({a for a, _ in pairs})
+        states = extract(source, f"I saw the {word}", layers).states[:, -1]  # [l, d]
         for k, (a, b) in enumerate(pairs):
             vector = states[layers.index(a)]
             if mapping is not None:
@@ -113,7 +113,7 @@ def identity(source, target, registry: MappingRegistry, method: str, cross_only:
     words = (ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split()
     n = len(words)
     print(f"== identity: {n} held-out nouns, single-token in both tokenizers, absent from the fit text")
-    pairs = [(a, b) for a, b in PAIRS]
+    pairs = list(PAIRS)
     found = {(i.source_layer, i.target_layer): i.id for i in registry.scan().mappings if i.method == method}
     if not all(p in found for p in pairs):
         raise SystemExit(f"no {method} mappings for {PAIRS}: run the quality part first")

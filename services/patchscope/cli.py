@@ -174,12 +174,11 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
     corpus = Path(args.corpus) if args.corpus else default_corpus()
     if not corpus.is_file():
         raise pipeline.InvalidArgument("corpus", "file not found", value=str(corpus))
-    source = load_model(args.source, registry=registry_with_paths(args.source), progress=_progress)
-    target = source
-    if args.target != args.source:
-        target = load_model(args.target, registry=registry_with_paths(args.target), progress=_progress)
-    if args.method == "tuned-lens":  # a layer of the source to its own final layer
-        target = source
+    models = registry_with_paths(args.source, args.target)
+    source = load_model(args.source, registry=models, progress=_progress)
+    target = source  # tuned-lens maps a layer of the source to its own final layer
+    if args.target != args.source and args.method != "tuned-lens":
+        target = load_model(args.target, registry=models, progress=_progress)
     pairs = pipeline.parse_pairs(args.pairs, source, target)
     if args.method == "tuned-lens":
         pairs = sorted({(a, source.facts.num_layers - 1) for a, _ in pairs})

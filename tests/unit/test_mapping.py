@@ -35,18 +35,18 @@ def test_affine_fit_recovers_a_known_linear_relation():
 
 def test_learned_fit_starts_at_affine_and_never_ends_worse_on_validation():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3000, 8, generator=g)
-    y = torch.cat([x @ torch.randn(8, 6, generator=g), torch.tanh(3 * x[:, :2])], dim=1)  # partly non-linear
-    x_val = torch.randn(400, 8, generator=g)
-    y_val = torch.cat(
-        [x_val @ torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.tanh(3 * x_val[:, :2])],
-        1,
-    )
+    a = torch.randn(8, 6, generator=g)
+
+    def relation(x: torch.Tensor) -> torch.Tensor:  # partly non-linear; train and validation share it
+        return torch.cat([x @ a, torch.tanh(3 * x[:, :2])], dim=1)
+
+    x, x_val = torch.randn(3000, 8, generator=g), torch.randn(400, 8, generator=g)
+    y, y_val = relation(x), relation(x_val)
     start = fit_affine(RidgeBasis.of(x), y, x_val, y_val)
     learned = fit_learned(start, x, y, x_val, y_val, hidden=64, max_epochs=30, patience=5)
     assert learned.validation.r2 >= start.validation.r2
     assert set(learned.mlp) == {"w1", "b1", "w2", "b2"}
-    torch.testing.assert_close(apply(learned.tensors(), x_val).shape, torch.Size([400, 8]))
+    assert apply(learned.tensors(), x_val).shape == (400, 8)
 
 
 def test_depth_proportional_layers_of_the_default_pair():

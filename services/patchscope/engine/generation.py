@@ -78,7 +78,6 @@ class Timings:
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    steps: int = 0
 
 
 @dataclass
@@ -87,7 +86,6 @@ class GeneratedRow:
 
     token_ids: list[int]
     text: str
-    placeholder: int
     scores: torch.Tensor | None = None  # [steps, V] float32 logits, only when asked for
 
 
@@ -206,7 +204,6 @@ def _run_batch(
             finished=[done_now[k] for k in active],
             logits=logits[active] if keep_logits else None,
         )
-        timings.steps += 1
         if all(done_now) or step == config.max_new_tokens - 1:
             break
         logits = _forward(target, next_ids[:, None], kv)
@@ -269,8 +266,7 @@ def patched_generate(
         GeneratedRow(
             token_ids=ids,
             text=tokenizer.decode(ids, skip_special_tokens=True),
-            placeholder=tokenize_template(tokenizer, row.template, row.filler).placeholder,
             scores=torch.stack(logits[r]) if return_scores and logits[r] else None,
         )
-        for r, (row, ids) in enumerate(zip(rows, token_ids, strict=True))
+        for r, ids in enumerate(token_ids)
     ]

@@ -1,8 +1,7 @@
 """Reading and overwriting block outputs: the two hooks every Patchscope is made of.
 
-Layer ℓ is the raw output of decoder block ℓ (0-based), as in the reference code. Installers add forward
-hooks inside a context manager and always remove them in `finally`, so a failed forward never leaves a
-model patched.
+Layer ℓ is the raw output of decoder block ℓ (0-based), as in the reference code. Both installers remove
+their forward hooks in `finally`, so a failed forward never leaves a model patched or capturing.
 """
 
 from __future__ import annotations
@@ -70,14 +69,13 @@ class _StopForward(Exception):
     """Raised by the last capture hook: blocks above the highest requested layer need not run."""
 
 
-@contextmanager
-def capturing(
-    layout: Layout, layers: Sequence[int], positions: Sequence[int] | None = None
-) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect block outputs into the yielded dict, keyed by layer.
+def capture(
+    model: LoadedModel, ids: torch.Tensor, layers: Sequence[int], positions: Sequence[int] | None = None
+) -> dict[int, torch.Tensor]:
+    """Run `model` on `ids` ([B, T]) and return block outputs keyed by layer.
 
     With `positions`, row 0 at those positions ([p, d]); without, the whole output ([B, T, d]). The forward
-    stops after the highest requested layer by raising `_StopForward`, which the caller catches.
+    stops after the highest requested layer: blocks above it, the final norm and the head never run.
     """
     captured: dict[int, torch.Tensor] = {}
     last = max(layers)
@@ -92,12 +90,15 @@ def capturing(
 
         return hook
 
-    handles = [layout.blocks[layer].register_forward_hook(make_hook(layer)) for layer in set(layers)]
+    handles = [model.layout.blocks[layer].register_forward_hook(make_hook(layer)) for layer in set(layers)]
     try:
-        yield captured
+        model.model(ids, use_cache=False)
+    except _StopForward:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+    return captured
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,7 @@ def extract(
     token_ids = tokenize_prompt(model.tokenizer, prompt)
     positions = check_positions("positions", [-1] if positions is None else positions, len(token_ids))
     ids = torch.tensor([token_ids], device=model.device)  # [1, T]
-    with capturing(model.layout, layers, positions) as captured:
-        try:
-            model.model(ids, use_cache=False)
-        except _StopForward:
-            pass
+    captured = capture(model, ids, layers, positions)
     states = torch.stack([captured[layer] for layer in layers]).to("cpu", torch.float32)  # [l, p, d]
     return HiddenStates(
         model_id=model.id,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patchscope.engine.hooks import _StopForward, capturing
+from patchscope.engine.hooks import capture
 from patchscope.engine.models import LoadedModel
 from patchscope.mapping.align import encode, pair_positions
 
@@ -69,11 +69,7 @@ def _states(
         ids = torch.zeros(len(members), width, dtype=torch.long)  # [B, T]
         for row, i in enumerate(members):
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-        with capturing(model.layout, layers) as captured:
-            try:
-                model.model(ids.to(model.device), use_cache=False)
-            except _StopForward:
-                pass
+        captured = capture(model, ids.to(model.device), layers)
         for row, i in enumerate(members):
             out[i] = {layer: captured[layer][row, positions[i]].to("cpu", torch.float32) for layer in layers}
         start = end

@@ -81,16 +81,16 @@ def fit_affine(
     projected = basis.eigenvectors.T @ cross.double()  # [d_s, d_t] in the eigenbasis
     val_projected = ((x_val.double() - basis.x_mean) @ basis.eigenvectors).float()  # [N_val, d_s]
     scale = float(basis.eigenvalues.mean())
-    best_r2, best_scale = -float("inf"), scales[0]
+    best_scale, metrics = scales[0], None
     for s in scales:
         coef = (projected / (basis.eigenvalues + s * scale)[:, None]).float()  # [d_s, d_t]
-        r2 = evaluate(val_projected @ coef + y_mean.float(), y_val).r2
-        if r2 > best_r2:
-            best_r2, best_scale = r2, s
+        candidate = evaluate(val_projected @ coef + y_mean.float(), y_val)
+        if metrics is None or candidate.r2 > metrics.r2:
+            best_scale, metrics = s, candidate
+    assert metrics is not None
     alpha = best_scale * scale
     weight = basis.eigenvectors @ (projected / (basis.eigenvalues + alpha)[:, None])  # [d_s, d_t]
     bias = y_mean - basis.x_mean @ weight
-    metrics = evaluate(x_val.double() @ weight + bias, y_val)
     hyper = {"alpha": alpha, "alpha_scale": best_scale}
     return FittedMap(
         "affine", weight.float(), bias.float(), hyper, metrics, seconds=time.perf_counter() - started

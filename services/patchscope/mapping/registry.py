@@ -84,12 +84,13 @@ class MappingRegistry:
             self._cache[mapping_id] = (mtime, loaded)
         return loaded
 
-    def candidates(self, source: str, target: str, source_layer: int, target_layer: int) -> list[MappingInfo]:
-        """Mappings for exactly this (source, ℓ) → (target, ℓ*), best held-out R² first."""
-        found = [
-            i
-            for i in self.scan().mappings
-            if (i.source_model, i.target_model, i.source_layer, i.target_layer)
-            == (source, target, source_layer, target_layer)
-        ]
-        return sorted(found, key=lambda i: -i.r2)
+    def best(self, source: str, target: str) -> dict[tuple[int, int], MappingInfo]:
+        """For each (ℓ, ℓ*) of this model pair, its mapping with the best held-out R² (one scan)."""
+        best: dict[tuple[int, int], MappingInfo] = {}
+        for info in self.scan().mappings:
+            pair = (info.source_layer, info.target_layer)
+            if (info.source_model, info.target_model) == (source, target) and (
+                pair not in best or info.r2 > best[pair].r2
+            ):
+                best[pair] = info
+        return best

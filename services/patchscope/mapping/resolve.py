@@ -60,13 +60,9 @@ def resolve_mappings(
                 )
             by_pair[pair] = loaded
     else:
-        missing = []
-        for a, b in pairs:
-            found = registry.candidates(source.id, target.id, a, b)
-            if found:
-                by_pair[(a, b)] = registry.load(found[0].id)
-            else:
-                missing.append((a, b))
+        best = registry.best(source.id, target.id)
+        missing = [pair for pair in pairs if pair not in best]
+        by_pair = {pair: registry.load(best[pair].id) for pair in pairs if pair in best}
         if missing:
             raise MappingNotFound(
                 f"no mapping registered for {source.id} -> {target.id} at layer pairs "
