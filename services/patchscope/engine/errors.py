@@ -7,6 +7,8 @@ given, because the caller is usually another program whose author reads only the
 
 from __future__ import annotations
 
+import functools
+
 
 class PatchscopeError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -17,6 +19,7 @@ class InvalidArgument(PatchscopeError, ValueError):
 
     def __init__(self, field: str, problem: str, *, limit: str | None = None, value: object = None) -> None:
         self.field = field
+        self.problem = problem
         self.limit = limit
         self.value = value
         parts = [f"{field}: {problem}"]
@@ -26,13 +29,20 @@ class InvalidArgument(PatchscopeError, ValueError):
             parts.append(f"got: {value!r}")
         super().__init__("; ".join(parts))
 
+    def __reduce__(self):  # keyword-only arguments: errors cross process boundaries (Ray) intact
+        return (functools.partial(type(self), limit=self.limit, value=self.value), (self.field, self.problem))
+
 
 class ModelNotFound(PatchscopeError, LookupError):
     """A model id is neither registered nor a usable local path (NOT_FOUND)."""
 
     def __init__(self, model_id: str, known: list[str]) -> None:
         self.model_id = model_id
+        self.known = known
         super().__init__(f"model {model_id!r} is not registered; known models: {', '.join(sorted(known))}")
+
+    def __reduce__(self):
+        return (type(self), (self.model_id, self.known))
 
 
 class ModelUnavailable(PatchscopeError):

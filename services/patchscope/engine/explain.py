@@ -19,7 +19,13 @@ from patchscope.engine.hooks import extract
 from patchscope.engine.models.loading import LoadedModel
 from patchscope.engine.presets import get_preset, resolve_template
 from patchscope.engine.template import tokenize_prompt
-from patchscope.engine.validation import check_layers, check_positions, check_positive, check_prompt
+from patchscope.engine.validation import (
+    ModelFacts,
+    check_layers,
+    check_positions,
+    check_positive,
+    check_prompt,
+)
 
 MAX_SITES = 4096
 MAX_TOP_K = 100
@@ -103,16 +109,19 @@ class Explanation:
     timings: ExplainTimings
 
 
-def plan_sites(source: LoadedModel, target: LoadedModel, request: ExplainRequest) -> list[Site]:
-    """Validate the request against both models and list its sites (layer-major), running no model."""
+def check_request(
+    source: ModelFacts, target: ModelFacts, request: ExplainRequest, max_sites: int = MAX_SITES
+) -> list[tuple[int, int]]:
+    """Validate every field but the positions (which need the tokenised prompt); return the layer pairs.
+
+    Runs no model, so the service checks a request with it before sending anything to a model.
+    """
     check_prompt("prompt", request.prompt)
-    layers = check_layers("layers", request.layers, source.facts)
-    num_tokens = len(tokenize_prompt(source.tokenizer, request.prompt))
-    positions = check_positions("positions", request.positions, num_tokens)
+    layers = check_layers("layers", request.layers, source)
     if request.target_layers is None:
-        target_layers = check_layers("layers", layers, target.facts)
+        target_layers = check_layers("layers", layers, target)
     else:
-        target_layers = check_layers("target_layers", request.target_layers, target.facts)
+        target_layers = check_layers("target_layers", request.target_layers, target)
         if len(target_layers) == 1:
             target_layers = target_layers * len(layers)
         elif len(target_layers) != len(layers):
@@ -126,12 +135,37 @@ def plan_sites(source: LoadedModel, target: LoadedModel, request: ExplainRequest
     resolve_template(preset, request.template)
     request.generation.validate()
     check_positive("top_k", request.top_k, MAX_TOP_K)
-    sites = [Site(p, s, t) for s, t in zip(layers, target_layers, strict=True) for p in positions]
-    if len(sites) > MAX_SITES:
+    num_sites = len(layers) * len(request.positions)
+    if num_sites > max_sites:
         raise InvalidArgument(
-            "layers × positions", "too many sites", limit=f"<= {MAX_SITES}", value=len(sites)
+            "layers × positions", "too many sites", limit=f"<= {max_sites}", value=num_sites
         )
-    return sites
+    return list(zip(layers, target_layers, strict=True))
+
+
+def plan_sites(source: LoadedModel, target: LoadedModel, request: ExplainRequest) -> list[Site]:
+    """Validate the request against both models and list its sites (layer-major), running no model."""
+    pairs = check_request(source.facts, target.facts, request)
+    num_tokens = len(tokenize_prompt(source.tokenizer, request.prompt))
+    positions = check_positions("positions", request.positions, num_tokens)
+    return [Site(p, s, t) for s, t in pairs for p in positions]
+
+
+def map_states(
+    states: Sequence[torch.Tensor], sites: Sequence[Site], mapping: Mapping | None, target_hidden: int
+) -> list[torch.Tensor]:
+    """f(h) for each site's state ([d] -> [d*]); identity when `mapping` is None (same model)."""
+    if mapping is None:
+        return list(states)
+    vectors = []
+    for state, site in zip(states, sites, strict=True):
+        vector = mapping(state, site.source_layer, site.target_layer)
+        if vector.shape != (target_hidden,):
+            raise IncompatibleModels(
+                f"mapped state has shape {list(vector.shape)}, target needs [{target_hidden}]"
+            )
+        vectors.append(vector)
+    return vectors
 
 
 def explain(
@@ -154,16 +188,8 @@ def explain(
     hidden = extract(source, request.prompt, layers, positions)
     timings.source_s = time.perf_counter() - started
 
-    vectors = []
-    for site in sites:
-        state = hidden.states[layers.index(site.source_layer), positions.index(site.position)]  # [d]
-        if mapping is not None:
-            state = mapping(state, site.source_layer, site.target_layer)  # [d] -> [d*]
-            if state.shape != (target.facts.hidden_size,):
-                raise IncompatibleModels(
-                    f"mapped state has shape {list(state.shape)}, target needs [{target.facts.hidden_size}]"
-                )
-        vectors.append(state)
+    states = [hidden.states[layers.index(s.source_layer), positions.index(s.position)] for s in sites]
+    vectors = map_states(states, sites, mapping, target.facts.hidden_size)
 
     def result(site: Site, explanation: str, top_k: list[tuple[str, float]] | None = None) -> SiteResult:
         mapping_id, mapping_r2 = (None, None)

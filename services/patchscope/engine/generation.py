@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -164,6 +164,7 @@ def _run_batch(
     use_prefix_cache: bool,
     keep_logits: bool,
     timings: Timings,
+    dropped: Callable[[int], bool] | None = None,
 ) -> Iterator[Step]:
     """Generate for rows sharing one template; patches carry their row index within this batch."""
     batch, device = len(rows), target.device
@@ -191,21 +192,26 @@ def _run_batch(
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
     stop = torch.tensor(sorted(_stop_ids(target)), device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    live = list(range(batch))  # rows still decoding, in the KV cache's batch order
     for step in range(config.max_new_tokens):
-        next_ids = _next_tokens(logits, config, generator)  # [B]
-        done_before = finished.tolist()
-        finished |= torch.isin(next_ids, stop)
-        next_list, done_now = next_ids.tolist(), finished.tolist()  # one device sync per step
-        active = [k for k in range(batch) if not done_before[k]]
+        next_ids = _next_tokens(logits, config, generator)  # [len(live)]
+        next_list, done = next_ids.tolist(), torch.isin(next_ids, stop).tolist()  # one device sync per step
         yield Step(
-            rows=[rows[k] for k in active],
-            token_ids=[next_list[k] for k in active],
-            finished=[done_now[k] for k in active],
-            logits=logits[active] if keep_logits else None,
+            rows=[rows[k] for k in live],
+            token_ids=next_list,
+            finished=done,
+            logits=logits if keep_logits else None,
         )
-        if all(done_now) or step == config.max_new_tokens - 1:
+        # Finished rows and rows whose caller went away leave the batch: later steps cost only the rest.
+        keep = [
+            j for j, k in enumerate(live) if not done[j] and not (dropped is not None and dropped(rows[k]))
+        ]
+        if not keep or step == config.max_new_tokens - 1:
             break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=device)
+            kv.batch_select_indices(index)
+            next_ids, live = next_ids[index], [live[j] for j in keep]
         logits = _forward(target, next_ids[:, None], kv)
     timings.decode_s += time.perf_counter() - started
 
@@ -219,8 +225,13 @@ def iter_patched_generate(
     use_prefix_cache: bool = True,
     keep_logits: bool = False,
     timings: Timings | None = None,
+    dropped: Callable[[int], bool] | None = None,
 ) -> Iterator[Step]:
-    """Stream decoding steps of all rows; rows of one template are one batch, batches run in turn."""
+    """Stream decoding steps of all rows; rows of one template are one batch, batches run in turn.
+
+    `dropped(row)` is asked after every step: rows for which it is true stop decoding (a caller that
+    cancelled), so cancellation takes effect within one step.
+    """
     config.validate()
     if not rows:
         raise InvalidArgument("rows", "must contain at least one row", limit=">= 1")
@@ -237,7 +248,7 @@ def iter_patched_generate(
             for p in resolved[r][1]
         ]
         yield from _run_batch(
-            target, tokens, members, patches, config, use_prefix_cache, keep_logits, timings
+            target, tokens, members, patches, config, use_prefix_cache, keep_logits, timings, dropped
         )
 
 

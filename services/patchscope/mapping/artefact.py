@@ -10,13 +10,14 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from patchscope.engine.errors import PatchscopeError
-from patchscope.engine.models import LoadedModel
+from patchscope.engine.validation import ModelFacts
 from patchscope.mapping.fit import apply
 
 FORMAT_VERSION = "1"
@@ -108,6 +109,17 @@ def read_info(path: Path) -> MappingInfo:
     return MappingInfo.from_metadata(meta)
 
 
+class ModelLike(Protocol):
+    """What a mapping is checked against: a loaded model, or the service's card of a hosted one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def facts(self) -> ModelFacts: ...
+
+
 @dataclass
 class LoadedMapping:
     """A mapping ready to apply: `map(states)` takes [..., d_s] and returns [..., d_t] float32."""
@@ -122,7 +134,7 @@ class LoadedMapping:
             )
         return apply(self.tensors, states)
 
-    def check(self, source: LoadedModel, target: LoadedModel) -> None:
+    def check(self, source: ModelLike, target: ModelLike) -> None:
         """Refuse models the mapping was not fitted on (fingerprint or size differ)."""
         for role, model, fingerprint, dim in (
             ("source", source, self.info.source_fingerprint, self.info.source_dim),

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from patchscope.engine.errors import InvalidArgument
-from patchscope.engine.models import LoadedModel
-from patchscope.mapping.artefact import LoadedMapping
+from patchscope.mapping.artefact import LoadedMapping, ModelLike
 from patchscope.mapping.registry import MappingNotFound, MappingRegistry
 
 AUTO = "auto"
@@ -36,8 +35,8 @@ def fit_command(source: str, target: str, pairs: Iterable[tuple[int, int]]) -> s
 
 def resolve_mappings(
     registry: MappingRegistry,
-    source: LoadedModel,
-    target: LoadedModel,
+    source: ModelLike,
+    target: ModelLike,
     pairs: Iterable[tuple[int, int]],
     choice: str = AUTO,
 ) -> MappingSet:

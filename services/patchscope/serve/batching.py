@@ -1,0 +1,259 @@
+"""Cross-request batching of patched generation, with cancellation that takes effect within one step.
+
+Concurrent `Explain` calls that use the same target model, template and decoding options become rows of
+one batched generation: the prompt pass and every decoding step run once for all of them. A batch opens
+when the first request of a key arrives and starts `wait_s` later (or when it holds `max_rows`); requests
+of that key arriving meanwhile join it. Model work runs on one worker thread per replica, so the event
+loop keeps streaming tokens while steps run, and steps of different batches interleave.
+
+A request whose caller goes away (client cancel, deadline) is marked dropped; the engine asks after every
+step and removes its rows from the batch, so no further step is spent on them. Sampled requests
+(temperature > 0) never share a batch, so that a seed reproduces an explanation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+from patchscope.engine.errors import PatchscopeError
+from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, Step, Timings
+from patchscope.engine.generation import iter_patched_generate as _iter_patched_generate
+from patchscope.engine.models import LoadedModel
+from patchscope.engine.validation import check_vector
+
+
+class QueueFull(PatchscopeError):
+    """More rows are waiting for the target model than the configured limit (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Rows of one `Explain` for one target model: each row patches `vectors[k]` at `layers[k]`."""
+
+    model: str
+    template: str
+    filler: str
+    layers: list[int]
+    vectors: list[torch.Tensor]  # [d*] float32 CPU tensors
+    config: GenerationConfig
+
+
+@dataclass(frozen=True)
+class RowEvent:
+    """What one decoding step added to one row of a request.
+
+    `text` is the characters the token adds to the explanation (empty while a multi-byte character is
+    incomplete, and for the stop token). A finished event carries the whole explanation and timings.
+    """
+
+    row: int
+    step: int
+    token_id: int
+    text: str
+    finished: bool
+    stop: bool = False  # the token is a stop token, not part of the explanation
+    explanation: str | None = None
+    timings: dict[str, float] | None = None
+
+
+@dataclass
+class _Ticket:
+    request: GenerateRequest
+    queue: asyncio.Queue
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    dropped: bool = False
+
+
+@dataclass(frozen=True)
+class _Key:
+    model: str
+    template: str
+    filler: str
+    config: GenerationConfig
+    nonce: int = 0  # unique for requests that must not share a batch
+
+
+_DONE = object()
+
+
+class _Decoder:
+    """Turns one row's token ids into text deltas that never split a character."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        delta, self.text = text[len(self.text) :], text
+        return delta
+
+    def final(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+class Batcher:
+    """Groups requests by key into batched generations on one worker thread."""
+
+    def __init__(
+        self,
+        models: dict[str, LoadedModel],
+        executor: Executor,
+        *,
+        enabled: bool = True,
+        wait_s: float = 0.005,
+        max_rows: int = 256,
+        max_queued_rows: int = 4096,
+        generate: Callable[..., Iterator[Step]] = _iter_patched_generate,
+    ) -> None:
+        self.models = models
+        self.executor = executor
+        self.enabled = enabled
+        self.wait_s = wait_s
+        self.max_rows = max_rows
+        self.max_queued_rows = max_queued_rows
+        self._generate = generate
+        self._pending: dict[_Key, list[_Ticket]] = {}
+        self._nonce = itertools.count(1)
+        self.queued_rows = 0  # rows submitted and not yet finished
+        self.rows_dropped = 0
+        self.batch_sizes: list[int] = []  # rows per started batch, for metrics and tests
+        self.steps_run = 0
+
+    def _key(self, request: GenerateRequest) -> _Key:
+        shared = self.enabled and request.config.temperature == 0.0
+        nonce = 0 if shared else next(self._nonce)
+        return _Key(request.model, request.template, request.filler, request.config, nonce)
+
+    async def submit(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
+        """Stream the request's row events, one list per decoding step; leaving early drops its rows."""
+        model = self.models[request.model]
+        for k, vector in enumerate(request.vectors):
+            check_vector(f"vectors[{k}]", vector, model.facts)
+        rows = len(request.vectors)
+        if self.queued_rows + rows > self.max_queued_rows:
+            raise QueueFull(
+                f"target model queue is full ({self.queued_rows} rows waiting, "
+                f"limit {self.max_queued_rows}); retry after a short backoff"
+            )
+        ticket = _Ticket(request, asyncio.Queue())
+        self.queued_rows += rows
+        key = self._key(request)
+        first = key not in self._pending
+        self._pending.setdefault(key, []).append(ticket)
+        if sum(len(t.request.vectors) for t in self._pending[key]) >= self.max_rows or self.wait_s == 0:
+            self._start(key)
+        elif first:
+            asyncio.get_running_loop().call_later(self.wait_s, self._start, key)
+        completed = False
+        try:
+            while (item := await ticket.queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            completed = True
+        finally:
+            if not completed:
+                ticket.dropped = True  # the caller left before the end: stop spending steps on it
+            self.queued_rows -= rows
+
+    def _start(self, key: _Key) -> None:
+        tickets = self._pending.pop(key, None)
+        if tickets:
+            asyncio.get_running_loop().create_task(self._run(key, tickets))
+
+    async def _run(self, key: _Key, tickets: list[_Ticket]) -> None:
+        live = [t for t in tickets if not t.dropped]
+        if not live:
+            return
+        model = self.models[key.model]
+        owners: list[tuple[_Ticket, int]] = [(t, k) for t in live for k in range(len(t.request.vectors))]
+        rows = [
+            PatchedRow(
+                template=key.template,
+                filler=key.filler,
+                patches=(RowPatch(layer=t.request.layers[k], vector=t.request.vectors[k]),),
+            )
+            for t, k in owners
+        ]
+        self.batch_sizes.append(len(rows))
+        decoders = [_Decoder(model.tokenizer) for _ in rows]
+        open_rows = {t: len(t.request.vectors) for t in live}
+        timings = Timings()
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+
+        def dropped(row: int) -> bool:
+            ticket = owners[row][0]
+            if ticket.dropped:
+                self.rows_dropped += 1
+            return ticket.dropped
+
+        def close(ticket: _Ticket, item: object) -> None:
+            ticket.queue.put_nowait(item)
+            ticket.queue.put_nowait(_DONE)
+
+        try:
+            steps = self._generate(model, rows, key.config, timings=timings, dropped=dropped)
+            step_no = 0
+            while (step := await loop.run_in_executor(self.executor, next, steps, None)) is not None:
+                self.steps_run += 1
+                last = step_no == key.config.max_new_tokens - 1
+                events: dict[_Ticket, list[RowEvent]] = {}
+                finishing: list[_Ticket] = []
+                for row, token, stop in zip(step.rows, step.token_ids, step.finished, strict=True):
+                    ticket, local = owners[row]
+                    text = "" if stop else decoders[row].add(token)
+                    done = stop or last
+                    event = RowEvent(local, step_no, token, text, done, stop=stop)
+                    if done:
+                        event = _finish(event, decoders[row], ticket, timings, started)
+                        open_rows[ticket] -= 1
+                        if open_rows[ticket] == 0:
+                            finishing.append(ticket)
+                    events.setdefault(ticket, []).append(event)
+                for ticket, batch in events.items():
+                    if not ticket.dropped:
+                        ticket.queue.put_nowait(batch)
+                for ticket in finishing:
+                    ticket.queue.put_nowait(_DONE)
+                step_no += 1
+            for ticket in live:
+                if open_rows[ticket] > 0 and not ticket.dropped:
+                    close(ticket, RuntimeError("generation ended before every row finished"))
+        except BaseException as error:  # delivered to every waiting caller, never swallowed
+            for ticket in live:
+                if open_rows[ticket] > 0:
+                    close(ticket, error)
+            if not isinstance(error, Exception):
+                raise
+
+
+def _finish(
+    event: RowEvent, decoder: _Decoder, ticket: _Ticket, timings: Timings, started: float
+) -> RowEvent:
+    return RowEvent(
+        event.row,
+        event.step,
+        event.token_id,
+        event.text,
+        True,
+        stop=event.stop,
+        explanation=decoder.final(),
+        timings={
+            "queue_s": started - ticket.enqueued_at,
+            "prefill_s": timings.prefill_s,
+            "decode_s": timings.decode_s,
+        },
+    )

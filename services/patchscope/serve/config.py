@@ -1,0 +1,93 @@
+"""The service's own settings: the `args:` of the application in a Ray Serve config file.
+
+Deployment placement (replicas, `num_cpus`/`num_gpus`, `max_ongoing_requests`) stays in the Serve config's
+`deployments:` list where Ray reads it; everything patchscope decides lives here, validated once when the
+application is built so that a typo fails the deploy instead of the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Limits(BaseModel):
+    """Request limits; over a limit is INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for the queue)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_prompt_chars: int = Field(8192, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_sites: int = Field(512, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    max_activation_bytes: int = Field(16 << 20, ge=1)
+    # Rows waiting for the target model; more is RESOURCE_EXHAUSTED with retry advice.
+    max_queued_rows: int = Field(4096, ge=1)
+
+
+class Batching(BaseModel):
+    """Cross-request batching on TargetModel: rows of one (model, template, options) share a generation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # How long a new batch waits for more requests with the same key before it starts.
+    wait_ms: float = Field(5.0, ge=0)
+    max_rows: int = Field(256, ge=1)
+
+
+class Auth(BaseModel):
+    """Bearer tokens checked by the ingress (Serve's gRPC proxy has no interceptors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A file with one token per line, or the name of an environment variable holding one per line.
+    tokens_file: str | None = None
+    tokens_env: str | None = None
+    # Off only when a config says so explicitly; the service prints a warning then.
+    required: bool = True
+
+    @model_validator(mode="after")
+    def _has_tokens_when_required(self) -> Auth:
+        if self.required and not (self.tokens_file or self.tokens_env):
+            raise ValueError("auth.required is true but neither auth.tokens_file nor auth.tokens_env is set")
+        return self
+
+    def tokens(self) -> list[str]:
+        lines: list[str] = []
+        if self.tokens_file:
+            lines += Path(self.tokens_file).expanduser().read_text().splitlines()
+        if self.tokens_env:
+            lines += os.environ.get(self.tokens_env, "").splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class ServiceConfig(BaseModel):
+    """What the service hosts and how it treats requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(min_length=1)
+    targets: list[str] = Field(min_length=1)
+    # Extra model ids registered by local path (a transformers directory or a .gguf file), from the config
+    # only: a request never names a path.
+    models: dict[str, str] = {}
+    # Mapping registry directory; default $PATCHSCOPE_HOME/mappings.
+    registry: str | None = None
+    # Compute dtype of the hosted models ("float32", "bfloat16"); "auto" is bfloat16 on a GPU.
+    dtype: str = "float32"
+    device: str = "auto"
+    # Torch threads per model process: one where source and target share a small machine (None: torch's
+    # default, for GPUs).
+    torch_threads: int | None = Field(1, ge=1)
+    limits: Limits = Limits()
+    batching: Batching = Batching()
+    auth: Auth = Field(default_factory=Auth)
+
+    @model_validator(mode="after")
+    def _known_dtype(self) -> ServiceConfig:
+        if self.dtype not in {"float32", "bfloat16", "float16", "auto"}:
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        return self

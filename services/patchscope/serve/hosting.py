@@ -1,0 +1,111 @@
+"""Loading the models a replica hosts, warming them up, and the card the ingress validates requests with.
+
+A card is everything the ingress needs to know about a hosted model (sizes, fingerprints, the typical
+norm of each layer's states) without its weights, so requests are checked before any model runs and the
+ingress holds no model at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from patchscope.engine.hooks import capture
+from patchscope.engine.models import LoadedModel, ModelRegistry, load_model
+from patchscope.engine.template import tokenize_prompt
+from patchscope.engine.validation import ModelFacts
+from patchscope.serve.config import ServiceConfig
+
+logger = logging.getLogger("patchscope.serve")
+
+# A fixed, ordinary English text: the warm-up pass and the typical per-layer norms both come from it.
+WARMUP_TEXT = (
+    "The river runs past the old mill, where the baker sells bread every morning to farmers, "
+    "teachers and children on their way to school."
+)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A hosted model as the ingress sees it."""
+
+    id: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_parameters: int
+    fingerprint: str
+    tokenizer_fingerprint: str
+    dtype: str
+    max_positions: int | None
+    # Mean L2 norm of each layer's states over WARMUP_TEXT, position 0 (the attention sink) excluded.
+    layer_norms: tuple[float, ...]
+
+    @property
+    def facts(self) -> ModelFacts:
+        return ModelFacts(
+            model_id=self.id,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size,
+            max_positions=self.max_positions,
+        )
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    if name == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return name
+
+
+def model_registry(config: ServiceConfig) -> ModelRegistry:
+    """The built-in models plus the ones the config registers by path (a request never names a path)."""
+    registry = ModelRegistry()
+    for model_id, path in config.models.items():
+        registry.register(model_id, path)
+    return registry
+
+
+def load_hosted(ids: Iterable[str], config: ServiceConfig) -> dict[str, LoadedModel]:
+    """Load (converting on first use) every model in `ids` on the configured device and dtype."""
+    registry = model_registry(config)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    models = {}
+    for model_id in dict.fromkeys(ids):
+        logger.info("loading model %s on %s as %s", model_id, device, dtype)
+        models[model_id] = load_model(model_id, registry=registry, dtype=dtype, device=device)
+    return models
+
+
+@torch.inference_mode()
+def warm_up(model: LoadedModel) -> ModelCard:
+    """Run one full forward pass (weights paged in, kernels chosen) and describe the model."""
+    ids = tokenize_prompt(model.tokenizer, WARMUP_TEXT)
+    layers = list(range(model.facts.num_layers))
+    captured = capture(model, torch.tensor([ids], device=model.device), layers, list(range(1, len(ids))))
+    norms = tuple(float(captured[layer].float().norm(dim=-1).mean()) for layer in layers)
+    facts = model.facts
+    return ModelCard(
+        id=model.id,
+        architecture=type(model.model).__name__,
+        num_layers=facts.num_layers,
+        hidden_size=facts.hidden_size,
+        vocab_size=facts.vocab_size,
+        num_parameters=sum(p.numel() for p in model.model.parameters()),
+        fingerprint=model.fingerprint,
+        tokenizer_fingerprint=model.tokenizer_fingerprint,
+        dtype=str(model.dtype).removeprefix("torch."),
+        max_positions=facts.max_positions,
+        layer_norms=norms,
+    )

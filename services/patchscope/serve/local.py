@@ -1,0 +1,128 @@
+"""Run the service on this machine: a private local Ray instance, the Serve config deployed, ready or not.
+
+`patchscope serve`, `make run`, the integration tests and the service benchmark all start the service
+through `start()`, the same path `serve run CONFIG` takes (start Serve with the config's proxy options,
+then deploy its applications), so what they test is what a config file deploys.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+APP_NAME = "patchscope"
+# Set before Ray starts so every Ray process inherits them (the gRPC proxy and every replica).
+RAY_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+@dataclass
+class LocalService:
+    """A running local service; `stop()` shuts Serve and Ray down."""
+
+    address: str
+    http_port: int
+    temp_dir: str
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def start(
+    config: dict[str, Any],
+    *,
+    grpc_port: int | None = None,
+    http_port: int | None = None,
+    num_cpus: float | None = None,
+    timeout_s: float = 300.0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> LocalService:
+    """Start Ray and deploy `config` (a Serve config as a dict); return when the application is RUNNING.
+
+    Raises RuntimeError with Serve's message when the deploy fails or does not finish within `timeout_s`.
+    """
+    os.environ.update(RAY_ENV)
+    import ray
+    from ray.serve._private import api as serve_api  # what `serve run CONFIG` uses
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    config = dict(config)
+    config["grpc_options"] = {**config.get("grpc_options", {}), "port": grpc_port or config["grpc_options"]["port"]}
+    config["http_options"] = {**config.get("http_options", {})}
+    if http_port is not None:
+        config["http_options"]["port"] = http_port
+    schema = ServeDeploySchema.model_validate(config)
+
+    # A short private temp dir: Ray's socket paths must stay under the OS limit.
+    temp_dir = tempfile.mkdtemp(prefix="ray-ps-", dir="/tmp")
+    progress("starting Ray")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        namespace="serve",
+        log_to_driver=os.environ.get("PATCHSCOPE_RAY_LOGS", "0") == "1",
+    )
+    progress("deploying")
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        proxy_location=schema.proxy_location,
+    )
+    client.deploy_apps(schema, _blocking=False)
+    service = LocalService(
+        address=f"127.0.0.1:{schema.grpc_options.port}", http_port=schema.http_options.port, temp_dir=temp_dir
+    )
+    try:
+        wait_running(timeout_s, progress)
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+def wait_running(timeout_s: float, progress: Callable[[str], None] = lambda _: None) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        status = app.status if app else "NOT_STARTED"
+        if status == "RUNNING":
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"deploying {APP_NAME} failed: {app.message if app else ''}")
+        if status != last:
+            progress(f"application {status.lower()}")
+            last = status
+        time.sleep(0.5)
+    raise RuntimeError(f"{APP_NAME} was not RUNNING after {timeout_s:.0f} s")
