@@ -39,7 +39,9 @@ def service_config(args: dict, deployments: dict[str, float] = CPUS) -> dict:
 def mapping_registry(tiny_models, tmp_path_factory) -> MappingRegistry:
     registry = MappingRegistry(tmp_path_factory.mktemp("mappings"))
     corpus = data_dir() / "wikitext-2" / "valid.txt"
-    fit_mappings(tiny_models["llama"], tiny_models["qwen2"], PAIRS, "affine", corpus, registry, max_words=2000)
+    fit_mappings(
+        tiny_models["llama"], tiny_models["qwen2"], PAIRS, "affine", corpus, registry, max_words=2000
+    )
     return registry
 
 
@@ -54,7 +56,9 @@ def tiny_service(tiny_dirs, mapping_registry) -> LocalService:
         "batching": {"enabled": True, "wait_ms": 300, "max_rows": 256},
         "limits": {"max_sites": 64, "max_new_tokens": 64, "max_activation_bytes": 1 << 20},
     }
-    service = start(service_config(args), grpc_port=free_port(), http_port=free_port(), num_cpus=2, timeout_s=300)
+    service = start(
+        service_config(args), grpc_port=free_port(), http_port=free_port(), num_cpus=2, timeout_s=300
+    )
     yield service
     service.stop()
 

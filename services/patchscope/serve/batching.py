@@ -63,7 +63,7 @@ class RowEvent:
     timings: dict[str, float] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: tickets are dictionary keys
 class _Ticket:
     request: GenerateRequest
     queue: asyncio.Queue
@@ -99,8 +99,12 @@ class _Decoder:
         delta, self.text = text[len(self.text) :], text
         return delta
 
-    def final(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def final(self) -> tuple[str, str]:
+        """The whole text, and what it adds to the deltas sent so far (held-back partial characters)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        rest = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text = text
+        return text, rest
 
 
 class Batcher:
@@ -177,6 +181,16 @@ class Batcher:
         live = [t for t in tickets if not t.dropped]
         if not live:
             return
+        try:
+            await self._generate_for(key, live)
+        except BaseException as error:  # delivered to every caller still waiting, never swallowed
+            for ticket in live:
+                ticket.queue.put_nowait(error)
+                ticket.queue.put_nowait(_DONE)
+            if not isinstance(error, Exception):
+                raise
+
+    async def _generate_for(self, key: _Key, live: list[_Ticket]) -> None:
         model = self.models[key.model]
         owners: list[tuple[_Ticket, int]] = [(t, k) for t in live for k in range(len(t.request.vectors))]
         rows = [
@@ -200,57 +214,46 @@ class Batcher:
                 self.rows_dropped += 1
             return ticket.dropped
 
-        def close(ticket: _Ticket, item: object) -> None:
-            ticket.queue.put_nowait(item)
-            ticket.queue.put_nowait(_DONE)
-
-        try:
-            steps = self._generate(model, rows, key.config, timings=timings, dropped=dropped)
-            step_no = 0
-            while (step := await loop.run_in_executor(self.executor, next, steps, None)) is not None:
-                self.steps_run += 1
-                last = step_no == key.config.max_new_tokens - 1
-                events: dict[_Ticket, list[RowEvent]] = {}
-                finishing: list[_Ticket] = []
-                for row, token, stop in zip(step.rows, step.token_ids, step.finished, strict=True):
-                    ticket, local = owners[row]
-                    text = "" if stop else decoders[row].add(token)
-                    done = stop or last
-                    event = RowEvent(local, step_no, token, text, done, stop=stop)
-                    if done:
-                        event = _finish(event, decoders[row], ticket, timings, started)
-                        open_rows[ticket] -= 1
-                        if open_rows[ticket] == 0:
-                            finishing.append(ticket)
-                    events.setdefault(ticket, []).append(event)
-                for ticket, batch in events.items():
-                    if not ticket.dropped:
-                        ticket.queue.put_nowait(batch)
-                for ticket in finishing:
-                    ticket.queue.put_nowait(_DONE)
-                step_no += 1
-            for ticket in live:
-                if open_rows[ticket] > 0 and not ticket.dropped:
-                    close(ticket, RuntimeError("generation ended before every row finished"))
-        except BaseException as error:  # delivered to every waiting caller, never swallowed
-            for ticket in live:
-                if open_rows[ticket] > 0:
-                    close(ticket, error)
-            if not isinstance(error, Exception):
-                raise
+        steps = self._generate(model, rows, key.config, timings=timings, dropped=dropped)
+        step_no = 0
+        while (step := await loop.run_in_executor(self.executor, next, steps, None)) is not None:
+            self.steps_run += 1
+            last = step_no == key.config.max_new_tokens - 1
+            events: dict[_Ticket, list[RowEvent]] = {}
+            finishing: list[_Ticket] = []
+            for row, token, stop in zip(step.rows, step.token_ids, step.finished, strict=True):
+                ticket, local = owners[row]
+                text = "" if stop else decoders[row].add(token)
+                done = stop or last
+                event = RowEvent(local, step_no, token, text, done, stop=stop)
+                if done:
+                    event = _finish(event, decoders[row], ticket, timings, started)
+                    open_rows[ticket] -= 1
+                    if open_rows[ticket] == 0:
+                        finishing.append(ticket)
+                events.setdefault(ticket, []).append(event)
+            for ticket, batch in events.items():
+                if not ticket.dropped:
+                    ticket.queue.put_nowait(batch)
+            for ticket in finishing:
+                ticket.queue.put_nowait(_DONE)
+            step_no += 1
+        if any(open_rows[t] > 0 and not t.dropped for t in live):
+            raise RuntimeError("generation ended before every row finished")
 
 
 def _finish(
     event: RowEvent, decoder: _Decoder, ticket: _Ticket, timings: Timings, started: float
 ) -> RowEvent:
+    explanation, rest = decoder.final()
     return RowEvent(
         event.row,
         event.step,
         event.token_id,
-        event.text,
+        event.text + rest,
         True,
         stop=event.stop,
-        explanation=decoder.final(),
+        explanation=explanation,
         timings={
             "queue_s": started - ticket.enqueued_at,
             "prefill_s": timings.prefill_s,

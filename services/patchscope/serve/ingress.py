@@ -186,9 +186,8 @@ class Explainer:
             if (not request.source or i.source_model == request.source)
             and (not request.target or i.target_model == request.target)
         ]
-        return pb.ListMappingsResponse(
-            mappings=[_mapping_info(i) for i in infos], unreadable=listing.unreadable
-        )
+        unreadable = [f"{name}: {why}" for name, why in listing.unreadable]
+        return pb.ListMappingsResponse(mappings=[_mapping_info(i) for i in infos], unreadable=unreadable)
 
     # ---- ExtractHiddenStates ---------------------------------------------------------------------
 
@@ -451,7 +450,7 @@ class Explainer:
         first = True
         async for events in self.stream_target.generate.remote(generate):
             for e in events:
-                if not e.stop:
+                if not e.stop or e.text:
                     if first:
                         self.metrics.first_token(time.time() - job.started)
                         first = False

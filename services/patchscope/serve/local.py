@@ -75,7 +75,10 @@ def start(
     from ray.serve.schema import ServeDeploySchema
 
     config = dict(config)
-    config["grpc_options"] = {**config.get("grpc_options", {}), "port": grpc_port or config["grpc_options"]["port"]}
+    config["grpc_options"] = {
+        **config.get("grpc_options", {}),
+        "port": grpc_port or config["grpc_options"]["port"],
+    }
     config["http_options"] = {**config.get("http_options", {})}
     if http_port is not None:
         config["http_options"]["port"] = http_port

@@ -1,0 +1,143 @@
+"""Cross-request batching: shared batches give the same text as one generation, cancel drops rows."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, patched_generate
+from patchscope.engine.hooks import extract
+from patchscope.serve.batching import Batcher, GenerateRequest, QueueFull
+
+TEMPLATE = "cat -> cat\n1135 -> 1135\nhello -> hello\n{}"
+
+
+def requests(llama, n: int, max_new_tokens: int = 8, temperature: float = 0.0) -> list[GenerateRequest]:
+    hidden = extract(llama, "The river runs past the old mill and the bakery", [1, 2, 3], [1, 2, 3, -1])
+    vectors = hidden.states.reshape(-1, hidden.states.shape[-1])  # 12 rows
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=1)
+    return [
+        GenerateRequest(
+            "tiny-llama",
+            TEMPLATE,
+            "?",
+            [1 + (i + k) % 3 for k in range(2)],
+            [vectors[i], vectors[i + 1]],
+            config,
+        )
+        for i in range(n)
+    ]
+
+
+async def consume(
+    batcher: Batcher, request: GenerateRequest, stop_after: int | None = None
+) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    finals: dict[int, str] = {}
+    steps = 0
+    async for events in batcher.submit(request):
+        for e in events:
+            texts[e.row] = texts.get(e.row, "") + e.text
+            if e.finished:
+                finals[e.row] = e.explanation
+        steps += 1
+        if stop_after is not None and steps >= stop_after:
+            break
+    assert all(texts[r] == finals[r] for r in finals), "streamed deltas must add up to the explanation"
+    return finals
+
+
+def expected(llama, request: GenerateRequest) -> list[str]:
+    rows = [
+        PatchedRow(TEMPLATE, "?", (RowPatch(layer=layer, vector=v),))
+        for layer, v in zip(request.layers, request.vectors, strict=True)
+    ]
+    return [g.text for g in patched_generate(llama, rows, request.config)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def batcher(llama):
+    with ThreadPoolExecutor(1) as executor:
+        yield Batcher({"tiny-llama": llama}, executor, wait_s=0.05)
+
+
+def test_concurrent_requests_share_one_batch_and_match_separate_generation(llama, batcher):
+    reqs = requests(llama, 4)
+
+    async def main():
+        return await asyncio.gather(*(consume(batcher, r) for r in reqs))
+
+    results = run(main())
+    assert batcher.batch_sizes == [8], "four requests of two rows each must form one batch"
+    for request, result in zip(reqs, results, strict=True):
+        assert [result[k] for k in range(2)] == expected(llama, request)
+    assert batcher.queued_rows == 0
+
+
+def test_batching_off_runs_each_request_alone(llama):
+    reqs = requests(llama, 3)
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher({"tiny-llama": llama}, executor, enabled=False)
+
+        async def main():
+            return await asyncio.gather(*(consume(batcher, r) for r in reqs))
+
+        results = run(main())
+    assert batcher.batch_sizes == [2, 2, 2]
+    assert [results[0][k] for k in range(2)] == expected(llama, reqs[0])
+
+
+def test_a_caller_that_leaves_stops_its_rows_within_one_step(llama, batcher):
+    keep, leave = requests(llama, 2, max_new_tokens=40)
+
+    async def main():
+        return await asyncio.gather(consume(batcher, keep), consume(batcher, leave, stop_after=2))
+
+    kept, _ = run(main())
+    assert batcher.rows_dropped == 2, "both rows of the leaving request must leave the batch"
+    assert [kept[k] for k in range(2)] == expected(llama, keep)
+
+
+def test_sampled_requests_never_share_a_batch(llama, batcher):
+    reqs = requests(llama, 2, temperature=0.7)
+
+    async def main():
+        return await asyncio.gather(*(consume(batcher, r) for r in reqs))
+
+    run(main())
+    assert batcher.batch_sizes == [2, 2]
+
+
+def test_a_full_queue_is_refused_with_retry_advice(llama):
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher({"tiny-llama": llama}, executor, max_queued_rows=3)
+        reqs = requests(llama, 2)
+
+        async def main():
+            first = consume(batcher, reqs[0])
+            task = asyncio.ensure_future(first)
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFull, match="retry"):
+                await consume(batcher, reqs[1])
+            await task
+
+        run(main())
+
+
+def test_wrong_vector_width_is_refused_before_queuing(llama, batcher):
+    (request,) = requests(llama, 1)
+    bad = GenerateRequest(request.model, TEMPLATE, "?", [1], [torch.zeros(7)], request.config)
+
+    async def main():
+        await consume(batcher, bad)
+
+    with pytest.raises(ValueError, match=r"vectors\[0\]"):
+        run(main())
+    assert batcher.queued_rows == 0
