@@ -31,6 +31,8 @@ def generate() -> None:
 
 
 class BuildWithProto(build_py):
+    """build_py that writes the generated protobuf modules first."""
+
     def run(self) -> None:
         generate()
         super().run()

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tests.conftest import data_dir
 
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
 from patchscope.serve.local import LocalService, free_port, read_config, start
 from patchscope.wire import pb_grpc
+from tests.conftest import data_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = ROOT / "deploy" / "config" / "local.yaml"
