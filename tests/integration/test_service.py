@@ -24,8 +24,11 @@ def test_list_models_reports_hosted_models_roles_and_api_version(stub):
 def explain_request(
     prompt="The river runs past the old mill", target="tiny-llama", **kw
 ) -> pb.ExplainRequest:
-    generation = pb.GenerationOptions(max_new_tokens=kw.pop("max_new_tokens", 6))
-    spec = pb.TargetSpec(model=target, generation=generation, **kw.pop("spec", {}))
+    spec = {
+        "generation": pb.GenerationOptions(max_new_tokens=kw.pop("max_new_tokens", 6)),
+        **kw.pop("spec", {}),
+    }
+    spec = pb.TargetSpec(model=target, **spec)
     return pb.ExplainRequest(
         source=kw.pop("source", "tiny-llama"),
         prompt=prompt,
