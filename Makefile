@@ -46,14 +46,19 @@ models: install
 data-check:
 	@test -d "$(DATA)/wikitext-2" || { echo "data directory $(DATA) is missing: pass DATA=/path/to/shared/data"; exit 1; }
 
-# The main job: the default pair smollm2-135m -> gemma3-270m through depth-proportional affine maps
-# (2:1, 6:4, 10:6), fitted once on ≤ 20k words of the wikitext-2 file plus 3,000 short texts ending in
-# words both tokenizers share (better identity answers), if the registry lacks them.
+# The main job: the service on the default pair smollm2-135m -> gemma3-270m. The depth-proportional affine
+# maps (2:1, 6:4, 10:6) are fitted once on <= 20k words of the wikitext-2 file plus 3,000 short texts ending
+# in words both tokenizers share, if the registry lacks them; then a local Ray instance serves
+# deploy/config/local.yaml, one Explain goes through the generated gRPC stub and streams back, and it stops.
 run: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(VENV)/bin/patchscope fit-mapping --source smollm2-135m --target gemma3-270m --pairs 2:1,6:4,10:6 \
 		--method affine --max-words 20000 --vocab-words 3000 --corpus "$(DATA)/wikitext-2/valid.txt" --if-missing
-	$(VENV)/bin/patchscope explain "Barack Obama" --source smollm2-135m --target gemma3-270m --layers 2,6,10
+	$(PY) -m patchscope.serve.demo "Barack Obama" --source smollm2-135m --target gemma3-270m --layers 2,6,10
+
+# The service, staying up on 127.0.0.1:9000 until Ctrl-C.
+serve: install
+	$(VENV)/bin/patchscope serve --config deploy/config/local.yaml
 
 lint: install
 	$(VENV)/bin/ruff check services tests bench clients/python
@@ -70,6 +75,11 @@ bench-engine: install
 bench-mapping: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(PY) bench/bench_mapping.py
+
+# The service against the in-process engine, ExtractHiddenStates over loopback, concurrent clients.
+bench-service: install
+	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
+	$(PY) bench/bench_service.py
 
 clean:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""`patchscope` command: models, prepare, explain, mappings, fit-mapping."""
+"""`patchscope` command: serve, models, prepare, explain, mappings, fit-mapping."""
 
 from __future__ import annotations
 
@@ -240,9 +240,52 @@ def default_corpus():
     return data / "wikitext-2" / "valid.txt"
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from patchscope.serve.app import AUTH_OFF_WARNING
+    from patchscope.serve.config import ServiceConfig
+    from patchscope.serve.local import read_config, start
+
+    config_path = args.config or DEFAULT_SERVE_CONFIG
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no Serve config at {config_path}: pass --config FILE (see deploy/config/)")
+    config = read_config(config_path)
+    settings = ServiceConfig.model_validate(config["applications"][0].get("args", {}))  # fail before Ray
+    if not settings.auth.required:
+        print(AUTH_OFF_WARNING, file=sys.stderr)
+    service = start(
+        config, grpc_port=args.port, http_port=args.http_port, num_cpus=args.num_cpus, progress=_progress
+    )
+    print(f"patchscope serving gRPC on {service.address} (plaintext; Ctrl-C stops)", flush=True)
+    print(
+        f"  sources: {', '.join(settings.sources)}; targets: {', '.join(settings.targets)}; "
+        f"health: http://127.0.0.1:{service.http_port}/-/healthz",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr)
+    finally:
+        service.stop()
+    return 0
+
+
+DEFAULT_SERVE_CONFIG = "deploy/config/local.yaml"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    srv = sub.add_parser("serve", help="start the gRPC service on a local Ray instance and stay up")
+    srv.add_argument("--config", default=None, help=f"Ray Serve config file (default {DEFAULT_SERVE_CONFIG})")
+    srv.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's, 9000)")
+    srv.add_argument("--http-port", type=int, default=None, help="HTTP port (health checks)")
+    srv.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
+    srv.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="list the model registry and which models are ready")
     models.add_argument("--json", action="store_true")
@@ -312,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PatchscopeError, argparse.ArgumentTypeError) as error:
+    except (PatchscopeError, argparse.ArgumentTypeError, FileNotFoundError) as error:
         print(f"patchscope: error: {error}", file=sys.stderr)
         return 2
     except ValueError as error:  # bad numbers in --layers / --position

@@ -1,0 +1,86 @@
+"""Streams under concurrency and cancellation; health and reflection on the real proxy."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from ray import serve
+
+from patchscope.serve.local import APP_NAME
+from tests.integration.test_service import collect, explain_request
+
+pytestmark = pytest.mark.ray
+
+
+def target_stats() -> dict:
+    return serve.get_deployment_handle("TargetModel", app_name=APP_NAME).stats.remote().result(timeout_s=30)
+
+
+def test_concurrent_explains_share_a_batch_and_get_their_own_answers(stub):
+    prompts = [
+        "The river runs past the old mill",
+        "Paris is the capital",
+        "milk and bread",
+        "a small red car",
+    ]
+    solo = {
+        p: collect(stub.Explain(explain_request(p, layers=[2], positions=[-1]), timeout=60)) for p in prompts
+    }
+    before = len(target_stats()["batch_sizes"])
+    results: dict[str, dict] = {}
+
+    def call(prompt: str) -> None:
+        results[prompt] = collect(
+            stub.Explain(explain_request(prompt, layers=[2], positions=[-1]), timeout=60)
+        )
+
+    threads = [threading.Thread(target=call, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sizes = target_stats()["batch_sizes"][before:]
+    assert max(sizes) > 1, f"concurrent requests never shared a batch: {sizes}"
+    for p in prompts:
+        assert results[p][0].finished.explanation == solo[p][0].finished.explanation
+
+
+def test_a_cancelled_stream_stops_generating_and_the_service_keeps_serving(stub):
+    before = target_stats()["rows_dropped"]
+    stream = stub.Explain(
+        explain_request(layers=[0, 1, 2, 3], positions=[1, 2, -1], max_new_tokens=64), timeout=60
+    )
+    for event in stream:
+        if event.WhichOneof("event") == "token":
+            break
+    stream.cancel()
+    deadline = time.monotonic() + 30
+    while target_stats()["rows_dropped"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert target_stats()["rows_dropped"] > before, "cancelling the stream did not drop its rows"
+    assert collect(stub.Explain(explain_request(layers=[1], positions=[-1]), timeout=60))
+
+
+def test_a_deadline_ends_the_stream_with_deadline_exceeded(stub):
+    request = explain_request(layers=[0, 1, 2, 3], positions=[1, 2, 3, -1], max_new_tokens=64)
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Explain(request, timeout=0.3))
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert collect(stub.Explain(explain_request(layers=[1], positions=[-1]), timeout=60))
+
+
+def test_healthz_and_reflection_answer_on_the_grpc_port(channel):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    health = serve_pb2_grpc.RayServeAPIServiceStub(channel).Healthz(serve_pb2.HealthzRequest(), timeout=30)
+    assert health.message == "success"
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    (answer,) = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    services = {s.name for s in answer.list_services_response.service}
+    assert "patchscope.v1.Patchscope" in services
