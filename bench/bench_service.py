@@ -1,0 +1,204 @@
+"""Service benchmark on the default pair (smollm2-135m -> gemma3-270m), on a real local Ray instance.
+
+(a) One `Explain` through the service (gRPC proxy, ingress, SourceModel, TargetModel) against `explain`
+    in this process for the same request; target: service / engine <= 1.15.
+(b) `ExtractHiddenStates` of every layer over loopback against extracting and encoding the same tensors in
+    this process.
+(c) 8 concurrent clients with cross-request batching on and off (two deployments, same config otherwise):
+    throughput in sites per second, and the ratio.
+Both sides use 2 torch threads. Median of --repeats runs, interleaved. Prints ratios, never asserts them.
+Cross-model mappings come from the default registry (`make run` fits them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_model
+from patchscope.engine.hooks import extract
+from patchscope.mapping.registry import MappingRegistry
+from patchscope.mapping.resolve import resolve_mappings
+from patchscope.serve.local import free_port, read_config, start
+from patchscope.wire import encode_tensor, pb, pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Barack Obama",
+    "a glass of milk",
+    "the city of Paris",
+    "an old wooden boat",
+    "the Amazon river",
+    "a red apple",
+    "Albert Einstein",
+    "the piano concerto",
+]
+LAYERS, TARGET_LAYERS = [2, 6, 10], [1, 4, 6]
+NEW_TOKENS = 10
+
+
+def config(batching: bool) -> dict:
+    cfg = copy.deepcopy(read_config(ROOT / "deploy" / "config" / "local.yaml"))
+    args = cfg["applications"][0]["args"]
+    args["torch_threads"] = 2
+    args["batching"] = {"enabled": batching, "wait_ms": 5, "max_rows": 256}
+    return cfg
+
+
+def explain_request(prompt: str) -> pb.ExplainRequest:
+    return pb.ExplainRequest(
+        source="smollm2-135m",
+        prompt=prompt,
+        layers=LAYERS,
+        target=pb.TargetSpec(model="gemma3-270m", generation=pb.GenerationOptions(max_new_tokens=NEW_TOKENS)),
+    )
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def run_concurrent(stub, clients: int, rounds: int) -> float:
+    """Sites per second with `clients` threads each sending `rounds` Explain calls back to back."""
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            for r in range(rounds):
+                list(stub.Explain(explain_request(PROMPTS[(k + r) % len(PROMPTS)]), timeout=600))
+        except BaseException as e:  # reported below, never hidden
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return clients * rounds * len(LAYERS) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"# service benchmark · commit {commit} · {platform.processor() or platform.machine()} · "
+        f"{os.cpu_count()} CPUs · 2 torch threads each side"
+    )
+
+    source, target = load_model("smollm2-135m"), load_model("gemma3-270m")
+    registry = MappingRegistry()
+    mapping = resolve_mappings(registry, source, target, list(zip(LAYERS, TARGET_LAYERS, strict=True)))
+    engine_request = ExplainRequest(
+        prompt=PROMPTS[0],
+        layers=LAYERS,
+        target_layers=TARGET_LAYERS,
+        generation=GenerationConfig(max_new_tokens=NEW_TOKENS),
+    )
+
+    results: dict[str, float] = {}
+    for batching in (True, False):
+        service = start(config(batching), grpc_port=free_port(), http_port=free_port(), timeout_s=600)
+        options = [("grpc.max_receive_message_length", 256 << 20)]
+        try:
+            with grpc.insecure_channel(service.address, options=options) as channel:
+                stub = pb_grpc.PatchscopeStub(channel)
+                list(stub.Explain(explain_request(PROMPTS[0]), timeout=600))  # warm
+                if batching:
+                    results |= one_request(stub, source, target, engine_request, mapping, args.repeats)
+                    results |= extraction(stub, source, args.repeats)
+                key = "batched" if batching else "unbatched"
+                results[f"{key}_sites_per_s"] = run_concurrent(stub, args.clients, args.rounds)
+                if batching:
+                    sizes = service_stats()["batch_sizes"][-args.clients * args.rounds :]
+                    results["mean_batch_rows"] = statistics.mean(sizes)
+        finally:
+            service.stop()
+    report(results, args, source.facts.num_layers)
+
+
+def one_request(stub, source, target, engine_request, mapping, repeats: int) -> dict[str, float]:
+    """(a) the same request through the service and in process, interleaved."""
+    explain(source, target, engine_request, mapping)
+    svc, eng = [], []
+    for _ in range(repeats):
+        svc.append(timed(lambda: list(stub.Explain(explain_request(PROMPTS[0]), timeout=600))))
+        eng.append(timed(lambda: explain(source, target, engine_request, mapping)))
+    return {"service_s": statistics.median(svc), "engine_s": statistics.median(eng)}
+
+
+def extraction(stub, source, repeats: int) -> dict[str, float]:
+    """(b) every layer of a 64-token prompt over loopback vs extracted and encoded in process."""
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 7)
+    layers, positions = list(range(source.facts.num_layers)), list(range(1, 64))
+    request = pb.ExtractHiddenStatesRequest(
+        model="smollm2-135m", prompt=prompt, layers=layers, positions=positions
+    )
+
+    def local() -> list[bytes]:
+        hidden = extract(source, prompt, layers, positions)
+        return [encode_tensor(hidden.states[i]) for i in range(len(layers))]
+
+    size = sum(len(b) for b in local())
+    rpc, here = [], []
+    for _ in range(repeats):
+        rpc.append(timed(lambda: list(stub.ExtractHiddenStates(request, timeout=600))))
+        here.append(timed(local))
+    return {
+        "extract_rpc_s": statistics.median(rpc),
+        "extract_local_s": statistics.median(here),
+        "mb": size / 1e6,
+    }
+
+
+def report(r: dict[str, float], args: argparse.Namespace, num_layers: int) -> None:
+    print(f"(a) one Explain, {len(LAYERS)} sites, {NEW_TOKENS} new tokens")
+    print(f"    service {r['service_s']:.3f} s   in-process engine {r['engine_s']:.3f} s")
+    print(f"    service / engine = {r['service_s'] / r['engine_s']:.3f}   (target <= 1.15)")
+    print(f"(b) ExtractHiddenStates, {num_layers} layers x 63 positions = {r['mb']:.1f} MB F32")
+    print(
+        f"    over loopback {r['extract_rpc_s']:.3f} s ({r['mb'] / r['extract_rpc_s']:.0f} MB/s)   "
+        f"in process {r['extract_local_s']:.3f} s ({r['mb'] / r['extract_local_s']:.0f} MB/s)   "
+        f"ratio {r['extract_rpc_s'] / r['extract_local_s']:.2f}"
+    )
+    print(f"(c) {args.clients} concurrent clients x {args.rounds} Explain calls of {len(LAYERS)} sites")
+    on, off = r["batched_sites_per_s"], r["unbatched_sites_per_s"]
+    print(
+        f"    batching on {on:.2f} sites/s (mean batch {r['mean_batch_rows']:.1f} rows)   "
+        f"off {off:.2f} sites/s"
+    )
+    print(f"    ratio on / off = {on / off:.2f}")
+
+
+def service_stats() -> dict:
+    from ray import serve
+
+    return (
+        serve.get_deployment_handle("TargetModel", app_name="patchscope").stats.remote().result(timeout_s=30)
+    )
+
+
+if __name__ == "__main__":
+    main()
