@@ -27,6 +27,7 @@ import torch
 
 from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_model
 from patchscope.engine.hooks import extract
+from patchscope.engine.template import tokenize_prompt
 from patchscope.mapping.registry import MappingRegistry
 from patchscope.mapping.resolve import resolve_mappings
 from patchscope.serve.local import free_port, read_config, start
@@ -152,7 +153,8 @@ def one_request(stub, source, target, engine_request, mapping, repeats: int) -> 
 def extraction(stub, source, repeats: int) -> dict[str, float]:
     """(b) every layer of a 64-token prompt over loopback vs extracted and encoded in process."""
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 7)
-    layers, positions = list(range(source.facts.num_layers)), list(range(1, 64))
+    num_tokens = len(tokenize_prompt(source.tokenizer, prompt))
+    layers, positions = list(range(source.facts.num_layers)), list(range(1, num_tokens))
     request = pb.ExtractHiddenStatesRequest(
         model="smollm2-135m", prompt=prompt, layers=layers, positions=positions
     )
@@ -170,6 +172,7 @@ def extraction(stub, source, repeats: int) -> dict[str, float]:
         "extract_rpc_s": statistics.median(rpc),
         "extract_local_s": statistics.median(here),
         "mb": size / 1e6,
+        "positions": len(positions),
     }
 
 
@@ -177,7 +180,10 @@ def report(r: dict[str, float], args: argparse.Namespace, num_layers: int) -> No
     print(f"(a) one Explain, {len(LAYERS)} sites, {NEW_TOKENS} new tokens")
     print(f"    service {r['service_s']:.3f} s   in-process engine {r['engine_s']:.3f} s")
     print(f"    service / engine = {r['service_s'] / r['engine_s']:.3f}   (target <= 1.15)")
-    print(f"(b) ExtractHiddenStates, {num_layers} layers x 63 positions = {r['mb']:.1f} MB F32")
+    print(
+        f"(b) ExtractHiddenStates, {num_layers} layers x {r['positions']:.0f} positions = "
+        f"{r['mb']:.1f} MB F32"
+    )
     print(
         f"    over loopback {r['extract_rpc_s']:.3f} s ({r['mb'] / r['extract_rpc_s']:.0f} MB/s)   "
         f"in process {r['extract_local_s']:.3f} s ({r['mb'] / r['extract_local_s']:.0f} MB/s)   "

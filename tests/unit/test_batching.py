@@ -141,3 +141,20 @@ def test_wrong_vector_width_is_refused_before_queuing(llama, batcher):
     with pytest.raises(ValueError, match=r"vectors\[0\]"):
         run(main())
     assert batcher.queued_rows == 0
+
+
+def test_requests_arriving_while_the_workers_are_busy_start_together(llama):
+    first, *later = requests(llama, 4, max_new_tokens=12)
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher({"tiny-llama": llama}, executor, wait_s=0.0, max_active=1)
+
+        async def main():
+            running = asyncio.ensure_future(consume(batcher, first))
+            await asyncio.sleep(0.01)  # the first batch is generating
+            results = await asyncio.gather(*(consume(batcher, r) for r in later))
+            return [await running, *results]
+
+        results = run(main())
+    assert batcher.batch_sizes == [2, 6]
+    for request, result in zip([first, *later], results, strict=True):
+        assert [result[k] for k in range(2)] == expected(llama, request)

@@ -6,6 +6,11 @@ when the first request of a key arrives and starts `wait_s` later (or when it ho
 of that key arriving meanwhile join it. Model work runs on one worker thread per replica, so the event
 loop keeps streaming tokens while steps run, and steps of different batches interleave.
 
+At most `max_active` batches run at once (their steps interleave on the worker thread); requests arriving
+while that many run wait, and when a batch ends, everything waiting with one key starts as one batch.
+Under load this is what merges requests: on the CPU a decoding step costs about the same for 1 or 30
+rows, so a waiting request loses little and the batch gains a row for free.
+
 A request whose caller goes away (client cancel, deadline) is marked dropped; the engine asks after every
 step and removes its rows from the batch, so no further step is spent on them. Sampled requests
 (temperature > 0) never share a batch, so that a seed reproduces an explanation.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -119,6 +125,7 @@ class Batcher:
         wait_s: float = 0.005,
         max_rows: int = 256,
         max_queued_rows: int = 4096,
+        max_active: int = 2,
         generate: Callable[..., Iterator[Step]] = _iter_patched_generate,
     ) -> None:
         self.models = models
@@ -127,6 +134,9 @@ class Batcher:
         self.wait_s = wait_s
         self.max_rows = max_rows
         self.max_queued_rows = max_queued_rows
+        self.max_active = max_active
+        self._active = 0
+        self._waiting: deque[_Key] = deque()  # keys whose batch is due but all workers are busy
         self._generate = generate
         self._pending: dict[_Key, list[_Ticket]] = {}
         self._nonce = itertools.count(1)
@@ -173,22 +183,34 @@ class Batcher:
             self.queued_rows -= rows
 
     def _start(self, key: _Key) -> None:
-        tickets = self._pending.pop(key, None)
-        if tickets:
-            asyncio.get_running_loop().create_task(self._run(key, tickets))
+        if key not in self._pending:
+            return
+        if self._active >= self.max_active:
+            if key not in self._waiting:
+                self._waiting.append(key)
+            return
+        tickets = self._pending.pop(key)
+        self._active += 1
+        asyncio.get_running_loop().create_task(self._run(key, tickets))
+
+    def _finished(self) -> None:
+        self._active -= 1
+        while self._waiting and self._active < self.max_active:
+            self._start(self._waiting.popleft())
 
     async def _run(self, key: _Key, tickets: list[_Ticket]) -> None:
         live = [t for t in tickets if not t.dropped]
-        if not live:
-            return
         try:
-            await self._generate_for(key, live)
+            if live:
+                await self._generate_for(key, live)
         except BaseException as error:  # delivered to every caller still waiting, never swallowed
             for ticket in live:
                 ticket.queue.put_nowait(error)
                 ticket.queue.put_nowait(_DONE)
             if not isinstance(error, Exception):
                 raise
+        finally:
+            self._finished()
 
     async def _generate_for(self, key: _Key, live: list[_Ticket]) -> None:
         model = self.models[key.model]

@@ -36,6 +36,8 @@ class Batching(BaseModel):
     # How long a new batch waits for more requests with the same key before it starts.
     wait_ms: float = Field(5.0, ge=0)
     max_rows: int = Field(256, ge=1)
+    # Batches generating at once; requests arriving while this many run wait and then start together.
+    max_active_batches: int = Field(2, ge=1)
 
 
 class Auth(BaseModel):

@@ -44,6 +44,7 @@ class TargetModel:
             wait_s=batching.wait_ms / 1000 if batching.enabled else 0.0,
             max_rows=batching.max_rows,
             max_queued_rows=self.config.limits.max_queued_rows,
+            max_active=batching.max_active_batches if batching.enabled else 1 << 30,
         )
         self.metrics = ServiceMetrics()
         logger.info("TargetModel ready: %s", ", ".join(self.cards))
