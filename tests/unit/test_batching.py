@@ -75,7 +75,7 @@ def test_concurrent_requests_share_one_batch_and_match_separate_generation(llama
         return await asyncio.gather(*(consume(batcher, r) for r in reqs))
 
     results = run(main())
-    assert batcher.batch_sizes == [8], "four requests of two rows each must form one batch"
+    assert list(batcher.batch_sizes) == [8], "four requests of two rows each must form one batch"
     for request, result in zip(reqs, results, strict=True):
         assert [result[k] for k in range(2)] == expected(llama, request)
     assert batcher.queued_rows == 0
@@ -90,7 +90,7 @@ def test_batching_off_runs_each_request_alone(llama):
             return await asyncio.gather(*(consume(batcher, r) for r in reqs))
 
         results = run(main())
-    assert batcher.batch_sizes == [2, 2, 2]
+    assert list(batcher.batch_sizes) == [2, 2, 2]
     assert [results[0][k] for k in range(2)] == expected(llama, reqs[0])
 
 
@@ -112,7 +112,7 @@ def test_sampled_requests_never_share_a_batch(llama, batcher):
         return await asyncio.gather(*(consume(batcher, r) for r in reqs))
 
     run(main())
-    assert batcher.batch_sizes == [2, 2]
+    assert list(batcher.batch_sizes) == [2, 2]
 
 
 def test_a_full_queue_is_refused_with_retry_advice(llama):
@@ -155,6 +155,6 @@ def test_requests_arriving_while_the_workers_are_busy_start_together(llama):
             return [await running, *results]
 
         results = run(main())
-    assert batcher.batch_sizes == [2, 6]
+    assert list(batcher.batch_sizes) == [2, 6]
     for request, result in zip([first, *later], results, strict=True):
         assert [result[k] for k in range(2)] == expected(llama, request)

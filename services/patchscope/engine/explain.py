@@ -207,7 +207,7 @@ def explain(
 
     if not preset.generates:
         return Explanation(
-            [result(s, *_logit_lens(target, v, request.top_k)) for s, v in zip(sites, vectors, strict=True)],
+            [result(s, *logit_lens(target, v, request.top_k)) for s, v in zip(sites, vectors, strict=True)],
             timings,
         )
 
@@ -225,7 +225,7 @@ def explain(
 
 
 @torch.inference_mode()
-def _logit_lens(target: LoadedModel, vector: torch.Tensor, top_k: int) -> tuple[str, list[tuple[str, float]]]:
+def logit_lens(target: LoadedModel, vector: torch.Tensor, top_k: int) -> tuple[str, list[tuple[str, float]]]:
     """Top-1 token (the explanation) and the top-k (token, probability) pairs of the state itself."""
     hidden = vector.to(target.device, target.dtype)[None, :]  # [1, d]
     probs = torch.softmax(target.layout.logits(hidden).float(), dim=-1)[0]  # [V]

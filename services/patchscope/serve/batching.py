@@ -126,6 +126,7 @@ class Batcher:
         max_rows: int = 256,
         max_queued_rows: int = 4096,
         max_active: int = 2,
+        on_batch: Callable[[int], None] = lambda _rows: None,
         generate: Callable[..., Iterator[Step]] = _iter_patched_generate,
     ) -> None:
         self.models = models
@@ -142,7 +143,8 @@ class Batcher:
         self._nonce = itertools.count(1)
         self.queued_rows = 0  # rows submitted and not yet finished
         self.rows_dropped = 0
-        self.batch_sizes: list[int] = []  # rows per started batch, for metrics and tests
+        self.on_batch = on_batch  # told the rows of every batch that starts (metrics)
+        self.batch_sizes: deque[int] = deque(maxlen=4096)  # the latest batches' rows, for tests and benches
         self.steps_run = 0
 
     def _key(self, request: GenerateRequest) -> _Key:
@@ -224,6 +226,7 @@ class Batcher:
             for t, k in owners
         ]
         self.batch_sizes.append(len(rows))
+        self.on_batch(len(rows))
         decoders = [_Decoder(model.tokenizer) for _ in rows]
         open_rows = {t: len(t.request.vectors) for t in live}
         timings = Timings()

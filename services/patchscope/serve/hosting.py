@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from patchscope.engine.errors import ModelNotFound
 from patchscope.engine.hooks import capture
 from patchscope.engine.models import LoadedModel, ModelRegistry, load_model
 from patchscope.engine.template import tokenize_prompt
@@ -109,3 +110,28 @@ def warm_up(model: LoadedModel) -> ModelCard:
         max_positions=facts.max_positions,
         layer_norms=norms,
     )
+
+
+@dataclass
+class Hosted:
+    """What a model deployment holds: its config, its loaded and warmed-up models, and their cards."""
+
+    config: ServiceConfig
+    models: dict[str, LoadedModel]
+    cards: dict[str, ModelCard]
+
+    @classmethod
+    def start(cls, config: dict, role: str) -> Hosted:
+        """Validate the config, load the models of `role` ("sources" or "targets") and warm them up."""
+        settings = ServiceConfig.model_validate(config)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        models = load_hosted(getattr(settings, role), settings)
+        cards = {model_id: warm_up(model) for model_id, model in models.items()}
+        logger.info("%s ready: %s", role, ", ".join(cards))
+        return cls(settings, models, cards)
+
+    def model(self, model_id: str) -> LoadedModel:
+        if model_id not in self.models:
+            raise ModelNotFound(model_id, list(self.models))
+        return self.models[model_id]

@@ -91,6 +91,16 @@ def rpc(method: Callable) -> Callable:
     return unary
 
 
+@dataclass(frozen=True)
+class _Verbalise:
+    """How the target verbalises states: the validated preset, template and decoding options."""
+
+    preset: Preset
+    template: str
+    generation: GenerationConfig
+    top_k: int
+
+
 @dataclass
 class _Job:
     """A validated explain request, ready for the target: what every event of its sites needs."""
@@ -99,10 +109,7 @@ class _Job:
     started: float
     source: ModelCard
     target: ModelCard
-    preset: Preset
-    template: str
-    generation: GenerationConfig
-    top_k: int
+    how: _Verbalise
     sites: list[Site]
     source_tokens: list[str]
     vectors: list[torch.Tensor]
@@ -139,7 +146,7 @@ class Explainer:
             self._targets = {c.id: c for c in targets}
         return self._sources, self._targets
 
-    async def _source(self, field: str, model_id: str) -> ModelCard:
+    async def _source(self, model_id: str) -> ModelCard:
         sources, _ = await self._cards()
         if model_id not in sources:
             raise ModelNotFound(model_id or "(empty)", list(sources)) from None
@@ -194,7 +201,7 @@ class Explainer:
     async def ExtractHiddenStates(
         self, request: pb.ExtractHiddenStatesRequest, grpc_context
     ) -> AsyncIterator[pb.ExtractHiddenStatesResponse]:
-        card = await self._source("model", request.model)
+        card = await self._source(request.model)
         self._check_prompt(request.prompt)
         layers = check_layers("layers", list(request.layers), card.facts)
         positions = list(request.positions) or [-1]
@@ -233,7 +240,7 @@ class Explainer:
                 value=num_tokens,
             )
 
-    def _target_spec(self, spec: pb.TargetSpec) -> tuple[Preset, str, GenerationConfig, int]:
+    def _verbalise(self, spec: pb.TargetSpec) -> _Verbalise:
         preset = get_preset(spec.preset or "identity")
         template = resolve_template(preset, spec.template or None)
         generation = generation_from_proto(spec.generation)
@@ -245,7 +252,7 @@ class Explainer:
                 limit=f"<= {self.limits.max_new_tokens}",
                 value=generation.max_new_tokens,
             )
-        return preset, template, generation, spec.top_k or 5
+        return _Verbalise(preset, template, generation, spec.top_k or 5)
 
     def _target_layers(self, spec: pb.TargetSpec, source: ModelCard, target: ModelCard, layers: list[int]):
         if spec.layers:
@@ -263,23 +270,24 @@ class Explainer:
 
     async def Explain(self, request: pb.ExplainRequest, grpc_context) -> AsyncIterator[pb.ExplainEvent]:
         started = time.time()
-        source = await self._source("source", request.source)
+        source = await self._source(request.source)
         target = await self._target(request.target.model)
         self._check_prompt(request.prompt)
-        preset, template, generation, top_k = self._target_spec(request.target)
+        how = self._verbalise(request.target)
         layers = list(request.layers)
         positions = list(request.positions) or [-1]
+        target_layers = self._target_layers(
+            request.target, source, target, check_layers("layers", layers, source.facts)
+        )
         explain_request = ExplainRequest(
             prompt=request.prompt,
             layers=layers,
             positions=positions,
-            target_layers=self._target_layers(
-                request.target, source, target, check_layers("layers", layers, source.facts)
-            ),
-            preset=preset.name,
-            template=template,
-            generation=generation,
-            top_k=top_k,
+            target_layers=target_layers,
+            preset=how.preset.name,
+            template=how.template,
+            generation=how.generation,
+            top_k=how.top_k,
         )
         pairs = check_request(source.facts, target.facts, explain_request, max_sites=self.limits.max_sites)
         mapping = self._mappings(source, target, request.target, pairs)
@@ -287,30 +295,43 @@ class Explainer:
         source_layers = sorted({layer for layer, _ in pairs})
         hidden = await self.source.extract.remote(source.id, request.prompt, source_layers, positions)
         self._check_tokens(len(hidden.token_ids))
-        source_s = time.time() - started
         sites = [Site(p, s, t) for s, t in pairs for p in hidden.positions]
         states = [
             hidden.states[hidden.layers.index(s.source_layer), hidden.positions.index(s.position)]
             for s in sites
         ]
-        job = _Job(
+        tokens = [hidden.tokens[s.position] for s in sites]
+        job = self._job(grpc_context, started, source, target, how, sites, states, tokens, mapping)
+        async for event in self._run(job):
+            yield event
+
+    def _job(
+        self,
+        grpc_context: RayServegRPCContext,
+        started: float,
+        source: ModelCard,
+        target: ModelCard,
+        how: _Verbalise,
+        sites: list[Site],
+        states: list[torch.Tensor],
+        tokens: list[str],
+        mapping: MappingSet | None,
+        provenance_mismatch: bool = False,
+        source_s: float | None = None,
+    ) -> _Job:
+        return _Job(
             request_id=_request_id(grpc_context),
             started=started,
             source=source,
             target=target,
-            preset=preset,
-            template=template,
-            generation=generation,
-            top_k=top_k,
+            how=how,
             sites=sites,
-            source_tokens=[hidden.tokens[s.position] for s in sites],
+            source_tokens=tokens,
             vectors=map_states(states, sites, mapping, target.hidden_size),
             mapping=mapping,
-            provenance_mismatch=False,
-            source_s=source_s,
+            provenance_mismatch=provenance_mismatch,
+            source_s=time.time() - started if source_s is None else source_s,
         )
-        async for event in self._run(job):
-            yield event
 
     # ---- ExplainActivations ----------------------------------------------------------------------
 
@@ -318,7 +339,7 @@ class Explainer:
         self, request: pb.ExplainActivationsRequest, grpc_context
     ) -> AsyncIterator[pb.ExplainEvent]:
         started = time.time()
-        source = await self._source("source", request.source)
+        source = await self._source(request.source)
         target = await self._target(request.target.model)
         states = decode_tensor("safetensors", request.safetensors, max_bytes=self.limits.max_activation_bytes)
         if states.ndim != 2 or states.shape[1] != source.hidden_size:
@@ -338,29 +359,16 @@ class Explainer:
         layers = check_layers("provenance.layers", layers, source.facts)
         positions = _per_row("provenance.positions", list(provenance.positions), n, default=-1)
         tokens = _per_row("provenance.tokens", list(provenance.tokens), n, default="")
-        preset, template, generation, top_k = self._target_spec(request.target)
+        how = self._verbalise(request.target)
         target_layers = self._target_layers(request.target, source, target, layers) or layers
         target_layers = _per_row("target.layers", target_layers, n, required=True)
         target_layers = check_layers("target.layers", target_layers, target.facts)
         sites = [Site(p, s, t) for p, s, t in zip(positions, layers, target_layers, strict=True)]
-        mapping = self._mappings(
-            source, target, request.target, [(s.source_layer, s.target_layer) for s in sites]
-        )
-        job = _Job(
-            request_id=_request_id(grpc_context),
-            started=started,
-            source=source,
-            target=target,
-            preset=preset,
-            template=template,
-            generation=generation,
-            top_k=top_k,
-            sites=sites,
-            source_tokens=tokens,
-            vectors=map_states(list(states), sites, mapping, target.hidden_size),
-            mapping=mapping,
-            provenance_mismatch=provenance.fingerprint != source.fingerprint,
-            source_s=0.0,
+        pairs = [(s.source_layer, s.target_layer) for s in sites]
+        mapping = self._mappings(source, target, request.target, pairs)
+        mismatch = provenance.fingerprint != source.fingerprint
+        job = self._job(
+            grpc_context, started, source, target, how, sites, list(states), tokens, mapping, mismatch, 0.0
         )
         async for event in self._run(job):
             yield event
@@ -389,7 +397,7 @@ class Explainer:
         mapping_id = job.mapping.describe(site.source_layer, site.target_layer)[0] if job.mapping else ""
         finished = pb.SiteFinished(
             explanation=explanation,
-            answer=job.preset.answer(explanation),
+            answer=job.how.preset.answer(explanation),
             top_k=[pb.TokenProb(token=t, prob=p) for t, p in top_k or []],
             timings=pb.Timings(
                 source_s=job.source_s,
@@ -406,9 +414,9 @@ class Explainer:
                 target_fingerprint=job.target.fingerprint,
                 mapping_id=mapping_id,
                 dtype=job.target.dtype,
-                generation=generation_to_proto(job.generation),
-                preset=job.preset.name,
-                template=job.template,
+                generation=generation_to_proto(job.how.generation),
+                preset=job.how.preset.name,
+                template=job.how.template,
                 server_version=__version__,
                 api_version=API_VERSION,
                 provenance_mismatch=job.provenance_mismatch,
@@ -432,8 +440,8 @@ class Explainer:
             self.metrics.mapping(mapping_id)
             yield self._event(job, index, started=started)
 
-        if not job.preset.generates:
-            lens = await self.target.logit_lens.remote(job.target.id, job.vectors, job.top_k)
+        if not job.how.preset.generates:
+            lens = await self.target.logit_lens.remote(job.target.id, job.vectors, job.how.top_k)
             for index, (explanation, pairs) in enumerate(lens):
                 yield self._finished(job, index, explanation, {}, top_k=pairs)
             self.metrics.sites(job.target.id, len(job.sites))
@@ -441,11 +449,11 @@ class Explainer:
 
         generate = GenerateRequest(
             model=job.target.id,
-            template=job.template,
-            filler=job.preset.filler,
+            template=job.how.template,
+            filler=job.how.preset.filler,
             layers=[s.target_layer for s in job.sites],
             vectors=job.vectors,
-            config=job.generation,
+            config=job.how.generation,
         )
         first = True
         async for events in self.stream_target.generate.remote(generate):

@@ -8,6 +8,7 @@ then deploy its applications), so what they test is what a config file deploys.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -46,6 +47,7 @@ class LocalService:
     temp_dir: str
 
     def stop(self) -> None:
+        """Shut Serve and Ray down; remove Ray's temp dir unless PATCHSCOPE_KEEP_RAY_TMP=1 (its logs)."""
         import ray
         from ray import serve
 
@@ -53,6 +55,8 @@ class LocalService:
             serve.shutdown()
         finally:
             ray.shutdown()
+            if os.environ.get("PATCHSCOPE_KEEP_RAY_TMP") != "1":
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start(
