@@ -11,7 +11,7 @@ export PATCHSCOPE_DATA := $(abspath $(DATA))
 PROTO     := proto/patchscope/v1/patchscope.proto
 PROTO_GEN := clients/python/patchscope_client/_proto/patchscope_pb2.py
 
-.PHONY: install proto proto-check models run serve test lint bench-engine bench-mapping bench-service \
+.PHONY: install proto proto-check browser-deps models run serve test lint bench-engine bench-mapping bench-service \
 	data-check clean
 
 # Torch first and exactly pinned: anything else pulls a multi-GB CUDA build. The client distribution
@@ -64,7 +64,11 @@ lint: install
 	$(VENV)/bin/ruff check services tests bench clients/python
 	$(VENV)/bin/ruff format --check services tests bench clients/python
 
-test: install data-check lint proto-check
+# Headless Chromium for the browser-marked tests (Debian's package; root, as on CI).
+browser-deps:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+test: install data-check lint proto-check browser-deps
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(PY) -m pytest -m "not gpu" --timeout 600 tests
 

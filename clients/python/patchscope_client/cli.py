@@ -1,0 +1,325 @@
+"""`patchscope-client`: call a patchscope service from the shell.
+
+    patchscope-client --address 127.0.0.1:9000 explain "Barack Obama" --source smollm2-135m
+        --target gemma3-270m --layers 0-12 [--json] [--html sweep.html] [--png sweep.png]
+
+A live display follows the stream (sites started, tokens so far); then a table of layer → answer and
+explanation with the mapping's R². `--json` prints the objects of `patchscope explain --json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from patchscope_client import tensors
+from patchscope_client.client import PatchscopeClient
+from patchscope_client.errors import PatchscopeError
+from patchscope_client.types import Finished, ResultTable, Token, collect
+
+
+def int_list(spec: str) -> list[int]:
+    """`0-12`, `1,3,5`, `-1` or `2-4,8`."""
+    values: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        head, sep, tail = part[1:].partition("-")  # a leading '-' is a sign
+        if sep:
+            values.extend(range(int(part[0] + head), int(tail) + 1))
+        else:
+            values.append(int(part))
+    return values
+
+
+def _client(args: argparse.Namespace) -> PatchscopeClient:
+    tls: bool | bytes | None = None
+    if args.tls_ca:
+        tls = Path(args.tls_ca).read_bytes()
+    elif args.tls:
+        tls = True
+    return PatchscopeClient(args.address, token=args.token, tls=tls, timeout=args.timeout)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {
+        "preset": args.preset,
+        "template": args.template,
+        "target_layers": int_list(args.target_layers) if args.target_layers else None,
+        "mapping": args.mapping,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "top_k": args.top_k,
+    }
+
+
+def _live_table(rows: dict[int, dict]) -> Table:
+    table = Table(title="streaming", expand=False)
+    for column in ("src", "tgt", "pos", "token", "so far", ""):
+        table.add_column(column)
+    for index in sorted(rows):
+        r = rows[index]
+        table.add_row(
+            str(r["src"]), str(r["tgt"]), str(r["pos"]), repr(r["token"]), repr(r["text"]), r["state"]
+        )
+    return table
+
+
+def follow(events, console: Console, quiet: bool) -> ResultTable:
+    """Show the stream live (unless quiet or not a terminal) and return the collected table."""
+    if quiet:
+        return collect(events)
+    seen = []
+    rows: dict[int, dict] = {}
+    with Live(_live_table(rows), console=console, transient=True) as live:
+        for event in events:
+            seen.append(event)
+            s = event.site
+            row = rows.setdefault(
+                s.index,
+                {
+                    "src": s.source_layer,
+                    "tgt": s.target_layer,
+                    "pos": s.position,
+                    "token": s.source_token,
+                    "text": "",
+                    "state": "started",
+                },
+            )
+            if isinstance(event, Token):
+                row["text"] += event.text
+            elif isinstance(event, Finished):
+                row["text"], row["state"] = event.explanation, "done"
+            live.update(_live_table(rows))
+    return collect(seen)
+
+
+def print_table(table: ResultTable, console: Console) -> None:
+    out = Table()
+    for column in ("src", "tgt", "pos", "source token", "answer", "R²", "explanation"):
+        out.add_column(column, justify="right" if column in ("src", "tgt", "pos", "R²") else "left")
+    for r in table.rows:
+        r2 = f"{r.mapping_r2:.2f}" if r.mapping_r2 is not None else "-"
+        out.add_row(
+            str(r.site.source_layer),
+            str(r.site.target_layer),
+            str(r.site.position),
+            repr(r.site.source_token),
+            repr(r.answer),
+            r2,
+            repr(r.explanation),
+        )
+    console.print(out)
+
+
+def write_pictures(table: ResultTable, args: argparse.Namespace, title: str) -> None:
+    from patchscope_client import render
+
+    if args.html:
+        Path(args.html).write_text(render.to_html(table, title), encoding="utf-8")
+    if args.png:
+        render.to_png(table, title, args.png)
+
+
+def cmd_explain(args: argparse.Namespace, console: Console) -> int:
+    with _client(args) as client:
+        events = client.explain(
+            args.source,
+            args.prompt,
+            int_list(args.layers),
+            target=args.target,
+            positions=int_list(args.positions),
+            **_options(args),
+        )
+        table = follow(events, console, quiet=args.json or not console.is_terminal)
+    title = f"{args.source} → {args.target}: {args.prompt!r} ({args.preset})"
+    write_pictures(table, args, title)
+    if args.json:
+        print(json.dumps(table.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print_table(table, console)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, console: Console) -> int:
+    with _client(args) as client:
+        models = client.models()
+    if args.json:
+        print(json.dumps([m.__dict__ for m in models], indent=2))
+        return 0
+    table = Table()
+    for column in ("id", "role", "layers", "hidden", "vocab", "parameters", "dtype", "ready"):
+        table.add_column(column)
+    for m in models:
+        role = "+".join(r for r, on in (("source", m.source), ("target", m.target)) if on)
+        table.add_row(
+            m.id,
+            role,
+            str(m.num_layers),
+            str(m.hidden_size),
+            str(m.vocab_size),
+            f"{m.num_parameters / 1e6:.0f}M",
+            m.dtype,
+            "yes" if m.ready else "no",
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_mappings(args: argparse.Namespace, console: Console) -> int:
+    with _client(args) as client:
+        mappings = client.mappings(args.source or "", args.target or "")
+    if args.json:
+        print(json.dumps([m.__dict__ for m in mappings], indent=2))
+        return 0
+    table = Table()
+    for column in ("id", "pair", "method", "R²", "R² per dim", "cosine", "pairs"):
+        table.add_column(column)
+    for m in mappings:
+        table.add_row(
+            m.id,
+            f"{m.source_layer}→{m.target_layer}",
+            m.method,
+            f"{m.r2:.3f}",
+            f"{m.r2_mean_dim:.3f}",
+            f"{m.cosine:.3f}",
+            str(m.num_pairs),
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace, console: Console) -> int:
+    import numpy as np
+
+    with _client(args) as client:
+        result = client.extract(
+            args.model, args.prompt, int_list(args.layers), int_list(args.positions), dtype=args.dtype
+        )
+    states = np.concatenate([layer.states for layer in result.layers])  # layer-major rows
+    meta = {
+        "model": result.model,
+        "fingerprint": result.fingerprint,
+        "layers": json.dumps([layer.layer for layer in result.layers for _ in layer.positions]),
+        "positions": json.dumps([p for layer in result.layers for p in layer.positions]),
+        "tokens": json.dumps([result.tokens[p] for layer in result.layers for p in layer.positions]),
+    }
+    Path(args.out).write_bytes(tensors.encode(states, metadata=meta))
+    console.print(f"wrote {states.shape[0]} states × {states.shape[1]} to {args.out} ({result.model})")
+    return 0
+
+
+def cmd_explain_activations(args: argparse.Namespace, console: Console) -> int:
+    data = Path(args.file).read_bytes()
+    meta = tensors.metadata(data)
+    states = tensors.decode(data)
+    layers = int_list(args.layers) if args.layers else json.loads(meta.get("layers", "[]"))
+    if not layers:
+        raise PatchscopeError(f"{args.file} names no layers in its metadata: pass --layers")
+    with _client(args) as client:
+        events = client.explain_activations(
+            states,
+            source=args.source,
+            layers=layers,
+            target=args.target,
+            positions=json.loads(meta.get("positions", "[]")),
+            tokens=json.loads(meta.get("tokens", "[]")),
+            model=meta.get("model", ""),
+            fingerprint=meta.get("fingerprint", ""),
+            **_options(args),
+        )
+        table = follow(events, console, quiet=args.json or not console.is_terminal)
+    write_pictures(table, args, f"{args.file} via {args.source} → {args.target}")
+    if args.json:
+        print(json.dumps(table.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print_table(table, console)
+    return 0
+
+
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="target model id (same as --source for same-model)")
+    p.add_argument("--preset", default="identity", help="identity | description | attribute | logit-lens")
+    p.add_argument("--template", default=None, help="custom target prompt; {} marks the placeholder")
+    p.add_argument("--target-layers", default=None, help="one layer, or one per source layer")
+    p.add_argument("--mapping", default="auto", help="'auto' or a mapping id")
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print one JSON object per site")
+    p.add_argument("--html", default=None, help="write the sweep as a self-contained HTML grid")
+    p.add_argument("--png", default=None, help="write the sweep as a PNG grid (needs [png])")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchscope-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--address", default=os.environ.get("PATCHSCOPE_ADDRESS", "127.0.0.1:9000"))
+    parser.add_argument(
+        "--token", default=os.environ.get("PATCHSCOPE_TOKEN"), help="bearer token (or $PATCHSCOPE_TOKEN)"
+    )
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    parser.add_argument("--tls-ca", default=None, help="TLS with this PEM root certificate")
+    parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each call in seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("explain", help="explain a prompt's states at layers × positions")
+    ex.add_argument("prompt")
+    ex.add_argument("--source", required=True)
+    ex.add_argument("--layers", required=True, help="0-12, 1,3,5")
+    ex.add_argument("--positions", default="-1", help="source positions, BOS counted (default -1)")
+    _generation_flags(ex)
+    ex.set_defaults(func=cmd_explain)
+
+    models = sub.add_parser("models", help="hosted models")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=cmd_models)
+
+    maps = sub.add_parser("mappings", help="registered mappings with held-out metrics")
+    maps.add_argument("--source", default=None)
+    maps.add_argument("--target", default=None)
+    maps.add_argument("--json", action="store_true")
+    maps.set_defaults(func=cmd_mappings)
+
+    ext = sub.add_parser("extract", help="save a prompt's states as one safetensors file")
+    ext.add_argument("prompt")
+    ext.add_argument("--model", required=True)
+    ext.add_argument("--layers", required=True)
+    ext.add_argument("--positions", default="-1")
+    ext.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ext.add_argument("--out", required=True)
+    ext.set_defaults(func=cmd_extract)
+
+    act = sub.add_parser("explain-activations", help="explain states from a safetensors file (see extract)")
+    act.add_argument("file")
+    act.add_argument("--source", required=True, help="hosted model with the states' architecture")
+    act.add_argument("--layers", default=None, help="each row's layer (default: the file's metadata)")
+    _generation_flags(act)
+    act.set_defaults(func=cmd_explain_activations)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        return args.func(args, console)
+    except (PatchscopeError, ValueError, OSError) as error:
+        print(f"patchscope-client: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Typed records of the API, so callers never touch protobuf messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A hosted model, as `ListModels` reports it."""
+
+    id: str
+    source: bool
+    target: bool
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_parameters: int
+    fingerprint: str
+    tokenizer_fingerprint: str
+    dtype: str
+    ready: bool
+
+
+@dataclass(frozen=True)
+class MappingInfo:
+    """A registered mapping and its held-out metrics."""
+
+    id: str
+    source: str
+    target: str
+    source_layer: int
+    target_layer: int
+    method: str
+    r2: float
+    r2_mean_dim: float
+    cosine: float
+    mse: float
+    num_pairs: int
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a state came from and where it went: `index` is the site's place in the request."""
+
+    index: int
+    position: int
+    source_layer: int
+    target_layer: int
+    source_token: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """A site's first event: the mapping used and the patched vector's norm against the layer's."""
+
+    site: Site
+    mapping_id: str
+    mapping_r2: float | None
+    mapped_norm: float
+    target_layer_norm: float
+    provenance_mismatch: bool
+    emitted_at: float
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token of a site; `text` is what it adds to the explanation."""
+
+    site: Site
+    step: int
+    token_id: int
+    text: str
+    emitted_at: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A site's last event: the whole explanation, its answer, timings and what reproduces it."""
+
+    site: Site
+    explanation: str
+    answer: str
+    top_k: list[tuple[str, float]]
+    timings: dict[str, float]
+    reproduction: dict[str, object]
+    emitted_at: float
+
+
+Event = Started | Token | Finished
+
+
+@dataclass
+class SiteResult:
+    """One row of a collected sweep; `to_json` has the keys of `patchscope explain --json`."""
+
+    site: Site
+    explanation: str = ""
+    answer: str = ""
+    mapping_id: str | None = None
+    mapping_r2: float | None = None
+    top_k: list[tuple[str, float]] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        record: dict[str, object] = {
+            "source_layer": self.site.source_layer,
+            "target_layer": self.site.target_layer,
+            "position": self.site.position,
+            "source_token": self.site.source_token,
+            "explanation": self.explanation,
+            "answer": self.answer,
+            "mapping_id": self.mapping_id,
+            "mapping_r2": self.mapping_r2,
+        }
+        if self.top_k:
+            record["top_k"] = [{"token": t, "prob": p} for t, p in self.top_k]
+        return record
+
+
+@dataclass
+class ResultTable:
+    """A sweep's results in site order."""
+
+    rows: list[SiteResult] = field(default_factory=list)
+
+    def to_json(self) -> list[dict[str, object]]:
+        return [row.to_json() for row in self.rows]
+
+
+def collect(events) -> ResultTable:
+    """Fold a stream of events into one row per site (in request order)."""
+    rows: dict[int, SiteResult] = {}
+    for event in events:
+        row = rows.setdefault(event.site.index, SiteResult(event.site))
+        if isinstance(event, Started):
+            row.mapping_id, row.mapping_r2 = event.mapping_id or None, event.mapping_r2
+        elif isinstance(event, Finished):
+            row.explanation, row.answer, row.top_k = event.explanation, event.answer, event.top_k or None
+    return ResultTable([rows[i] for i in sorted(rows)])
+
+
+@dataclass(frozen=True)
+class LayerStates:
+    """One layer's states from `extract`: `states[j]` is the state at `positions[j]`."""
+
+    layer: int
+    positions: list[int]
+    states: np.ndarray  # [positions, hidden] float32 (or a torch tensor when asked for)
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The states `extract` returned, one entry per layer, with the prompt's tokens."""
+
+    model: str
+    fingerprint: str
+    token_ids: list[int]
+    tokens: list[str]
+    layers: list[LayerStates]
