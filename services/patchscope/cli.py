@@ -240,7 +240,12 @@ def default_corpus():
     return data / "wikitext-2" / "valid.txt"
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from patchscope.serve.app import AUTH_OFF_WARNING
@@ -263,6 +268,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"health: http://127.0.0.1:{service.http_port}/-/healthz",
         flush=True,
     )
+    # Ctrl-C, and SIGTERM from a container runtime, both shut down cleanly (even where SIGINT was ignored).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
