@@ -61,8 +61,8 @@ serve: install
 	$(VENV)/bin/patchscope serve --config deploy/config/local.yaml
 
 lint: install
-	$(VENV)/bin/ruff check services tests bench clients/python
-	$(VENV)/bin/ruff format --check services tests bench clients/python
+	$(VENV)/bin/ruff check services tests bench clients/python deploy
+	$(VENV)/bin/ruff format --check services tests bench clients/python deploy
 
 # Headless Chromium for the browser-marked tests (Debian's package; root, as on CI).
 browser-deps:
