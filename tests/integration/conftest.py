@@ -54,7 +54,7 @@ def tiny_service(tiny_dirs, mapping_registry) -> LocalService:
         "registry": str(mapping_registry.root),
         # A wide batching window so that concurrent test clients land in one batch.
         "batching": {"enabled": True, "wait_ms": 300, "max_rows": 256},
-        "limits": {"max_sites": 64, "max_new_tokens": 64, "max_activation_bytes": 1 << 20},
+        "limits": {"max_sites": 64, "max_new_tokens": 500, "max_activation_bytes": 1 << 20},
     }
     service = start(
         service_config(args), grpc_port=free_port(), http_port=free_port(), num_cpus=2, timeout_s=300

@@ -92,7 +92,7 @@ CASES = {
     "unknown preset": ("Explain", explain_request(spec={"preset": "poetry"}), INVALID, "preset"),
     "too many new tokens": (
         "Explain",
-        explain_request(max_new_tokens=65),
+        explain_request(max_new_tokens=501),
         INVALID,
         "max_new_tokens: too many new tokens",
     ),

@@ -165,7 +165,7 @@ def test_a_deadline_after_the_first_event_ends_with_deadline_exceeded(client):
 def test_leaving_the_loop_cancels_the_call_on_the_server(client):
     before = target_stats()["rows_dropped"]
     for event in client.explain(
-        "tiny-llama", PROMPT, [0, 1, 2, 3], target="tiny-llama", positions=[1, -1], max_new_tokens=64
+        "tiny-llama", PROMPT, [0, 1, 2, 3], target="tiny-llama", positions=[1, -1], max_new_tokens=500
     ):
         if event.__class__.__name__ == "Token":
             break

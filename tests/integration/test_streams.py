@@ -51,7 +51,7 @@ def test_concurrent_explains_share_a_batch_and_get_their_own_answers(stub):
 def test_a_cancelled_stream_stops_generating_and_the_service_keeps_serving(stub):
     before = target_stats()["rows_dropped"]
     stream = stub.Explain(
-        explain_request(layers=[0, 1, 2, 3], positions=[1, 2, -1], max_new_tokens=64), timeout=60
+        explain_request(layers=[0, 1, 2, 3], positions=[1, 2, -1], max_new_tokens=500), timeout=60
     )
     for event in stream:
         if event.WhichOneof("event") == "token":
