@@ -250,7 +250,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from patchscope.serve.app import AUTH_OFF_WARNING
     from patchscope.serve.config import ServiceConfig
-    from patchscope.serve.local import read_config, start
+    from patchscope.serve.local import proxy_message_limit, read_config, start
 
     config_path = args.config or DEFAULT_SERVE_CONFIG
     if not os.path.exists(config_path):
@@ -262,7 +262,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = start(
         config, grpc_port=args.port, http_port=args.http_port, num_cpus=args.num_cpus, progress=_progress
     )
-    print(f"patchscope serving gRPC on {service.address} (plaintext; Ctrl-C stops)", flush=True)
+    print(f"patchscope serving gRPC on {service.address} (Ctrl-C stops)", flush=True)
+    print(
+        "  note: Serve's gRPC proxy listens on all interfaces in plaintext and buffers each whole message "
+        f"(at most {proxy_message_limit(config)} bytes) before the ingress checks it; put a TLS front before "
+        "it on anything but a trusted network",
+        flush=True,
+    )
     print(
         f"  sources: {', '.join(settings.sources)}; targets: {', '.join(settings.targets)}; "
         f"health: http://127.0.0.1:{service.http_port}/-/healthz",

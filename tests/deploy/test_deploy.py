@@ -127,6 +127,11 @@ def test_the_head_exposes_grpc_as_serve_grpc_and_replicas_mount_models_read_only
     ]:
         (models,) = [v for v in pod["volumes"] if v["name"] == "models"]
         assert models["persistentVolumeClaim"]["readOnly"] is True
+    pods = [cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]]
+    for pod in pods:  # the proxy buffers whole messages: payload limit + 1 MiB on every Ray process
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        limits = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["limits"]
+        assert int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) == limits["max_activation_bytes"] + (1 << 20)
     (worker,) = cluster["workerGroupSpecs"]
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     (job,) = [d for d in docs if d["kind"] == "Job"]

@@ -34,6 +34,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def proxy_message_limit(config: dict[str, Any]) -> int:
+    """The gRPC proxy's maximum message size: the activation payload limit plus 1 MiB for the rest.
+
+    Serve's proxy buffers a whole message before the ingress sees it, so this bounds what one request can
+    make the proxy hold. Read from the environment by every Ray process, so it is set before Ray starts.
+    """
+    from patchscope.serve.config import Limits
+
+    args = config["applications"][0].get("args", {})
+    limits = Limits.model_validate(args.get("limits", {}))
+    return limits.max_activation_bytes + (1 << 20)
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
@@ -73,6 +86,7 @@ def start(
     Raises RuntimeError with Serve's message when the deploy fails or does not finish within `timeout_s`.
     """
     os.environ.update(RAY_ENV)
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(proxy_message_limit(config))
     import ray
     from ray.serve._private import api as serve_api  # what `serve run CONFIG` uses
     from ray.serve.config import gRPCOptions
