@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from ray.serve.schema import ServeDeploySchema
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
+# shared/ is beside the checkout (CI) or wherever DATA points (`make test DATA=...` exports PATCHSCOPE_DATA).
+SHARED = Path(os.environ.get("PATCHSCOPE_DATA", ROOT.parent / "shared" / "data")).parent
+CRD = SHARED / "kuberay" / "ray.io_rayservices.yaml"
 BIN = Path(sys.executable).parent
 K8S_VERSION = "1.33.0"
 

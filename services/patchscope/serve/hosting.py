@@ -8,8 +8,10 @@ ingress holds no model at all.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -135,3 +137,12 @@ class Hosted:
         if model_id not in self.models:
             raise ModelNotFound(model_id, list(self.models))
         return self.models[model_id]
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 elsewhere), for soak tests and capacity planning."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")

@@ -36,7 +36,7 @@ from patchscope.mapping.resolve import AUTO, MappingSet, resolve_mappings
 from patchscope.serve.auth import TokenCheck
 from patchscope.serve.batching import GenerateRequest
 from patchscope.serve.config import ServiceConfig
-from patchscope.serve.hosting import ModelCard
+from patchscope.serve.hosting import ModelCard, rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
 from patchscope.serve.status import status_of
 from patchscope.wire import (
@@ -157,6 +157,10 @@ class Explainer:
         if model_id not in targets:
             raise ModelNotFound(model_id or "(empty)", list(targets)) from None
         return targets[model_id]
+
+    def stats(self) -> dict[str, object]:
+        """Not an RPC: read through a deployment handle by tests and operators."""
+        return {"rss_bytes": rss_bytes()}
 
     # ---- unary ------------------------------------------------------------------------------------
 

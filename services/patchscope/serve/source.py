@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from patchscope.engine.hooks import HiddenStates, extract
-from patchscope.serve.hosting import Hosted, ModelCard
+from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
 
 
 @serve.deployment(name="SourceModel", max_ongoing_requests=64)
@@ -25,6 +25,9 @@ class SourceModel:
 
     def list_cards(self) -> list[ModelCard]:
         return list(self.hosted.cards.values())
+
+    def stats(self) -> dict[str, object]:
+        return {"rss_bytes": rss_bytes()}
 
     async def extract(
         self, model_id: str, prompt: str, layers: list[int], positions: list[int] | None

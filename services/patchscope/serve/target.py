@@ -16,7 +16,7 @@ from ray import serve
 from patchscope.engine.explain import logit_lens
 from patchscope.engine.validation import check_vector
 from patchscope.serve.batching import Batcher, GenerateRequest, RowEvent
-from patchscope.serve.hosting import Hosted, ModelCard
+from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
 
 
@@ -52,6 +52,7 @@ class TargetModel:
             "steps_run": b.steps_run,
             "rows_dropped": b.rows_dropped,
             "queued_rows": b.queued_rows,
+            "rss_bytes": rss_bytes(),
         }
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
