@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from patchscope.serve.status import Unauthenticated
@@ -16,9 +17,10 @@ class TokenCheck:
         self.required = required
         self._tokens = [t.encode() for t in tokens]
 
-    def check(self, metadata: list[tuple[str, str]] | tuple) -> None:
+    def check(self, metadata: list[tuple[str, str]] | tuple) -> str:
+        """The caller's key id (a hash of its token, for quotas and logs; never the token itself)."""
         if not self.required:
-            return
+            return "anonymous"
         values = [v for k, v in metadata if k.lower() == "authorization"]
         scheme, _, token = (values[0] if len(values) == 1 else "").partition(" ")
         given = token.strip().encode()
@@ -28,3 +30,4 @@ class TokenCheck:
             matched |= hmac.compare_digest(given, expected)
         if scheme.lower() != "bearer" or not given or not matched:
             raise Unauthenticated("missing or invalid bearer token in the `authorization` metadata")
+        return "key-" + hashlib.sha256(given).hexdigest()[:12]

@@ -40,6 +40,15 @@ class Batching(BaseModel):
     max_active_batches: int = Field(2, ge=1)
 
 
+class Quotas(BaseModel):
+    """Per API key, counted in one named actor for all ingress replicas; 0 turns a quota off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int = Field(0, ge=0)
+    concurrent_streams: int = Field(0, ge=0)
+
+
 class Auth(BaseModel):
     """Bearer tokens checked by the ingress (Serve's gRPC proxy has no interceptors)."""
 
@@ -87,6 +96,7 @@ class ServiceConfig(BaseModel):
     limits: Limits = Limits()
     batching: Batching = Batching()
     auth: Auth = Field(default_factory=Auth)
+    quotas: Quotas = Quotas()
 
     @model_validator(mode="after")
     def _known_dtype(self) -> ServiceConfig:

@@ -38,6 +38,7 @@ from patchscope.serve.batching import GenerateRequest
 from patchscope.serve.config import ServiceConfig
 from patchscope.serve.hosting import ModelCard, rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
+from patchscope.serve.quotas import QuotaExceeded, keeper
 from patchscope.serve.status import status_of
 from patchscope.wire import (
     LayerStates,
@@ -61,32 +62,49 @@ def rpc(method: Callable) -> Callable:
         context.set_details(message)
         logger.info("rpc %s failed: %s", method.__name__, code.name)
 
-    def begin(self: Explainer, context: RayServegRPCContext) -> None:
+    async def begin(self: Explainer, context: RayServegRPCContext) -> str | None:
+        """Authenticate and take a quota slot; the key to release, if quotas are on."""
         context.set_trailing_metadata([(METADATA_KEY, API_VERSION)])
-        self.auth.check(context.invocation_metadata())
+        key = self.auth.check(context.invocation_metadata())
+        if self.quotas is None:
+            return None
+        reason = await self.quotas.acquire.remote(key)
+        if reason is not None:
+            raise QuotaExceeded(reason)
+        return key
+
+    def end(self: Explainer, key: str | None) -> None:
+        if key is not None:
+            self.quotas.release.remote(key)
 
     if method.__name__ in Explainer.STREAMING:
 
         @functools.wraps(method)
         async def stream(self: Explainer, request, grpc_context: RayServegRPCContext):
+            key = None
             try:
-                begin(self, grpc_context)
+                key = await begin(self, grpc_context)
                 async for message in method(self, request, grpc_context):
                     yield message
             except Exception as error:
                 fail(error, grpc_context)
                 raise
+            finally:
+                end(self, key)
 
         return stream
 
     @functools.wraps(method)
     async def unary(self: Explainer, request, grpc_context: RayServegRPCContext):
+        key = None
         try:
-            begin(self, grpc_context)
+            key = await begin(self, grpc_context)
             return await method(self, request, grpc_context)
         except Exception as error:
             fail(error, grpc_context)
             raise
+        finally:
+            end(self, key)
 
     return unary
 
@@ -131,6 +149,12 @@ class Explainer:
         self.registry = MappingRegistry(Path(self.config.registry) if self.config.registry else None)
         auth = self.config.auth
         self.auth = TokenCheck(auth.tokens() if auth.required else [], auth.required)
+        quotas = self.config.quotas
+        self.quotas = (
+            keeper(quotas.requests_per_minute, quotas.concurrent_streams)
+            if quotas.requests_per_minute or quotas.concurrent_streams
+            else None
+        )
         self.limits = self.config.limits
         self._sources: dict[str, ModelCard] | None = None
         self._targets: dict[str, ModelCard] | None = None

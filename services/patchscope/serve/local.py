@@ -58,6 +58,28 @@ class LocalService:
     address: str
     http_port: int
     temp_dir: str
+    config: dict[str, Any]
+
+    def redeploy(self, config: dict[str, Any], ready: Callable[[], bool], timeout_s: float = 300.0) -> None:
+        """Deploy another version of the application on the running Serve (same ports).
+
+        Returns once `ready()` says the new version answers.
+        """
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        config = {
+            **config,
+            "grpc_options": self.config["grpc_options"],
+            "http_options": self.config["http_options"],
+        }
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the new version of {APP_NAME} did not answer within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        self.config = config
 
     def stop(self) -> None:
         """Shut Serve and Ray down; remove Ray's temp dir unless PATCHSCOPE_KEEP_RAY_TMP=1 (its logs)."""
@@ -120,7 +142,10 @@ def start(
     )
     client.deploy_apps(schema, _blocking=False)
     service = LocalService(
-        address=f"127.0.0.1:{schema.grpc_options.port}", http_port=schema.http_options.port, temp_dir=temp_dir
+        address=f"127.0.0.1:{schema.grpc_options.port}",
+        http_port=schema.http_options.port,
+        temp_dir=temp_dir,
+        config=config,
     )
     try:
         wait_running(timeout_s, progress)

@@ -24,6 +24,7 @@ from patchscope.engine.errors import (
 from patchscope.mapping.artefact import MappingCorrupt, MappingIncompatible
 from patchscope.mapping.registry import MappingNotFound
 from patchscope.serve.batching import QueueFull
+from patchscope.serve.quotas import QuotaExceeded
 
 logger = logging.getLogger("patchscope.serve")
 
@@ -42,6 +43,7 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ModelUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (UnsupportedArchitecture, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BackPressureError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (DeploymentUnavailableError, grpc.StatusCode.UNAVAILABLE),
