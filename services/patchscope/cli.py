@@ -263,6 +263,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config, grpc_port=args.port, http_port=args.http_port, num_cpus=args.num_cpus, progress=_progress
     )
     print(f"patchscope serving gRPC on {service.address} (Ctrl-C stops)", flush=True)
+    front = None
+    if args.tls_cert or args.tls_key:
+        from pathlib import Path
+
+        from patchscope.serve.tls import tls_front
+
+        if not (args.tls_cert and args.tls_key):
+            raise FileNotFoundError("--tls-cert and --tls-key go together")
+        client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
+        front = tls_front(service.address, args.tls_port, Path(args.tls_cert), Path(args.tls_key), client_ca)
+        mtls = " (mTLS: client certificates required)" if client_ca else ""
+        print(f"  TLS front on 0.0.0.0:{args.tls_port}{mtls}; keep the plaintext port private", flush=True)
     print(
         "  note: Serve's gRPC proxy listens on all interfaces in plaintext and buffers each whole message "
         f"(at most {proxy_message_limit(config)} bytes) before the ingress checks it; put a TLS front before "
@@ -283,6 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("shutting down", file=sys.stderr)
     finally:
+        if front is not None:
+            front.stop(grace=5)
         service.stop()
     return 0
 
@@ -299,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's, 9000)")
     srv.add_argument("--http-port", type=int, default=None, help="HTTP port (health checks)")
     srv.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
+    srv.add_argument("--tls-cert", default=None, help="PEM certificate: serve through a TLS front")
+    srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    srv.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mTLS)")
+    srv.add_argument("--tls-port", type=int, default=9443, help="port of the TLS front (default 9443)")
     srv.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="list the model registry and which models are ready")
