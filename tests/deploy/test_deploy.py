@@ -59,6 +59,7 @@ def manifests() -> dict[str, list[dict]]:
         "chart, default values": render(),
         "chart, gpu-pair example": render(example),
         "chart, auth off": render({"auth": {"required": False}}),
+        "chart, TLS edge with mTLS": render({"tls": {"enabled": True, "clientCaKey": "ca.crt"}}),
     }
 
 
@@ -139,6 +140,22 @@ def test_the_head_exposes_grpc_as_serve_grpc_and_replicas_mount_models_read_only
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     (job,) = [d for d in docs if d["kind"] == "Job"]
     assert "patchscope prepare" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
+def test_the_tls_edge_proxies_http2_to_the_serve_service_and_requires_client_certificates():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()["chart, TLS edge with mTLS"]}
+    envoy = yaml.safe_load(docs[("ConfigMap", "patchscope-envoy")]["data"]["envoy.yaml"])
+    (listener,) = envoy["static_resources"]["listeners"]
+    tls = listener["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert tls["require_client_certificate"] is True and tls["common_tls_context"]["alpn_protocols"] == ["h2"]
+    (cluster,) = envoy["static_resources"]["clusters"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"
+    ]
+    assert endpoint == {"address": "patchscope-serve-svc", "port_value": 9000}
+    service = docs[("Service", "patchscope-tls")]
+    assert service["spec"]["ports"][0]["port"] == 9443
+    assert not any(kind == "Deployment" for kind, _ in {(d["kind"], 0) for d in render()}), "off by default"
 
 
 def test_chart_hooks_create_the_volume_before_the_prepare_job():
