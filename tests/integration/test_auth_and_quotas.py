@@ -14,6 +14,7 @@ from tests.integration.test_service import collect, explain_request
 
 pytestmark = pytest.mark.ray
 TOKENS = ["alpha-secret-1", "beta-secret-2"]
+LIMITED = "gamma-secret-3 ListModels,ExplainActivations"
 
 
 def answers(stub, metadata=()) -> grpc.StatusCode:
@@ -27,7 +28,7 @@ def answers(stub, metadata=()) -> grpc.StatusCode:
 @pytest.fixture(scope="module")
 def secured(tiny_service, stub, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
-    tokens.write_text("\n".join(TOKENS) + "\n")
+    tokens.write_text("\n".join([*TOKENS, LIMITED]) + "\n")
     original = copy.deepcopy(tiny_service.config)
     config = copy.deepcopy(original)
     args = config["applications"][0]["args"]
@@ -53,6 +54,14 @@ def test_only_callers_with_a_configured_token_get_in(secured):
     with pytest.raises(grpc.RpcError) as error:  # streaming methods too
         list(secured.Explain(explain_request(layers=[1], positions=[-1]), timeout=30))
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert answers(secured, bearer("gamma-secret-3")) == grpc.StatusCode.OK
+    with pytest.raises(grpc.RpcError) as error:  # a key limited to other methods
+        list(
+            secured.Explain(
+                explain_request(layers=[1], positions=[-1]), timeout=30, metadata=bearer("gamma-secret-3")
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_quotas_limit_concurrent_streams_and_rate_per_key(secured):

@@ -12,7 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from patchscope.serve.auth import TokenCheck
 from patchscope.serve.config import ServiceConfig
-from patchscope.serve.status import Unauthenticated, status_of
+from patchscope.serve.status import PermissionDenied, Unauthenticated, status_of
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "deploy" / "config").glob("*.yaml"))
 
@@ -70,3 +70,12 @@ def test_bearer_tokens_are_checked_and_failures_say_nothing_specific(tmp_path, m
         code, message = status_of(error.value)
         assert code.name == "UNAUTHENTICATED" and "alpha" not in message
     TokenCheck([], required=False).check([])  # explicitly off: anyone
+
+
+def test_a_key_limited_to_some_methods_is_denied_the_others():
+    check = TokenCheck(["full-key", "prod-key ExplainActivations,ListModels"], required=True)
+    assert check.check([("authorization", "Bearer full-key")], "Explain").startswith("key-")
+    assert check.check([("authorization", "Bearer prod-key")], "ExplainActivations")
+    with pytest.raises(PermissionDenied) as error:
+        check.check([("authorization", "Bearer prod-key")], "Explain")
+    assert status_of(error.value)[0].name == "PERMISSION_DENIED" and "prod" not in str(error.value)

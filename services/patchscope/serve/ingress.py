@@ -65,7 +65,7 @@ def rpc(method: Callable) -> Callable:
     async def begin(self: Explainer, context: RayServegRPCContext) -> str | None:
         """Authenticate and take a quota slot; the key to release, if quotas are on."""
         context.set_trailing_metadata([(METADATA_KEY, API_VERSION)])
-        key = self.auth.check(context.invocation_metadata())
+        key = self.auth.check(context.invocation_metadata(), method.__name__)
         if self.quotas is None:
             return None
         reason = await self.quotas.acquire.remote(key)

@@ -33,6 +33,10 @@ class Unauthenticated(PatchscopeError):
     """No valid bearer token (UNAUTHENTICATED); the message never says which part was wrong."""
 
 
+class PermissionDenied(PatchscopeError):
+    """A valid key calling a method its line in the tokens file does not list (PERMISSION_DENIED)."""
+
+
 CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
@@ -46,6 +50,7 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BackPressureError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (DeploymentUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (ActorDiedError, grpc.StatusCode.UNAVAILABLE),
     (ActorUnavailableError, grpc.StatusCode.UNAVAILABLE),
