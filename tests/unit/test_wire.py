@@ -113,3 +113,8 @@ def test_generation_options_round_trip_and_zero_means_default():
     assert generation_from_proto(pb.GenerationOptions()) == GenerationConfig()
     config = GenerationConfig(max_new_tokens=7, temperature=0.5, top_p=0.9, seed=3)
     assert generation_from_proto(generation_to_proto(config)) == config
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    x = torch.full((4, 8), 3.0e38)
+    assert torch.equal(decode_tensor("s", encode_tensor(x), max_bytes=1 << 20), x)
