@@ -11,7 +11,7 @@ export PATCHSCOPE_DATA := $(abspath $(DATA))
 PROTO     := proto/patchscope/v1/patchscope.proto
 PROTO_GEN := clients/python/patchscope_client/_proto/patchscope_pb2.py
 
-.PHONY: install proto proto-check browser-deps models run serve test lint bench-engine bench-mapping bench-service \
+.PHONY: install proto proto-check browser-deps models run serve test lint bench bench-engine bench-mapping bench-service \
 	data-check clean
 
 # Torch first and exactly pinned: anything else pulls a multi-GB CUDA build. The client distribution
@@ -50,10 +50,13 @@ data-check:
 # maps (2:1, 6:4, 10:6) are fitted once on <= 20k words of the wikitext-2 file plus 3,000 short texts ending
 # in words both tokenizers share, if the registry lacks them; then a local Ray instance serves
 # deploy/config/local.yaml, one Explain goes through the generated gRPC stub and streams back, and it stops.
+FIT_DEFAULT_PAIR = $(VENV)/bin/patchscope fit-mapping --source smollm2-135m --target gemma3-270m \
+	--pairs 2:1,6:4,10:6 --method affine --max-words 20000 --vocab-words 3000 \
+	--corpus "$(DATA)/wikitext-2/valid.txt" --if-missing
+
 run: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
-	$(VENV)/bin/patchscope fit-mapping --source smollm2-135m --target gemma3-270m --pairs 2:1,6:4,10:6 \
-		--method affine --max-words 20000 --vocab-words 3000 --corpus "$(DATA)/wikitext-2/valid.txt" --if-missing
+	$(FIT_DEFAULT_PAIR)
 	$(PY) -m patchscope.serve.demo "Barack Obama" --source smollm2-135m --target gemma3-270m --layers 2,6,10
 
 # The service, staying up on 127.0.0.1:9000 until Ctrl-C.
@@ -79,6 +82,15 @@ bench-engine: install
 bench-mapping: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(PY) bench/bench_mapping.py
+
+# Every benchmark, one after another (about half an hour here), into bench/results.md.
+BENCHES = engine encoding prefix growth service mapping
+bench: install data-check
+	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
+	$(FIT_DEFAULT_PAIR)
+	@set -e; { echo "# Benchmark results"; echo; echo "commit $$(git rev-parse --short HEAD), $$(date -u +%F), $$(nproc) CPUs"; \
+	  for b in $(BENCHES); do echo; echo "## bench_$$b.py"; echo; echo '```'; $(PY) bench/bench_$$b.py 2>/dev/null; echo '```'; done; \
+	} > bench/results.md.tmp && mv bench/results.md.tmp bench/results.md && cat bench/results.md
 
 # The service against the in-process engine, ExtractHiddenStates over loopback, concurrent clients.
 bench-service: install
