@@ -4,8 +4,8 @@
     in this process for the same request; target: service / engine <= 1.15.
 (b) `ExtractHiddenStates` of every layer over loopback against extracting and encoding the same tensors in
     this process.
-(c) 8 concurrent clients with cross-request batching on and off (two deployments, same config otherwise):
-    throughput in sites per second, and the ratio.
+(c) 1, 4, 8 and 16 concurrent clients with cross-request batching on and off (two deployments, same config
+    otherwise): throughput in sites per second, and the ratio.
 Both sides use 2 torch threads. Median of --repeats runs, interleaved. Prints ratios, never asserts them.
 Cross-model mappings come from the default registry (`make run` fits them).
 """
@@ -46,6 +46,7 @@ PROMPTS = [
 ]
 LAYERS, TARGET_LAYERS = [2, 6, 10], [1, 4, 6]
 NEW_TOKENS = 10
+CONCURRENCY = [(1, 4), (4, 3), (8, 3), (16, 2)]  # (clients, Explain calls each)
 
 
 def config(batching: bool) -> dict:
@@ -97,8 +98,6 @@ def run_concurrent(stub, clients: int, rounds: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
     commit = subprocess.run(
@@ -131,10 +130,11 @@ def main() -> None:
                     results |= one_request(stub, source, target, engine_request, mapping, args.repeats)
                     results |= extraction(stub, source, args.repeats)
                 key = "batched" if batching else "unbatched"
-                results[f"{key}_sites_per_s"] = run_concurrent(stub, args.clients, args.rounds)
-                if batching:
-                    sizes = service_stats()["batch_sizes"][-args.clients * args.rounds :]
-                    results["mean_batch_rows"] = statistics.mean(sizes)
+                for clients, rounds in CONCURRENCY:
+                    before = len(service_stats()["batch_sizes"])
+                    results[f"{key}_{clients}_sites_per_s"] = run_concurrent(stub, clients, rounds)
+                    sizes = service_stats()["batch_sizes"][before:]
+                    results[f"{key}_{clients}_mean_batch_rows"] = statistics.mean(sizes)
         finally:
             service.stop()
     report(results, args, source.facts.num_layers)
@@ -143,11 +143,19 @@ def main() -> None:
 def one_request(stub, source, target, engine_request, mapping, repeats: int) -> dict[str, float]:
     """(a) the same request through the service and in process, interleaved."""
     explain(source, target, engine_request, mapping)
-    svc, eng = [], []
+    svc, eng, first = [], [], []
     for _ in range(repeats):
-        svc.append(timed(lambda: list(stub.Explain(explain_request(PROMPTS[0]), timeout=600))))
+        started = time.perf_counter()
+        for event in stub.Explain(explain_request(PROMPTS[0]), timeout=600):
+            if event.WhichOneof("event") == "token" and len(first) < len(svc) + 1:
+                first.append(time.perf_counter() - started)
+        svc.append(time.perf_counter() - started)
         eng.append(timed(lambda: explain(source, target, engine_request, mapping)))
-    return {"service_s": statistics.median(svc), "engine_s": statistics.median(eng)}
+    return {
+        "service_s": statistics.median(svc),
+        "engine_s": statistics.median(eng),
+        "first_token_s": statistics.median(first),
+    }
 
 
 def extraction(stub, source, repeats: int) -> dict[str, float]:
@@ -189,13 +197,15 @@ def report(r: dict[str, float], args: argparse.Namespace, num_layers: int) -> No
         f"in process {r['extract_local_s']:.3f} s ({r['mb'] / r['extract_local_s']:.0f} MB/s)   "
         f"ratio {r['extract_rpc_s'] / r['extract_local_s']:.2f}"
     )
-    print(f"(c) {args.clients} concurrent clients x {args.rounds} Explain calls of {len(LAYERS)} sites")
-    on, off = r["batched_sites_per_s"], r["unbatched_sites_per_s"]
-    print(
-        f"    batching on {on:.2f} sites/s (mean batch {r['mean_batch_rows']:.1f} rows)   "
-        f"off {off:.2f} sites/s"
-    )
-    print(f"    ratio on / off = {on / off:.2f}")
+    print(f"    time to first token event through the service: {r['first_token_s']:.3f} s")
+    print(f"(c) concurrent clients, each sending Explain calls of {len(LAYERS)} sites back to back")
+    for clients, rounds in CONCURRENCY:
+        on, off = r[f"batched_{clients}_sites_per_s"], r[f"unbatched_{clients}_sites_per_s"]
+        print(
+            f"    {clients:>2} clients x {rounds}: batching on {on:.2f} sites/s "
+            f"(mean batch {r[f'batched_{clients}_mean_batch_rows']:.1f} rows), off {off:.2f} sites/s, "
+            f"ratio {on / off:.2f}"
+        )
 
 
 def service_stats() -> dict:
