@@ -79,6 +79,8 @@ class LocalService:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the new version of {APP_NAME} did not answer within {timeout_s:.0f} s")
             time.sleep(0.5)
+        # The new ingress answers; wait until every deployment of the new version is up too.
+        wait_running(max(1.0, deadline - time.monotonic()))
         self.config = config
 
     def stop(self) -> None:
