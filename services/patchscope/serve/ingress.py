@@ -10,6 +10,7 @@ as OK.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -84,8 +85,10 @@ def rpc(method: Callable) -> Callable:
             key = None
             try:
                 key = await begin(self, grpc_context)
-                async for message in method(self, request, grpc_context):
-                    yield message
+                # aclosing: a caller that leaves closes the inner generators now, not at garbage collection.
+                async with contextlib.aclosing(method(self, request, grpc_context)) as messages:
+                    async for message in messages:
+                        yield message
             except Exception as error:
                 fail(error, grpc_context)
                 raise
@@ -330,8 +333,9 @@ class Explainer:
         ]
         tokens = [hidden.tokens[s.position] for s in sites]
         job = self._job(grpc_context, started, source, target, how, sites, states, tokens, mapping)
-        async for event in self._run(job):
-            yield event
+        async with contextlib.aclosing(self._run(job)) as events:
+            async for event in events:
+                yield event
 
     def _job(
         self,
@@ -398,8 +402,9 @@ class Explainer:
         job = self._job(
             grpc_context, started, source, target, how, sites, list(states), tokens, mapping, mismatch, 0.0
         )
-        async for event in self._run(job):
-            yield event
+        async with contextlib.aclosing(self._run(job)) as events:
+            async for event in events:
+                yield event
 
     # ---- the stream of events --------------------------------------------------------------------
 
@@ -484,17 +489,23 @@ class Explainer:
             config=job.how.generation,
         )
         first = True
-        async for events in self.stream_target.generate.remote(generate):
-            for e in events:
-                if not e.stop or e.text:
-                    if first:
-                        self.metrics.first_token(time.time() - job.started)
-                        first = False
-                    yield self._event(
-                        job, e.row, token=pb.SiteToken(step=e.step, token_id=e.token_id, text=e.text)
-                    )
-                if e.finished:
-                    yield self._finished(job, e.row, e.explanation or "", e.timings or {})
+        tokens = self.stream_target.generate.remote(generate)
+        try:
+            async for events in tokens:
+                for e in events:
+                    if not e.stop or e.text:
+                        if first:
+                            self.metrics.first_token(time.time() - job.started)
+                            first = False
+                        yield self._event(
+                            job, e.row, token=pb.SiteToken(step=e.step, token_id=e.token_id, text=e.text)
+                        )
+                    if e.finished:
+                        yield self._finished(job, e.row, e.explanation or "", e.timings or {})
+        finally:
+            # A caller that went away closes this generator at a `yield`, where no task cancellation reaches
+            # the target call: cancel it here, so the target drops the rows at its next step.
+            tokens.cancel()
         self.metrics.sites(job.target.id, len(job.sites))
 
 
