@@ -11,7 +11,7 @@ import grpc
 from patchscope_client import convert
 from patchscope_client._proto import patchscope_pb2 as pb
 from patchscope_client._proto import patchscope_pb2_grpc as pb_grpc
-from patchscope_client.client import CHANNEL_OPTIONS, check_version, credentials
+from patchscope_client.client import bearer, check_version, open_channel
 from patchscope_client.errors import from_rpc_error
 from patchscope_client.types import Event, Extraction, MappingInfo, ModelInfo, ResultTable, collect
 
@@ -31,14 +31,9 @@ class AsyncPatchscopeClient:
         retries: int = 4,
         backoff_s: float = 0.25,
     ) -> None:
-        creds = credentials(tls)
-        self._channel = (
-            grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-            if creds
-            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        )
+        self._channel = open_channel(grpc.aio, address, tls)
         self._stub = pb_grpc.PatchscopeStub(self._channel)
-        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._metadata = bearer(token)
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
         self._server_version: str | None = None
 

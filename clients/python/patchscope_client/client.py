@@ -39,6 +39,18 @@ def credentials(tls: bool | bytes | grpc.ChannelCredentials | None) -> grpc.Chan
     return grpc.ssl_channel_credentials(root_certificates=None if tls is True else tls)
 
 
+def open_channel(channels, address: str, tls: bool | bytes | grpc.ChannelCredentials | None):
+    """A channel from `grpc` or `grpc.aio` (`channels`), with TLS when asked for and our message limits."""
+    creds = credentials(tls)
+    if creds:
+        return channels.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+    return channels.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def bearer(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
 def check_version(server: str) -> None:
     if not compatible(server, API_VERSION):
         raise IncompatibleServer(
@@ -60,14 +72,9 @@ class PatchscopeClient:
         retries: int = 4,
         backoff_s: float = 0.25,
     ) -> None:
-        creds = credentials(tls)
-        self._channel = (
-            grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-            if creds
-            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        )
+        self._channel = open_channel(grpc, address, tls)
         self._stub = pb_grpc.PatchscopeStub(self._channel)
-        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._metadata = bearer(token)
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
         self.address = address
         self._server_version: str | None = None

@@ -48,6 +48,7 @@ from patchscope.wire import (
     generation_to_proto,
     layer_messages,
     pb,
+    wire_dtype,
 )
 from patchscope_client.version import API_VERSION, METADATA_KEY
 
@@ -237,8 +238,7 @@ class Explainer:
         layers = check_layers("layers", list(request.layers), card.facts)
         positions = list(request.positions) or [-1]
         check_positive("positions", len(positions), self.limits.max_prompt_tokens)
-        if request.dtype not in (pb.D_TYPE_UNSPECIFIED, pb.D_TYPE_F32, pb.D_TYPE_BF16, pb.D_TYPE_F16):
-            raise InvalidArgument("dtype", "unknown dtype", limit="F32, BF16 or F16", value=request.dtype)
+        wire_dtype("dtype", request.dtype)  # refuse an unknown dtype before the source runs
         hidden = await self.source.extract.remote(card.id, request.prompt, layers, positions)
         self._check_tokens(len(hidden.token_ids))
         for i, layer in enumerate(hidden.layers):
