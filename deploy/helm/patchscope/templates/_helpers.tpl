@@ -18,7 +18,7 @@ http_options:
 grpc_options:
   port: {{ .Values.ports.grpc }}
   grpc_servicer_functions:
-    - patchscope_client._proto.patchscope_pb2_grpc.add_PatchscopeServicer_to_server
+    - patchscope.serve.proxy.add_patchscope_servicer
 logging_config:
   encoding: JSON
   log_level: INFO
