@@ -11,7 +11,7 @@ export PATCHSCOPE_DATA := $(abspath $(DATA))
 PROTO     := proto/patchscope/v1/patchscope.proto
 PROTO_GEN := clients/python/patchscope_client/_proto/patchscope_pb2.py
 
-.PHONY: install proto proto-check browser-deps models run serve test lint bench bench-engine bench-mapping bench-service \
+.PHONY: install proto proto-check browser-deps models run serve test lint eval bench bench-engine bench-mapping bench-service \
 	data-check clean
 
 # Torch first and exactly pinned: anything else pulls a multi-GB CUDA build. The client distribution
@@ -85,6 +85,17 @@ bench-mapping: install data-check
 
 # Every benchmark, one after another (about half an hour here), into bench/results.md.
 BENCHES = engine encoding prefix growth service mapping
+# The paper's experiments (docs/results.md); not part of make test (about half an hour here).
+eval: install data-check
+	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
+	$(FIT_DEFAULT_PAIR)
+	$(VENV)/bin/patchscope eval next-token --source smollm2-135m
+	$(VENV)/bin/patchscope eval cross-model --source smollm2-135m --target gemma3-270m
+	$(VENV)/bin/patchscope eval attributes --model smollm2-135m
+	$(VENV)/bin/patchscope eval multi-hop --model smollm2-135m
+	$(VENV)/bin/patchscope eval next-token --source gemma3-270m
+	$(VENV)/bin/patchscope eval report
+
 bench: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(FIT_DEFAULT_PAIR)

@@ -1,4 +1,4 @@
-"""`patchscope` command: serve, models, prepare, explain, mappings, fit-mapping."""
+"""`patchscope` command: serve, models, prepare, explain, mappings, fit-mapping, eval."""
 
 from __future__ import annotations
 
@@ -378,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--exclude-words", default=None, help="file of words the vocabulary texts must not use")
     fit.set_defaults(func=cmd_fit_mapping)
+
+    from patchscope.eval.commands import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
