@@ -11,7 +11,7 @@ export PATCHSCOPE_DATA := $(abspath $(DATA))
 PROTO     := proto/patchscope/v1/patchscope.proto
 PROTO_GEN := clients/python/patchscope_client/_proto/patchscope_pb2.py
 
-.PHONY: install proto proto-check browser-deps models run serve test lint eval bench bench-engine bench-mapping bench-service \
+.PHONY: install proto proto-check browser-deps models run serve test lint eval bench bench-deps bench-engine bench-mapping bench-service \
 	data-check clean
 
 # Torch first and exactly pinned: anything else pulls a multi-GB CUDA build. The client distribution
@@ -75,7 +75,11 @@ test: install data-check lint proto-check browser-deps
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(PY) -m pytest -m "not gpu" --timeout 600 tests
 
-bench-engine: install
+# The nnsight peer of the engine benchmark: an extra, never part of make install or make test.
+bench-deps: install
+	$(PIP) install -q -c constraints.txt -e '.[bench]'
+
+bench-engine: bench-deps
 	$(PY) bench/bench_engine.py
 
 # Fits affine and learned maps, the held-out noun identity rates and every layer pair (minutes).
@@ -96,7 +100,7 @@ eval: install data-check
 	$(VENV)/bin/patchscope eval next-token --source gemma3-270m
 	$(VENV)/bin/patchscope eval report
 
-bench: install data-check
+bench: bench-deps data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(FIT_DEFAULT_PAIR)
 	@set -e; { echo "# Benchmark results"; echo; echo "commit $$(git rev-parse --short HEAD), $$(date -u +%F), $$(nproc) CPUs"; \

@@ -3,7 +3,12 @@
 (a) the reference notebooks' per-site loop: one source pass and one hooked `generate` per layer,
 (b) one batched `generate` with a patch hook per row,
 (c) the same batch unpatched (the floor any patching method sits on),
-(d) the engine (`explain`): one source pass, prefix cache, lean decode loop; (d') the same without the cache.
+(d) the engine (`explain`): one source pass, prefix cache, lean decode loop; (d') the same without the cache,
+(e) nnsight's per-site loop: one source trace and one intervened `generate` per layer,
+(f) nnsight batched: one source trace, then one `generate` with one invoke per layer.
+(e) and (f) need nnsight (`pip install nnsight==0.8.1`, or the `bench` extra) and are skipped without it;
+nnsight runs on its own copy of the module tree (sharing the weights), so its instrumented forwards never
+slow the other cases. Their explanations are checked against the engine's before timing.
 All run in this process on the same model, in rotated order; the median of --repeats runs is reported.
 Prints ratios, never asserts them. `make bench-engine` runs it on smollm2-135m.
 """
@@ -11,16 +16,21 @@ Prints ratios, never asserts them. `make bench-engine` runs it on smollm2-135m.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
+import itertools
 import os
 import platform
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
 from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_directory, load_model
+from patchscope.engine.explain import Explanation
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.presets import PRESETS
 from patchscope.engine.template import tokenize_prompt, tokenize_template
@@ -125,6 +135,84 @@ def build(m: LoadedModel, new: int) -> dict[str, Callable[[], object]]:
     }
 
 
+NNSIGHT_LOOP = "(e) nnsight per-site loop"
+NNSIGHT_BATCHED = "(f) nnsight batched"
+
+
+def import_nnsight() -> ModuleType | None:
+    """The optional peer (the `bench` extra): without nnsight, (e) and (f) are skipped, not failed."""
+    try:
+        import nnsight
+    except ImportError:
+        return None
+    return nnsight
+
+
+def build_nnsight(nnsight: ModuleType, m: LoadedModel, new: int) -> dict[str, Callable[..., torch.Tensor]]:
+    """The sweep as an nnsight 0.8 user writes it; each case returns the generated ids, one row per layer.
+
+    nnsight installs its own `forward` on every module it wraps, permanently, so it wraps a copy of the module
+    tree whose parameters and buffers are the original's (pre-seeded in deepcopy's memo): no extra weights,
+    and the other cases keep running the untouched model. The tokenizer is copied because nnsight sets its
+    padding side. Inputs are token ids (the template's, as the engine builds them), so nothing is
+    re-tokenised. In transformers ≥ 5 a decoder block's `.output` is the hidden-state tensor itself, the raw
+    residual the engine reads and patches, also at the last block.
+    """
+    shared = {id(t): t for t in itertools.chain(m.model.parameters(), m.model.buffers())}
+    lm = nnsight.TransformersModel(
+        copy.deepcopy(m.model, shared), tokenizer=copy.deepcopy(m.tokenizer), task="text-generation"
+    )
+    blocks = functools.reduce(getattr, m.layout.paths.blocks.split("."), lm)  # e.g. lm.model.layers
+    all_layers = list(range(m.layout.num_layers))
+    preset = PRESETS["identity"]
+    tt = tokenize_template(m.tokenizer, preset.template, preset.filler)
+    src, tpl, at = tokenize_prompt(m.tokenizer, PROMPT), list(tt.ids), tt.placeholder
+    gen = {
+        "max_new_tokens": new,
+        "min_new_tokens": new,
+        "do_sample": False,
+        "pad_token_id": m.tokenizer.eos_token_id,
+    }
+
+    def per_site_loop(layers: list[int] = all_layers) -> torch.Tensor:
+        rows = []
+        for layer in layers:
+            with lm.trace(src):
+                vec = blocks[layer].output[0, -1].save()
+            # Outside `tracer.iter`, `.output` is the module's first call: the prompt pass only.
+            with lm.generate(tpl, **gen) as tracer:
+                blocks[layer].output[0, at] = vec
+                ids = tracer.result.save()
+            rows.append(ids)
+        return torch.cat(rows)
+
+    def batched(layers: list[int] = all_layers) -> torch.Tensor:
+        with lm.trace(src):
+            vecs = torch.stack([blocks[layer].output[0, -1] for layer in layers]).save()
+        with lm.generate(**gen) as tracer:
+            for row, layer in enumerate(layers):
+                with tracer.invoke(tpl):  # one batch row per invoke, each patching its own layer
+                    blocks[layer].output[0, at] = vecs[row]
+            with tracer.invoke():  # an empty invoke sees the whole batch's result
+                ids = tracer.result.save()
+        return ids
+
+    return {NNSIGHT_LOOP: per_site_loop, NNSIGHT_BATCHED: batched}
+
+
+def count_differing(m: LoadedModel, explanation: Explanation, generated: torch.Tensor) -> tuple[int, int]:
+    """How many of the generated rows (template + continuation, row r = layer r) disagree with the engine.
+
+    A row agrees when it starts with the engine's explanation, which may be shorter (the engine stops at EOS).
+    """
+    prompt_len = len(tokenize_template(m.tokenizer, PRESETS["identity"].template, "?").ids)
+    texts = [m.tokenizer.decode(row[prompt_len:], skip_special_tokens=True) for row in generated.tolist()]
+    differ = sum(
+        a.explanation != b[: len(a.explanation)] for a, b in zip(explanation.results, texts, strict=False)
+    )
+    return differ, len(texts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,6 +223,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-loop", action="store_true", help="skip (a), the slowest baseline")
+    parser.add_argument(
+        "--skip-nnsight-loop",
+        action="store_true",
+        help="skip timing (e), nnsight's per-site loop (its first 3 layers are still checked)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -146,6 +239,13 @@ def main() -> None:
     cases = build(m, args.new_tokens)
     if args.skip_loop:
         cases.pop("(a) per-site loop")
+    nnsight = import_nnsight()
+    nnsight_cases = build_nnsight(nnsight, m, args.new_tokens) if nnsight else {}
+    if nnsight is None:
+        print("nnsight not installed: pip install nnsight==0.8.1 (or .[bench])")
+    cases.update(nnsight_cases)
+    if args.skip_nnsight_loop:
+        cases.pop(NNSIGHT_LOOP, None)
 
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -159,6 +259,25 @@ def main() -> None:
     )
 
     with torch.inference_mode():
+        request = ExplainRequest(
+            prompt=PROMPT,
+            layers=list(range(m.layout.num_layers)),
+            generation=GenerationConfig(max_new_tokens=args.new_tokens),
+        )
+        if nnsight_cases:  # a peer only counts if it explains the same thing: check before timing
+            expected = explain(m, m, request)
+            checked = {
+                "batched": nnsight_cases[NNSIGHT_BATCHED](),
+                # the loop is checked on its first layers even when its timing is skipped
+                "per-site loop": nnsight_cases[NNSIGHT_LOOP](list(range(min(3, m.layout.num_layers)))),
+            }
+            counts = {name: count_differing(m, expected, ids) for name, ids in checked.items()}
+            print(
+                f"nnsight explanations differing from the engine: {sum(k for k, _ in counts.values())} of "
+                f"{sum(n for _, n in counts.values())} ("
+                + ", ".join(f"{name} {k} of {n}" for name, (k, n) in counts.items())
+                + ")"
+            )
         for fn in cases.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {name: [] for name in cases}
@@ -170,15 +289,7 @@ def main() -> None:
                 cases[name]()
                 sync(m.device)
                 times[name].append(time.perf_counter() - start)
-        breakdown = explain(
-            m,
-            m,
-            ExplainRequest(
-                prompt=PROMPT,
-                layers=list(range(m.layout.num_layers)),
-                generation=GenerationConfig(max_new_tokens=args.new_tokens),
-            ),
-        )
+        breakdown = explain(m, m, request)
         reference = cases["(b) batched generate + hooks"]()
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -192,12 +303,8 @@ def main() -> None:
         f"engine breakdown: source pass {t.source_s:.3f}s, prefill {t.prefill_s:.3f}s, "
         f"decode {t.decode_s:.3f}s"
     )
-    prompt_len = len(tokenize_template(m.tokenizer, PRESETS["identity"].template, "?").ids)
-    texts = [m.tokenizer.decode(row[prompt_len:], skip_special_tokens=True) for row in reference.tolist()]
-    differ = sum(
-        a.explanation != b[: len(a.explanation)] for a, b in zip(breakdown.results, texts, strict=True)
-    )
-    print(f"explanations differing from batched generate + hooks: {differ} of {len(texts)}")
+    differ, n = count_differing(m, breakdown, reference)
+    print(f"explanations differing from batched generate + hooks: {differ} of {n}")
     if "(a) per-site loop" in med:
         print(
             f"RESULT engine vs per-site loop: {med['(a) per-site loop'] / engine:.1f}× faster (target ≥ 12×)"
@@ -205,6 +312,9 @@ def main() -> None:
     print(
         f"RESULT engine ÷ unpatched batch: {engine / med['(c) unpatched batch (floor)']:.2f} (target ≤ 0.8)"
     )
+    nnsight_timed = [med[name] for name in nnsight_cases if name in med]
+    if nnsight_timed:
+        print(f"RESULT engine vs nnsight best: {min(nnsight_timed) / engine:.1f}× faster (target ≥ 2×)")
 
 
 def tinyllama_random(device: str, dtype: str) -> LoadedModel:

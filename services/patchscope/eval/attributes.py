@@ -63,7 +63,7 @@ def run(
     relations: Sequence[Relation],
     *,
     layers: Sequence[int] | None = None,
-    max_samples: int | None = 60,
+    max_samples: int | None = 30,
     max_new_tokens: int = 8,
     seed: int = 0,
     progress: Progress = no_progress,

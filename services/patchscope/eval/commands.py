@@ -202,7 +202,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     at.add_argument("--model", default="smollm2-135m")
     at.add_argument("--layers", default="all")
     at.add_argument("--relations", default=None, help="comma-separated LRE relation names (default: all)")
-    at.add_argument("--max-samples", type=int, default=60, help="samples tried per relation (0 = all)")
+    at.add_argument("--max-samples", type=int, default=30, help="samples tried per relation (0 = all)")
     common(at)
     at.set_defaults(func=cmd_attributes)
 

@@ -82,6 +82,10 @@ def source_states(
         contexts += [model.tokenizer.decode(ids[: p + 1], skip_special_tokens=True) for p in picks]
         done += len(picks)
         progress(phase, done, count)
+    if done < count:
+        raise ValueError(
+            f"{phase}: the texts hold only {done} usable positions at {per_text} per text, {count} asked for"
+        )
     stacked = torch.cat(states, dim=1)  # [L, N, d]
     final = model.layout.logits(stacked[-1].to(model.device, model.dtype)).float()  # [N, V]
     return SourceStates(stacked, final.argmax(dim=-1).cpu(), contexts)
@@ -189,8 +193,9 @@ def score(
         "precision_at_1": sum(hits) / len(hits),
         "surprisal_bits": sum(reader.surprisal) / len(reader.surprisal),
     }
-    if pattern is not None:
-        out["pattern_rate"] = sum(r.strip() in pattern for r in reader.top1) / len(reader.top1)
+    if pattern is not None:  # misses that repeat the identity prompt instead of reading the state
+        repeats = [a.strip() in pattern and not hit for a, hit in zip(reader.top1, hits, strict=True)]
+        out["pattern_rate"] = sum(repeats) / len(repeats)
     return out
 
 
@@ -201,7 +206,7 @@ def run(
     *,
     positions: int = 1000,
     fit_positions: int = 4000,
-    per_text: int = 4,
+    per_text: int = 8,
     fit_per_text: int = 16,
     pairs: Sequence[tuple[int, int]] | None = None,
     registry: MappingRegistry | None = None,

@@ -40,7 +40,7 @@ def next_token_section(result: dict | None, command: str) -> str:
     lens = {e["layer"]: e for e in result["layers"]}
     rows = [
         "| layer | Patchscope P@1 | logit lens P@1 | tuned lens P@1 | Patchscope surprisal | logit lens "
-        "surprisal | tuned lens surprisal | Patchscope answers the prompt's own pattern |",
+        "surprisal | tuned lens surprisal | Patchscope misses that repeat the prompt |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     wins, late = 0, 0
@@ -63,6 +63,16 @@ def next_token_section(result: dict | None, command: str) -> str:
         f"{lens[first['source_layer']]['logit_lens']['precision_at_1']:.3f}; "
         f"from the middle layer on it beats the logit lens at {wins} of {late} layers."
     )
+    tuned_ahead = [
+        p["source_layer"]
+        for p in result["pairs"]
+        if lens[p["source_layer"]]["tuned_lens"]["precision_at_1"] > p["patchscope"]["precision_at_1"]
+    ]
+    if tuned_ahead:
+        early += (
+            f" The tuned lens (trained for exactly this task) is ahead of the Patchscope at "
+            f"{len(tuned_ahead)} layers, the last of them layer {max(tuned_ahead)}."
+        )
     return (
         f"`{command}` — {result['positions']} positions of held-out documents; tuned lens fitted on "
         f"{result['fit_positions']} positions of other documents ({result['seconds']} s in all).\n\n"
@@ -76,7 +86,7 @@ def cross_model_section(result: dict | None, command: str) -> str:
     lens = {e["layer"]: e for e in result["layers"]}
     rows = [
         "| ℓ → ℓ* | mapping R² | Patchscope P@1 [95% CI] | source logit lens P@1 | source tuned lens P@1 | "
-        "pattern answers |",
+        "misses that repeat the prompt |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     n = result["positions"]
