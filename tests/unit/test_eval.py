@@ -127,6 +127,8 @@ def test_two_hop_queries_join_relations_through_the_bridge_entity(llama, tmp_pat
     recomputed = sum(contains(q["vanilla"], q["answer"]) for q in result["queries"]) / n
     assert result["vanilla"] == recomputed
     assert result["patchscope_oracle"] >= result["patchscope_best_pair_accuracy"]
+    assert 0.0 <= result["unpatched_template"] <= 1.0
+    assert multihop.literal("The capital city of {} is") == "The capital city of x is"
     assert set(result["pair_accuracy"]) == {f"{a}:{b}" for a in (0, 2) for b in (0, 2)}
     multihop.plot(result, tmp_path / "multihop.png")
 

@@ -102,6 +102,12 @@ def first_answer(text: str) -> str:
     return line.strip()
 
 
+def literal(template: str) -> str:
+    """An LRE template with the placeholder token written out, as the patched rows see it before the patch."""
+    engine_template, filler = placeholder_template(template)
+    return engine_template.replace("{}", filler, 1)
+
+
 def run(
     model: LoadedModel,
     relations: Sequence[Relation],
@@ -153,6 +159,13 @@ def run(
             rows.append(PatchedRow(template, filler, (RowPatch(layer=b, vector=states[layers.index(a)]),)))
             owners.append((k, a, b))
     texts = patched_texts(model, rows, max_new_tokens, progress=progress, phase="CoT Patchscope")
+    # The control: hop 2's template with its literal placeholder, nothing patched. A patch that leaves
+    # the model reading "x" scores this; only accuracy above it comes from the state.
+    unpatched = plain_texts(
+        model,
+        [literal(by_name[q.composition.second].template) for q in queries],
+        max_new_tokens,
+    )
     hits = torch.zeros(len(queries), len(grid), dtype=torch.bool)
     for (k, a, b), text in zip(owners, texts, strict=True):
         hits[k, grid.index((a, b))] = contains(text, queries[k].answer)
@@ -173,6 +186,9 @@ def run(
         if n
         else 0.0,
         "chain_of_thought": sum(contains(t, q.answer) for t, q in zip(chained, queries, strict=False)) / n
+        if n
+        else 0.0,
+        "unpatched_template": sum(contains(t, q.answer) for t, q in zip(unpatched, queries, strict=True)) / n
         if n
         else 0.0,
         "patchscope_best_pair": list(grid[best]),
