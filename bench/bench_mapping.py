@@ -13,7 +13,6 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import tempfile
@@ -24,6 +23,7 @@ import torch
 
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, load_model, patched_generate
 from patchscope.engine.presets import PRESETS, identity_answer
+from patchscope.eval.common import wilson
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
 from patchscope.mapping.resolve import MappingSet
@@ -36,13 +36,6 @@ def corpus() -> Path:
     return (
         Path(os.environ.get("PATCHSCOPE_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2" / "valid.txt"
     )
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def quality(source, target, registry: MappingRegistry, methods: list[str], vocab_words: int) -> None:

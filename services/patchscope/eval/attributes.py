@@ -29,6 +29,7 @@ from patchscope.eval.common import (
     placeholder_template,
     plain_texts,
     pyplot,
+    save_figure,
     subsample,
 )
 
@@ -174,8 +175,6 @@ def plot(result: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"attribute extraction: {result['evaluated']} samples the model knows", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -170,6 +170,14 @@ def save_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close a figure (the folder is made if missing)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def pyplot():
     """Matplotlib's pyplot on the file-only backend, or a clear error naming the install."""
     try:

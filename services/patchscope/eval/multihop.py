@@ -36,6 +36,7 @@ from patchscope.eval.common import (
     placeholder_template,
     plain_texts,
     pyplot,
+    save_figure,
     subsample,
 )
 
@@ -126,6 +127,7 @@ def run(
     joined = join(relations)
     found = {f"{c.first} -> {c.second}": len(v) for c, v in joined.items()}
     queries = [q for comp in joined for q in subsample(joined[comp], max_samples, seed)]
+    tried = len(queries)
 
     hop1 = plain_texts(
         model, [by_name[q.composition.first].template.format(q.subject) for q in queries], max_new_tokens
@@ -177,7 +179,7 @@ def run(
         "experiment": "multi-hop",
         "model": model.id,
         "found": found,
-        "tried": sum(min(len(v), max_samples or len(v)) for v in joined.values()),
+        "tried": tried,
         "evaluated": n,
         "layers": layers,
         "max_new_tokens": max_new_tokens,
@@ -230,8 +232,6 @@ def plot(result: dict, path: Path) -> Path:
         f"CoT {result['chain_of_thought']:.2f}",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -28,7 +28,7 @@ from patchscope.engine.hooks import capture
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.presets import get_preset
 from patchscope.engine.template import tokenize_prompt
-from patchscope.eval.common import Progress, first_token_logits, no_progress, pyplot
+from patchscope.eval.common import Progress, first_token_logits, no_progress, pyplot, save_figure
 from patchscope.mapping.corpus import read_documents, split_documents, take_words
 from patchscope.mapping.fit import RidgeBasis, fit_affine
 from patchscope.mapping.registry import MappingRegistry
@@ -224,20 +224,18 @@ def run(
     started = time.perf_counter()
     same = source.fingerprint == target.fingerprint
     mappings: dict[tuple[int, int], object] = {}
-    if pairs is None:
-        if same:
-            pairs = [(layer, layer) for layer in range(source.facts.num_layers)]
-        else:
-            if registry is None:
-                raise ValueError("a cross-model run needs a mapping registry")
-            pairs = sorted(registry.best(source.id, target.id))
+    if same and pairs is None:
+        pairs = [(layer, layer) for layer in range(source.facts.num_layers)]
+    if not same:
+        if registry is None:
+            raise ValueError("a cross-model run needs a mapping registry")
+        best = registry.best(source.id, target.id)
+        if pairs is None:
+            pairs = sorted(best)
             if not pairs:
                 raise FileNotFoundError(
                     f"no mappings {source.id} -> {target.id} in {registry.root}: run patchscope fit-mapping"
                 )
-    if not same:
-        assert registry is not None
-        best = registry.best(source.id, target.id)
         missing = [p for p in pairs if p not in best]
         if missing:
             raise FileNotFoundError(f"no registered mapping for layer pairs {missing}")
@@ -354,9 +352,7 @@ def plot(result: dict, path: Path) -> Path:
     axes[0].legend(fontsize=8)
     title = f"next token: {result['source']} -> {result['target']}, {result['positions']} positions"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -396,8 +392,6 @@ def plot_pairs(result: dict, path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"next token across models, {result['positions']} positions", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
