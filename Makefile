@@ -11,7 +11,7 @@ export PATCHSCOPE_DATA := $(abspath $(DATA))
 PROTO     := proto/patchscope/v1/patchscope.proto
 PROTO_GEN := clients/python/patchscope_client/_proto/patchscope_pb2.py
 
-.PHONY: install proto proto-check browser-deps models run serve test lint eval bench bench-deps bench-engine bench-mapping bench-service \
+.PHONY: install proto proto-check browser-deps models run serve test lint eval bench bench-deps bench-engine bench-gpu bench-mapping bench-service \
 	data-check clean
 
 # Torch first and exactly pinned: anything else pulls a multi-GB CUDA build. The client distribution
@@ -88,7 +88,7 @@ bench-mapping: install data-check
 	$(PY) bench/bench_mapping.py
 
 # Every benchmark, one after another (about half an hour here), into bench/results.md.
-BENCHES = engine encoding prefix growth service mapping
+BENCHES = engine precision gpu encoding prefix growth service mapping
 # The paper's experiments (docs/results.md); not part of make test (about half an hour here).
 eval: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
@@ -106,6 +106,10 @@ bench: bench-deps data-check
 	@set -e; { echo "# Benchmark results"; echo; echo "commit $$(git rev-parse --short HEAD), $$(date -u +%F), $$(nproc) CPUs"; \
 	  for b in $(BENCHES); do echo; echo "## bench_$$b.py"; echo; echo '```'; $(PY) bench/bench_$$b.py 2>/dev/null; echo '```'; done; \
 	} > bench/results.md.tmp && mv bench/results.md.tmp bench/results.md && cat bench/results.md
+
+# The GPU fast path (static cache, compiled step, captured sweep); on a machine without CUDA it says so.
+bench-gpu: install
+	$(PY) bench/bench_gpu.py
 
 # The service against the in-process engine, ExtractHiddenStates over loopback, concurrent clients.
 bench-service: install

@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_directory, load_model
+from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_model
 from patchscope.engine.explain import Explanation
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.presets import PRESETS
@@ -217,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="smollm2-135m", help="a registry id, or 'tinyllama-random'")
+    parser.add_argument("--model", default="smollm2-135m", help="a registry id (GPU: bench/bench_gpu.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--new-tokens", type=int, default=10)
@@ -232,10 +232,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    if args.model == "tinyllama-random":
-        m = tinyllama_random(args.device, args.dtype)
-    else:
-        m = load_model(args.model, dtype=args.dtype, device=args.device)
+    m = load_model(args.model, dtype=args.dtype, device=args.device)
     cases = build(m, args.new_tokens)
     if args.skip_loop:
         cases.pop("(a) per-site loop")
@@ -315,33 +312,6 @@ def main() -> None:
     nnsight_timed = [med[name] for name in nnsight_cases if name in med]
     if nnsight_timed:
         print(f"RESULT engine vs nnsight best: {min(nnsight_timed) / engine:.1f}× faster (target ≥ 2×)")
-
-
-def tinyllama_random(device: str, dtype: str) -> LoadedModel:
-    """A TinyLlama-shaped random model (hidden 2048, 22 layers) with SmolLM2's tokenizer, for GPU checks."""
-    import tempfile
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from patchscope.engine.models import ModelRegistry
-
-    tok_dir = ModelRegistry().prepare("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    )
-    out = tempfile.mkdtemp(prefix="tinyllama-random-")
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return load_directory(
-        "tinyllama-random", __import__("pathlib").Path(out), dtype=getattr(torch, dtype), device=device
-    )
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         target = load_model(
             args.target, registry=registry, dtype=args.dtype, device=args.device, progress=_progress
         )
+    if args.decode != "eager":
+        from patchscope.engine.static_decode import DECODE_MODES, enable_static_decode
+
+        enable_static_decode(target, **DECODE_MODES[args.decode])
     layers = parse_int_list(args.layers, num_layers=source.facts.num_layers)
     same_model = source.fingerprint == target.fingerprint
     if args.target_layers != "same":
@@ -345,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top-k", type=int, default=5, help="pairs reported by the logit-lens preset")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.add_argument("--device", default="cpu")
+    ex.add_argument(
+        "--decode",
+        default="eager",
+        choices=["eager", "static", "graph", "compiled-graph"],
+        help="greedy sweeps: static cache + compiled step (static), or the whole sweep as one CUDA graph, "
+        "eager (graph) or compiled (compiled-graph); compiling takes a minute; see the README",
+    )
     ex.add_argument("--json", action="store_true", help="print a list of JSON objects, one per site")
     ex.add_argument(
         "--mapping", default="auto", help="'auto' (best held-out R² per layer pair) or a mapping id"

@@ -20,6 +20,7 @@ from patchscope.engine.generation import (
 from patchscope.engine.hooks import HiddenStates, Patch, extract, patching
 from patchscope.engine.models import LoadedModel, ModelRegistry, load_directory, load_model
 from patchscope.engine.presets import PRESETS, Preset, get_preset
+from patchscope.engine.static_decode import StaticDecoder, enable_static_decode
 
 __all__ = [
     "PRESETS",
@@ -41,7 +42,9 @@ __all__ = [
     "RowPatch",
     "Site",
     "SiteResult",
+    "StaticDecoder",
     "UnsupportedArchitecture",
+    "enable_static_decode",
     "explain",
     "extract",
     "get_preset",

@@ -167,6 +167,10 @@ def _run_batch(
     dropped: Callable[[int], bool] | None = None,
 ) -> Iterator[Step]:
     """Generate for rows sharing one template; patches carry their row index within this batch."""
+    greedy_batch = config.temperature == 0.0 and not keep_logits and dropped is None
+    if target.static_decoder is not None and greedy_batch:
+        yield from _run_static_batch(target, tokens, rows, patches, config, timings)
+        return
     batch, device = len(rows), target.device
     ids = torch.tensor(tokens.ids, device=device)  # [T]
     # Tokens before the earliest patched position are identical in every row: share their KV cache.
@@ -214,6 +218,39 @@ def _run_batch(
             next_ids, live = next_ids[index], [live[j] for j in keep]
         logits = _forward(target, next_ids[:, None], kv)
     timings.decode_s += time.perf_counter() - started
+
+
+def _run_static_batch(
+    target: LoadedModel,
+    tokens: TemplateTokens,
+    rows: list[int],
+    patches: list[Patch],
+    config: GenerationConfig,
+    timings: Timings,
+) -> Iterator[Step]:
+    """The same steps as `_run_batch` for greedy decoding, computed by the static decoder in one go."""
+    started = time.perf_counter()
+    prefilled = started
+
+    def on_prefilled() -> None:
+        nonlocal prefilled
+        if target.device.type == "cuda":
+            torch.cuda.synchronize(target.device)
+        prefilled = time.perf_counter()
+
+    decoder = target.static_decoder
+    out = decoder.generate(tokens.ids, patches, len(rows), config.max_new_tokens, on_prefilled).tolist()
+    timings.prefill_s += prefilled - started
+    timings.decode_s += time.perf_counter() - prefilled
+    stop = _stop_ids(target)
+    live = list(range(len(rows)))  # rows not yet finished, as the eager path reports them
+    for step in range(config.max_new_tokens):
+        token_ids = [out[k][step] for k in live]
+        done = [t in stop for t in token_ids]
+        yield Step(rows=[rows[k] for k in live], token_ids=token_ids, finished=done)
+        live = [k for k, d in zip(live, done, strict=True) if not d]
+        if not live:
+            break
 
 
 @torch.inference_mode()

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -18,6 +19,9 @@ from patchscope.engine.models.layout import Layout, discover, site_paths
 from patchscope.engine.models.registry import CACHE_META, ModelRegistry
 from patchscope.engine.prefix_cache import PrefixCache
 from patchscope.engine.validation import ModelFacts
+
+if TYPE_CHECKING:
+    from patchscope.engine.static_decode import StaticDecoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 hf_logging.disable_progress_bar()  # patchscope reports its own progress; per-tensor bars drown it
@@ -39,6 +43,8 @@ class LoadedModel:
     layout: Layout
     fingerprint: str
     prefix_cache: PrefixCache = field(default_factory=PrefixCache)
+    # Set by `enable_static_decode`: greedy, non-streaming generation then decodes through compiled steps.
+    static_decoder: StaticDecoder | None = field(default=None, repr=False)
 
     @property
     def facts(self) -> ModelFacts:

@@ -1,0 +1,84 @@
+"""What the fast path and bf16 change in the explanations of a real model (on the CPU, fp32 reference).
+
+Sweeps of every layer of a few prompts on smollm2-135m, identity preset, 10 new tokens, greedy:
+  eager fp32      the reference (the engine as the service runs it),
+  static fp32     the static decoder (static cache, the decode loop `bench_gpu.py` compiles and captures,
+                  run eagerly here: the GPU check measures the compiled forms' speed),
+  eager bf16      the engine with the model in bf16 (what a GPU deployment runs),
+and counts explanations (whole continuations) and first tokens that differ from the reference. Prints
+counts, never asserts. `make bench` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from patchscope.engine import ExplainRequest, GenerationConfig, StaticDecoder, explain, load_model
+
+PROMPTS = [
+    "Barack Obama",
+    "The Eiffel Tower is in Paris",
+    "Water boils at one hundred degrees",
+    "The capital of Japan is Tokyo",
+    "Shakespeare wrote Hamlet",
+]
+
+
+def sweep(model, prompt: str, new_tokens: int) -> list[str]:
+    request = ExplainRequest(
+        prompt=prompt,
+        layers=list(range(model.layout.num_layers)),
+        generation=GenerationConfig(max_new_tokens=new_tokens),
+    )
+    return [r.explanation for r in explain(model, model, request).results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--new-tokens", type=int, default=10)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    fp32 = load_model(args.model)
+    bf16 = load_model(args.model, dtype="bfloat16")
+    tokenizer = fp32.tokenizer
+
+    def first_token(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids[:1]
+
+    results: dict[str, list[list[str]]] = {"eager fp32": [], "static fp32": [], "eager bf16": []}
+    seconds = dict.fromkeys(results, 0.0)
+    decoder = StaticDecoder(fp32, None)
+    for prompt in PROMPTS:
+        for label, model, static in [
+            ("eager fp32", fp32, None),
+            ("static fp32", fp32, decoder),
+            ("eager bf16", bf16, None),
+        ]:
+            model.static_decoder = static
+            started = time.perf_counter()
+            results[label].append(sweep(model, prompt, args.new_tokens))
+            seconds[label] += time.perf_counter() - started
+            model.static_decoder = None
+    reference = [e for sweep_ in results["eager fp32"] for e in sweep_]
+    print(
+        f"{args.model}: {len(PROMPTS)} prompts × {fp32.layout.num_layers} layers = {len(reference)} "
+        f"explanations, {args.new_tokens} new tokens, on the CPU (bf16 rounds as on a GPU)"
+    )
+    print(f"{'way':<14}{'explanations differing':>24}{'first tokens differing':>24}{'seconds':>9}")
+    for label, sweeps in results.items():
+        got = [e for sweep_ in sweeps for e in sweep_]
+        differ = sum(a != b for a, b in zip(reference, got, strict=True))
+        first = sum(first_token(a) != first_token(b) for a, b in zip(reference, got, strict=True))
+        print(
+            f"{label:<14}{f'{differ} of {len(got)}':>24}{f'{first} of {len(got)}':>24}{seconds[label]:>9.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The static decode path generates what the eager engine generates, and refuses what it cannot run."""
+
+import pytest
+import torch
+
+from patchscope.engine import (
+    GenerationConfig,
+    InvalidArgument,
+    PatchedRow,
+    RowPatch,
+    StaticDecoder,
+    extract,
+    load_directory,
+    patched_generate,
+)
+from patchscope.engine import generation as generation_module
+from patchscope.engine.presets import PRESETS
+
+SOURCE = "The lobster is a species of crustacean from the eastern Atlantic Ocean"
+CONFIG = GenerationConfig(max_new_tokens=8)
+
+
+@pytest.fixture
+def llama(tiny_dirs):
+    """A private copy: decoders with slots leave hooks on the blocks, which must not reach other tests."""
+    return load_directory("tiny-llama", tiny_dirs["llama"])
+
+
+def sweep(model, positions=(-1, 3)) -> list[PatchedRow]:
+    """One row per (layer, source position), one patch each: what a sweep sends."""
+    layers = list(range(model.layout.num_layers))
+    states = extract(model, SOURCE, layers, positions=list(positions)).states  # [L, p, d]
+    preset = PRESETS["identity"]
+    return [
+        PatchedRow(preset.template, preset.filler, (RowPatch(layer=layer, vector=states[layer, p]),))
+        for layer in layers
+        for p in range(len(positions))
+    ]
+
+
+def generate(model, rows, decoder: StaticDecoder | None) -> list[list[int]]:
+    model.static_decoder = decoder
+    try:
+        return [r.token_ids for r in patched_generate(model, rows, CONFIG, use_prefix_cache=False)]
+    finally:
+        model.static_decoder = None
+
+
+@pytest.mark.parametrize(
+    ("mode", "compile_prefill"),
+    [(None, False), (None, True), pytest.param("default", True, id="inductor")],
+)
+def test_static_decoder_generates_what_the_eager_engine_generates(llama, mode, compile_prefill):
+    rows = sweep(llama)
+    expected = generate(llama, rows, None)
+    assert generate(llama, rows, StaticDecoder(llama, mode, compile_prefill)) == expected
+    # The patches matter: an unpatched batch continues differently for some rows.
+    unpatched = generate(llama, [PatchedRow(r.template, r.filler, ()) for r in rows], None)
+    assert unpatched != expected
+
+
+def test_rows_that_are_not_a_sweep_take_the_eager_hooks_and_still_match(llama):
+    rows = sweep(llama)
+    doubled = PatchedRow(rows[0].template, rows[0].filler, rows[0].patches + rows[5].patches)
+    mixed = [*rows[:3], doubled, PatchedRow(rows[0].template, rows[0].filler, ())]
+    decoder = StaticDecoder(llama, None, compile_prefill=True)
+    assert generate(llama, mixed, decoder) == generate(llama, mixed, None)
+
+
+def test_rows_stop_at_the_same_token_as_on_the_eager_path(llama, monkeypatch):
+    rows = sweep(llama)
+    expected = generate(llama, rows, None)
+    stop = expected[0][2]  # a token row 0 generates third: make it a stop token
+    monkeypatch.setattr(generation_module, "_stop_ids", lambda _target: {stop})
+    eager = generate(llama, rows, None)
+    assert eager[0] == expected[0][:2]  # the stop token ends the row and is not reported
+    assert generate(llama, rows, StaticDecoder(llama, None)) == eager
+
+
+def test_a_static_cache_is_reused_for_templates_of_similar_length(llama):
+    decoder = StaticDecoder(llama, None)
+    rows = sweep(llama)
+    generate(llama, rows, decoder)
+    other = [PatchedRow("Say: {} again", r.filler, r.patches) for r in rows]
+    generate(llama, other, decoder)
+    assert len(decoder._caches) == 1
+
+
+def test_models_with_sliding_window_layers_are_refused_by_name(tiny_models):
+    with pytest.raises(InvalidArgument, match="sliding-window"):
+        StaticDecoder(tiny_models["gemma3_text"], None)
+
+
+def test_capture_needs_a_cuda_device(llama):
+    with pytest.raises(InvalidArgument, match="CUDA"):
+        StaticDecoder(llama, None, capture=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_captured_sweep_generates_what_the_eager_engine_generates(tiny_dirs):
+    model = load_directory("tiny-llama", tiny_dirs["llama"], device="cuda")
+    rows = sweep(model)
+    expected = generate(model, rows, None)
+    decoder = StaticDecoder(model, None, capture=True)
+    assert generate(model, rows, decoder) == expected
+    assert generate(model, rows, decoder) == expected  # the second call replays the recorded graph
+    assert len(decoder._graphs) == 1
