@@ -227,6 +227,7 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
             max_words=args.max_words or None,
             progress=Bars(),
             vocab_words=args.vocab_words,
+            kl_weight=args.kl_weight,
             exclude_words=exclude,
         )
     print(f"pairs of states: {report.pairs}; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s")
@@ -388,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="add N training texts that each end in a word shared by both tokenizers (better identity)",
     )
     fit.add_argument("--exclude-words", default=None, help="file of words the vocabulary texts must not use")
+    fit.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.0,
+        help="learned only: add W × KL between the target head's reading of true and mapped states",
+    )
     fit.set_defaults(func=cmd_fit_mapping)
 
     from patchscope.eval.commands import add_parser as add_eval_parser

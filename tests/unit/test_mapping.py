@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.conftest import data_dir, train_tokenizer
 
-from patchscope.engine import ExplainRequest, explain
+from patchscope.engine import ExplainRequest, InvalidArgument, explain
 from patchscope.mapping import artefact as artefact_module
 from patchscope.mapping.align import encode, pair_positions, word_end_offsets
 from patchscope.mapping.artefact import MappingCorrupt, MappingIncompatible, load_mapping, read_info
 from patchscope.mapping.collect import _states
 from patchscope.mapping.corpus import read_documents, split_documents
-from patchscope.mapping.fit import RidgeBasis, apply, fit_affine, fit_learned
+from patchscope.mapping.fit import KLTerm, RidgeBasis, apply, fit_affine, fit_learned
 from patchscope.mapping.pipeline import depth_proportional, fit_mappings
 from patchscope.mapping.registry import MappingNotFound, MappingRegistry
 from patchscope.mapping.resolve import resolve_mappings
@@ -47,6 +47,31 @@ def test_learned_fit_starts_at_affine_and_never_ends_worse_on_validation():
     assert learned.validation.r2 >= start.validation.r2
     assert set(learned.mlp) == {"w1", "b1", "w2", "b2"}
     assert apply(learned.tensors(), x_val).shape == (400, 8)
+
+
+def test_a_kl_term_lowers_the_validation_divergence_through_the_head_and_is_recorded():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(8, 6, generator=g)
+    head = torch.randn(6, 40, generator=g) * 3  # a fixed "head" reading 40 tokens off a target state
+
+    def relation(x: torch.Tensor) -> torch.Tensor:
+        return x @ a + 0.5 * torch.tanh(4 * x[:, :6])
+
+    x, x_val = torch.randn(3000, 8, generator=g), torch.randn(400, 8, generator=g)
+    y, y_val = relation(x), relation(x_val)
+    start = fit_affine(RidgeBasis.of(x), y, x_val, y_val)
+    kl = KLTerm(lambda states: states @ head, weight=1.0, vocabulary=40)
+    learned = fit_learned(start, x, y, x_val, y_val, hidden=64, max_epochs=30, patience=5, kl=kl)
+    with torch.no_grad():
+        before = float(kl(apply(start.tensors(), x_val), y_val))
+        after = float(kl(apply(learned.tensors(), x_val), y_val))
+    assert after < before
+    assert learned.hyperparameters["kl_weight"] == 1.0 and learned.hyperparameters["kl_vocabulary"] == 40
+
+
+def test_a_kl_weight_is_refused_for_methods_other_than_learned(llama, tmp_path):
+    with pytest.raises(InvalidArgument, match="kl_weight"):
+        fit_mappings(llama, llama, [(0, 0)], "affine", WIKITEXT, MappingRegistry(tmp_path), kl_weight=1.0)
 
 
 def test_depth_proportional_layers_of_the_default_pair():

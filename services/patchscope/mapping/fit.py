@@ -5,6 +5,10 @@ eigendecomposed once; every target layer paired with it and every candidate regu
 small matrix product, and the regularisation with the best validation R² wins.
 `learned`: the ridge solution plus a one-hidden-layer MLP on the residual, trained with Adam on MSE and
 stopped early on validation (so it starts where `affine` ends and keeps only what held-out data confirms).
+With a `KLTerm` (as tuned-lens trains its lenses) the loss adds the KL divergence between what the target
+reads off the true state and off the mapped one through its own final norm and head: MSE weighs
+directions by their variance, while the identity of a word lives in low-variance directions the head
+separates.
 """
 
 from __future__ import annotations
@@ -97,6 +101,25 @@ def fit_affine(
     )
 
 
+@dataclass(frozen=True)
+class KLTerm:
+    """KL(lens(true target state) ‖ lens(mapped state)), weighted, added to the learned map's loss.
+
+    `lens` maps target states ([n, d_t]) to logits over the vocabulary it was built for; gradients flow
+    through it to the map only (its own weights are frozen).
+    """
+
+    lens: Callable[[torch.Tensor], torch.Tensor]
+    weight: float = 1.0
+    vocabulary: int = 0  # size of the lens's vocabulary, recorded in the artefact
+
+    def __call__(self, mapped: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            reference = torch.log_softmax(self.lens(true).float(), dim=-1)
+        predicted = torch.log_softmax(self.lens(mapped).float(), dim=-1)
+        return torch.nn.functional.kl_div(predicted, reference, log_target=True, reduction="batchmean")
+
+
 def fit_learned(
     start: FittedMap,
     x: torch.Tensor,
@@ -111,9 +134,13 @@ def fit_learned(
     max_epochs: int = 200,
     patience: int = 8,
     seed: int = 0,
+    kl: KLTerm | None = None,
     on_epoch: Callable[[int, float], None] = lambda _e, _r2: None,
 ) -> FittedMap:
-    """Ridge start plus an MLP residual, Adam on MSE, early stopping on validation R²."""
+    """Ridge start plus an MLP residual, Adam on MSE (+ `kl`), early stopping on the validation objective.
+
+    The objective is R² alone without `kl`; with it, (1 − R²) + weight · KL on validation, lower is better.
+    """
     started = time.perf_counter()
     torch.manual_seed(seed)
     d_s, d_t = start.weight.shape
@@ -130,22 +157,45 @@ def fit_learned(
     def current() -> dict[str, torch.Tensor]:
         return {"weight": weight, "bias": bias, "mlp.w1": w1, "mlp.b1": b1, "mlp.w2": w2, "mlp.b2": b2}
 
+    def objective(metrics: MapMetrics, mapped: torch.Tensor) -> float:
+        """Validation objective, lower is better."""
+        if kl is None:
+            return -metrics.r2
+        chunks = range(0, y_val.shape[0], batch_size)
+        divergence = (
+            sum(
+                float(kl(mapped[i : i + batch_size], y_val[i : i + batch_size]))
+                * len(y_val[i : i + batch_size])
+                for i in chunks
+            )
+            / y_val.shape[0]
+        )
+        return (1 - metrics.r2) + kl.weight * divergence
+
     best_state = {k: v.detach().clone() for k, v in current().items()}
+    with torch.no_grad():
+        start_mapped = apply(current(), x_val)
     best_metrics, stale, epochs = start.validation, 0, 0
+    best_objective = objective(best_metrics, start_mapped)
     for epoch in range(max_epochs):
         epochs = epoch + 1
         order = torch.randperm(x.shape[0])
         for begin in range(0, x.shape[0], batch_size):
             idx = order[begin : begin + batch_size]
-            loss = ((apply(current(), x[idx]) - y[idx]) ** 2).sum(dim=-1).mean() / target_var
+            mapped = apply(current(), x[idx])
+            loss = ((mapped - y[idx]) ** 2).sum(dim=-1).mean() / target_var
+            if kl is not None:
+                loss = loss + kl.weight * kl(mapped, y[idx])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
         with torch.no_grad():
-            metrics = evaluate(apply(current(), x_val), y_val)
+            mapped_val = apply(current(), x_val)
+            metrics = evaluate(mapped_val, y_val)
+            value = objective(metrics, mapped_val)
         on_epoch(epochs, metrics.r2)
-        if metrics.r2 > best_metrics.r2 + 1e-5:
-            best_metrics, stale = metrics, 0
+        if value < best_objective - 1e-5:
+            best_metrics, best_objective, stale = metrics, value, 0
             best_state = {k: v.detach().clone() for k, v in current().items()}
         else:
             stale += 1
@@ -160,6 +210,7 @@ def fit_learned(
         "epochs": epochs,
         "patience": patience,
         "init": "affine",
+        **({"kl_weight": kl.weight, "kl_vocabulary": kl.vocabulary} if kl is not None else {}),
         **{f"affine_{k}": v for k, v in start.hyperparameters.items()},
     }
     return FittedMap(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import time
@@ -22,7 +23,15 @@ from patchscope.mapping.corpus import (
     take_words,
     vocabulary_texts,
 )
-from patchscope.mapping.fit import FittedMap, RidgeBasis, apply, fit_affine, fit_learned, identity_map
+from patchscope.mapping.fit import (
+    FittedMap,
+    KLTerm,
+    RidgeBasis,
+    apply,
+    fit_affine,
+    fit_learned,
+    identity_map,
+)
 from patchscope.mapping.metrics import evaluate
 from patchscope.mapping.registry import MappingRegistry
 
@@ -87,8 +96,13 @@ def fit_mappings(
     seed: int = 0,
     vocab_words: int = 0,
     exclude_words: set[str] | None = None,
+    kl_weight: float = 0.0,
 ) -> FitReport:
-    """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`."""
+    """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`.
+
+    `kl_weight` > 0 (learned only) adds the KL term on the target's head over the shared single-token
+    words (`head_lens`).
+    """
     progress = progress or Progress()
     if method not in METHODS:
         raise InvalidArgument("method", "unknown method", limit=", ".join(METHODS), value=method)
@@ -98,6 +112,8 @@ def fit_mappings(
         raise IncompatibleModels("identity needs equal hidden sizes")
     if not pairs:
         raise InvalidArgument("pairs", "must name at least one layer pair")
+    if kl_weight < 0 or (kl_weight > 0 and method != "learned"):
+        raise InvalidArgument("kl_weight", "a non-negative weight, for method learned only", value=kl_weight)
 
     split = split_documents(read_documents(corpus), seed=seed)
     budget = {
@@ -108,8 +124,9 @@ def fit_mappings(
         "validation": take_words(split.validation, budget["validation"]),
         "test": take_words(split.test, budget["test"]),
     }
+    words = shared_words(source, target, exclude_words or set()) if vocab_words > 0 or kl_weight > 0 else []
+    kl = head_lens(target, words, kl_weight) if kl_weight > 0 else None
     if vocab_words > 0:  # training texts only: validation and test stay plain corpus text
-        words = shared_words(source, target, exclude_words or set())
         texts["train"] += vocabulary_texts(texts["train"], words, vocab_words, seed=seed)
     source_layers = sorted({a for a, _ in pairs})
     target_layers = sorted({b for _, b in pairs})
@@ -150,6 +167,7 @@ def fit_mappings(
                         val.source[a],
                         val.target[b],
                         seed=seed,
+                        kl=kl,
                         **(learned_options or {}),
                     )
                 fitted.method = method
@@ -162,6 +180,27 @@ def fit_mappings(
             progress.advance("fit", done)
     report.solve_s = time.perf_counter() - started
     return report
+
+
+def head_lens(target: LoadedModel, words: list[str], weight: float) -> KLTerm:
+    """The target's own final norm and head, restricted to the tokens of `words` (one token each).
+
+    The restriction keeps the KL term affordable (Gemma's head has 262k rows) and centred on the words an
+    identity Patchscope names; callers leave evaluation words out of `words`.
+    """
+    ids = sorted({target.tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in words})
+    if not ids:
+        raise InvalidArgument("kl_weight", "the KL term needs shared single-token words; none were found")
+    layout = target.layout
+    head = layout.unembed.weight.detach()[ids].float()  # [V', d_t]
+    norm = copy.deepcopy(layout.final_norm).float().requires_grad_(False)
+    softcap = layout.softcap
+
+    def lens(states: torch.Tensor) -> torch.Tensor:
+        logits = norm(states) @ head.T
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    return KLTerm(lens, weight, len(ids))
 
 
 def _info(
