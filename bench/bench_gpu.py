@@ -147,7 +147,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda" and args.shape != "smoke":
-        print("GPU: not measured (no CUDA device here); `--shape smoke` runs the same code on the CPU")
+        print(
+            "GPU: not measured (no CUDA device here; bench/results-h100.md has an H100 run); "
+            "`--shape smoke` runs the same code on the CPU"
+        )
         return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}; torch {torch.__version__}; transformers {transformers.__version__}", flush=True)
