@@ -36,6 +36,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bench_engine import hooked_generate  # bench/ is the script's own directory
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, patched_generate
 from patchscope.engine.generation import Timings
 from patchscope.engine.models import LoadedModel
@@ -104,29 +105,6 @@ def copy_bandwidth(device: torch.device) -> float | None:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * src.numel() * src.element_size() / statistics.median(times[3:])
-
-
-def hooked_generate(
-    m: LoadedModel, ids: torch.Tensor, layers: list[int], vectors: torch.Tensor, at: int, new: int
-):
-    """One `generate` whose row r is patched at block layers[r] during the prompt pass only."""
-    handles = []
-    for row, layer in enumerate(layers):
-
-        def hook(_mod, _args, out, row=row, vec=vectors[row]):
-            hidden = out[0] if isinstance(out, tuple) else out
-            if hidden.shape[1] > 1:
-                hidden[row, at] = vec
-            return out
-
-        handles.append(m.layout.blocks[layer].register_forward_hook(hook))
-    try:
-        return m.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False
-        )
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def main() -> None:
