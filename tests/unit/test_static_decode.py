@@ -1,14 +1,18 @@
 """The static decode path generates what the eager engine generates, and refuses what it cannot run."""
 
+import shutil
+
 import pytest
 import torch
 
 from patchscope.engine import (
+    ExplainRequest,
     GenerationConfig,
     InvalidArgument,
     PatchedRow,
     RowPatch,
     StaticDecoder,
+    explain,
     extract,
     load_directory,
     patched_generate,
@@ -48,7 +52,16 @@ def generate(model, rows, decoder: StaticDecoder | None) -> list[list[int]]:
 
 @pytest.mark.parametrize(
     ("mode", "compile_prefill"),
-    [(None, False), (None, True), pytest.param("default", True, id="inductor")],
+    [
+        (None, False),
+        (None, True),
+        pytest.param(
+            "default",
+            True,
+            id="inductor",
+            marks=pytest.mark.skipif(shutil.which("c++") is None, reason="inductor needs a C++ compiler"),
+        ),
+    ],
 )
 def test_static_decoder_generates_what_the_eager_engine_generates(llama, mode, compile_prefill):
     rows = sweep(llama)
@@ -106,3 +119,16 @@ def test_a_captured_sweep_generates_what_the_eager_engine_generates(tiny_dirs):
     assert generate(model, rows, decoder) == expected
     assert generate(model, rows, decoder) == expected  # the second call replays the recorded graph
     assert len(decoder._graphs) == 1
+
+
+@pytest.mark.realmodel
+def test_the_static_decoder_explains_a_real_sweep_as_the_eager_engine_does(smollm2):
+    request = ExplainRequest(prompt="Barack Obama", layers=list(range(0, 30, 3)))
+    expected = [r.explanation for r in explain(smollm2, smollm2, request).results]
+    smollm2.static_decoder = StaticDecoder(smollm2, None)  # no slots: leaves the shared model's blocks alone
+    try:
+        got = [r.explanation for r in explain(smollm2, smollm2, request).results]
+    finally:
+        smollm2.static_decoder = None
+    assert got == expected
+    assert any("Obama" in e for e in got)
