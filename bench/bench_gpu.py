@@ -36,7 +36,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bench_engine import hooked_generate  # bench/ is the script's own directory
+from bench_engine import hooked_generate, sync  # bench/ is the script's own directory
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, patched_generate
 from patchscope.engine.generation import Timings
 from patchscope.engine.models import LoadedModel
@@ -83,11 +83,6 @@ def random_model(shape: str, device: str, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(
         id=f"{shape}-random", model=model, tokenizer=tokenizer, layout=discover(model), fingerprint="random"
     )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(device: torch.device) -> float | None:

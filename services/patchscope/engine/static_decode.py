@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import StaticCache
 
 from patchscope.engine.errors import InvalidArgument
+from patchscope.engine.generation import _cache_kwarg
 from patchscope.engine.hooks import Patch, patching
 from patchscope.engine.models.loading import LoadedModel
 
@@ -113,8 +114,6 @@ class StaticDecoder:
         if self.capture and self.target.device.type != "cuda":
             raise InvalidArgument("capture", "CUDA graphs need a CUDA device", value=str(self.target.device))
         base = self.target.model.base_model
-        from patchscope.engine.generation import _cache_kwarg
-
         kwarg = _cache_kwarg(type(base))
         unembed = self.target.layout.unembed_normed
 
