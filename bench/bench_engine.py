@@ -3,13 +3,16 @@
 (a) the reference notebooks' per-site loop: one source pass and one hooked `generate` per layer,
 (b) one batched `generate` with a patch hook per row,
 (c) the same batch unpatched (the floor any patching method sits on),
-(d) the engine (`explain`): one source pass, prefix cache, lean decode loop; (d') the same without the cache,
+(d) the engine (`explain`): one source pass, prefix cache, lean decode loop, oneDNN-packed linears on an
+    fp32 CPU (its default); (d') the same without the cache; (d'') on the peers' stock ATen linears,
 (e) nnsight's per-site loop: one source trace and one intervened `generate` per layer,
 (f) nnsight batched: one source trace, then one `generate` with one invoke per layer.
 (e) and (f) need nnsight (`pip install nnsight==0.8.1`, or the `bench` extra) and are skipped without it;
 nnsight runs on its own copy of the module tree (sharing the weights), so its instrumented forwards never
 slow the other cases. Their explanations are checked against the engine's before timing.
-All run in this process on the same model, in rotated order; the median of --repeats runs is reported.
+All run in this process on the same weights (the peers on a stock load, the engine on its own), in
+rotated order; the median of --repeats runs is reported. "explanations differing" compares the engine with
+the peers' fp32 ATen outputs.
 Prints ratios, never asserts them. `make bench-engine` runs it on smollm2-135m.
 """
 
@@ -76,7 +79,12 @@ def hooked_generate(
             h.remove()
 
 
-def build(m: LoadedModel, new: int) -> dict[str, Callable[[], object]]:
+def build(m: LoadedModel, engine_model: LoadedModel, new: int) -> dict[str, Callable[[], object]]:
+    """The sweep's cases: the peers on `m`, the engine on `engine_model`.
+
+    `m` is a stock load (ATen linears, as a transformers user has them); the engine runs on its own
+    default load, and once more on `m` to show what its kernels are worth.
+    """
     layers = list(range(m.layout.num_layers))
     preset = PRESETS["identity"]
     tt = tokenize_template(m.tokenizer, preset.template, preset.filler)
@@ -116,15 +124,18 @@ def build(m: LoadedModel, new: int) -> dict[str, Callable[[], object]]:
     request = ExplainRequest(prompt=PROMPT, layers=layers, generation=GenerationConfig(max_new_tokens=new))
 
     def engine():
-        return explain(m, m, request)
+        return explain(engine_model, engine_model, request)
 
     def engine_no_cache():
-        m.prefix_cache.clear()
-        m.prefix_cache.capacity = 0
+        engine_model.prefix_cache.clear()
+        engine_model.prefix_cache.capacity = 0
         try:
-            return explain(m, m, request)
+            return explain(engine_model, engine_model, request)
         finally:
-            m.prefix_cache.capacity = 32
+            engine_model.prefix_cache.capacity = 32
+
+    def engine_aten():
+        return explain(m, m, request)
 
     return {
         "(a) per-site loop": per_site_loop,
@@ -132,6 +143,7 @@ def build(m: LoadedModel, new: int) -> dict[str, Callable[[], object]]:
         "(c) unpatched batch (floor)": unpatched_batch,
         "(d) engine": engine,
         "(d') engine, no prefix cache": engine_no_cache,
+        "(d'') engine, ATen GEMMs": engine_aten,
     }
 
 
@@ -232,8 +244,9 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    m = load_model(args.model, dtype=args.dtype, device=args.device)
-    cases = build(m, args.new_tokens)
+    m = load_model(args.model, dtype=args.dtype, device=args.device, gemm="aten")
+    engine_model = load_model(args.model, dtype=args.dtype, device=args.device)
+    cases = build(m, engine_model, args.new_tokens)
     if args.skip_loop:
         cases.pop("(a) per-site loop")
     nnsight = import_nnsight()
@@ -262,7 +275,7 @@ def main() -> None:
             generation=GenerationConfig(max_new_tokens=args.new_tokens),
         )
         if nnsight_cases:  # a peer only counts if it explains the same thing: check before timing
-            expected = explain(m, m, request)
+            expected = explain(engine_model, engine_model, request)
             checked = {
                 "batched": nnsight_cases[NNSIGHT_BATCHED](),
                 # the loop is checked on its first layers even when its timing is skipped
@@ -286,7 +299,7 @@ def main() -> None:
                 cases[name]()
                 sync(m.device)
                 times[name].append(time.perf_counter() - start)
-        breakdown = explain(m, m, request)
+        breakdown = explain(engine_model, engine_model, request)
         reference = cases["(b) batched generate + hooks"]()
 
     med = {name: statistics.median(ts) for name, ts in times.items()}

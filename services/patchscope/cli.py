@@ -91,12 +91,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     registry = registry_with_paths(args.source, args.target)
     source = load_model(
-        args.source, registry=registry, dtype=args.dtype, device=args.device, progress=_progress
+        args.source,
+        registry=registry,
+        dtype=args.dtype,
+        device=args.device,
+        progress=_progress,
+        gemm=args.gemm,
     )
     target = source
     if args.target != args.source:
         target = load_model(
-            args.target, registry=registry, dtype=args.dtype, device=args.device, progress=_progress
+            args.target,
+            registry=registry,
+            dtype=args.dtype,
+            device=args.device,
+            progress=_progress,
+            gemm=args.gemm,
         )
     if args.decode != "eager":
         from patchscope.engine.static_decode import DECODE_MODES, enable_static_decode
@@ -350,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top-k", type=int, default=5, help="pairs reported by the logit-lens preset")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.add_argument("--device", default="cpu")
+    ex.add_argument(
+        "--gemm",
+        default="auto",
+        choices=["auto", "onednn", "aten"],
+        help="linear-layer kernel: auto = oneDNN-packed weights for float32 on a CPU, else ATen's",
+    )
     ex.add_argument(
         "--decode",
         default="eager",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from patchscope.engine.errors import UnsupportedArchitecture
+from patchscope.engine.models.packed import PackedLinear
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,12 @@ class Layout:
         `W @ h.T` rather than `linear(h, W)`: with few rows and a large vocabulary the former is the
         faster CPU kernel (measured ~20% on SmolLM2's 49k × 576 head), and decoding calls it every step.
         """
-        logits = (self.unembed.weight @ normed.T).T  # [V, n] -> [n, V]
-        if getattr(self.unembed, "bias", None) is not None:
-            logits = logits + self.unembed.bias
+        if isinstance(self.unembed, PackedLinear):  # oneDNN's packed head beats both (packed.py)
+            logits = self.unembed(normed)
+        else:
+            logits = (self.unembed.weight @ normed.T).T  # [V, n] -> [n, V]
+            if getattr(self.unembed, "bias", None) is not None:
+                logits = logits + self.unembed.bias
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

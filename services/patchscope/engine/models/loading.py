@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from patchscope.engine.models.layout import Layout, discover, site_paths
+from patchscope.engine.models.packed import Gemm, pack_linears, resolve_gemm
 from patchscope.engine.models.registry import CACHE_META, ModelRegistry
 from patchscope.engine.prefix_cache import PrefixCache
 from patchscope.engine.validation import ModelFacts
@@ -105,12 +106,22 @@ def convert_gguf(gguf: Path, out_dir: Path, meta: dict[str, str | None]) -> None
 
 
 def load_directory(
-    model_id: str, directory: Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    model_id: str,
+    directory: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    gemm: Gemm = "auto",
 ) -> LoadedModel:
-    """Load a transformers directory (never with remote code) and resolve its hook sites."""
+    """Load a transformers directory (never with remote code) and resolve its hook sites.
+
+    `gemm` picks the kernel of the linear layers: `auto` packs them for oneDNN on an fp32 CPU (packed.py).
+    """
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     model.to(device).eval()
+    if resolve_gemm(gemm, torch.device(device), dtype) == "onednn":
+        pack_linears(model)  # before `discover`, so the layout holds the packed head
     layout = discover(model)
     meta_file = directory / CACHE_META
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
@@ -125,10 +136,11 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     progress=lambda _: None,
+    gemm: Gemm = "auto",
 ) -> LoadedModel:
     """Load a registered model by id, converting it into the cache first if this is its first use."""
     registry = registry or ModelRegistry()
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     directory = registry.prepare(model_id, progress=progress)
-    return load_directory(model_id, directory, dtype=dtype, device=device)
+    return load_directory(model_id, directory, dtype=dtype, device=device, gemm=gemm)

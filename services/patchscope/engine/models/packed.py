@@ -1,0 +1,75 @@
+"""Linear layers whose weights oneDNN has pre-packed once, for fp32 decoding on a CPU.
+
+A sweep decodes a few dozen rows at a time, so every projection is a product with ~30 rows. ATen's
+kernel re-reads (re-packs) the weight on every call and reaches about half this CPU's GEMM rate at that
+shape; oneDNN with the weight reordered once into its blocked layout runs the layers' products ~20%
+faster and SmolLM2's 49k-row head ~1.9× faster (`bench/bench_engine.py`). The results are fp32 with a
+different summation order (differences ~1e-4 on the logits), so `gemm="aten"` keeps the stock kernel
+selectable and the benchmarks count the explanations that differ.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Gemm = Literal["auto", "onednn", "aten"]
+GEMMS: tuple[str, ...] = ("auto", "onednn", "aten")
+BATCH_HINT = 32  # the row count oneDNN tunes its packing for: a sweep's width
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def resolve_gemm(gemm: Gemm, device: torch.device, dtype: torch.dtype) -> Literal["onednn", "aten"]:
+    """`auto`: oneDNN for fp32 on a CPU that has it; ATen everywhere else (GPUs, half precision)."""
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
+    fits = device.type == "cpu" and dtype == torch.float32 and onednn_available()
+    if gemm == "onednn" and not fits:
+        raise ValueError(f"gemm 'onednn' needs float32 on a CPU with oneDNN; got {dtype} on {device.type}")
+    return "onednn" if gemm == "onednn" or (gemm == "auto" and fits) else "aten"
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear`'s forward through a oneDNN-packed copy of the weight (inference only).
+
+    `weight` and `bias` stay the original parameters (tied embeddings stay tied; fingerprints, lenses
+    and the logit lens read them); only the forward uses the packed copy, which autograd cannot see.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), BATCH_HINT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inductor packs constants itself; it cannot lower a packed input
+            return nn.functional.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def __deepcopy__(self, memo: dict) -> nn.Linear:
+        """A copy is a plain `nn.Linear` on the same parameters: packed tensors have no storage to copy."""
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = memo.get(id(self.weight), self.weight)
+        plain.bias = None if self.bias is None else memo.get(id(self.bias), self.bias)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every `nn.Linear` of `model` for a `PackedLinear` in place; returns how many were swapped."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PackedLinear(child))
+                swapped += 1
+    return swapped
