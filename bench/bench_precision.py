@@ -1,7 +1,8 @@
 """What the fast path and bf16 change in the explanations of a real model (on the CPU, fp32 reference).
 
 Sweeps of every layer of a few prompts on smollm2-135m, identity preset, 10 new tokens, greedy:
-  eager fp32      the reference (the engine as the service runs it),
+  eager fp32      the reference: the engine on ATen's fp32 linears (`--gemm aten`),
+  oneDNN fp32     the engine's CPU default: the same weights pre-packed for oneDNN (another summation order),
   static fp32     the static decoder (static cache, the decode loop `bench_gpu.py` compiles and captures,
                   run eagerly here: the GPU check measures the compiled forms' speed),
   eager bf16      the engine with the model in bf16 (what a GPU deployment runs),
@@ -44,19 +45,26 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=10)
     args = parser.parse_args()
     torch.manual_seed(0)
-    fp32 = load_model(args.model)
+    fp32 = load_model(args.model, gemm="aten")
+    packed = load_model(args.model)
     bf16 = load_model(args.model, dtype="bfloat16")
     tokenizer = fp32.tokenizer
 
     def first_token(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids[:1]
 
-    results: dict[str, list[list[str]]] = {"eager fp32": [], "static fp32": [], "eager bf16": []}
+    results: dict[str, list[list[str]]] = {
+        "eager fp32": [],
+        "oneDNN fp32": [],
+        "static fp32": [],
+        "eager bf16": [],
+    }
     seconds = dict.fromkeys(results, 0.0)
     decoder = StaticDecoder(fp32, None)
     for prompt in PROMPTS:
         for label, model, static in [
             ("eager fp32", fp32, None),
+            ("oneDNN fp32", packed, None),
             ("static fp32", fp32, decoder),
             ("eager bf16", bf16, None),
         ]:
