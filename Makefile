@@ -47,11 +47,11 @@ data-check:
 	@test -d "$(DATA)/wikitext-2" || { echo "data directory $(DATA) is missing: pass DATA=/path/to/shared/data"; exit 1; }
 
 # The main job: the service on the default pair smollm2-135m -> gemma3-270m. The depth-proportional affine
-# maps (2:1, 6:4, 10:6) are fitted once on <= 20k words of the wikitext-2 file plus 3,000 short texts ending
-# in words both tokenizers share, if the registry lacks them; then a local Ray instance serves
+# maps (2:1, 6:4, 10:6) are fitted once on <= 20k words of the wikitext-2 file plus one short text for each
+# word both tokenizers have as one token (~19k), if the registry lacks them; then a local Ray instance serves
 # deploy/config/local.yaml, one Explain goes through the generated gRPC stub and streams back, and it stops.
 FIT_DEFAULT_PAIR = $(VENV)/bin/patchscope fit-mapping --source smollm2-135m --target gemma3-270m \
-	--pairs 2:1,6:4,10:6 --method affine --max-words 20000 --vocab-words 3000 \
+	--pairs 2:1,6:4,10:6 --method affine --max-words 20000 --vocab-words 20000 \
 	--corpus "$(DATA)/wikitext-2/valid.txt" --if-missing
 
 run: install data-check
@@ -86,6 +86,7 @@ bench-engine: bench-deps
 bench-mapping: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(PY) bench/bench_mapping.py
+	$(PY) bench/bench_mapping.py quality identity --methods affine --vocab-words 20000 --cross-only
 
 # Every benchmark, one after another (about half an hour here), into bench/results.md.
 BENCHES = engine precision gpu encoding prefix growth service mapping

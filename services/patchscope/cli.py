@@ -401,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--vocab-words",
         type=int,
-        default=0,
-        help="add N training texts that each end in a word shared by both tokenizers (better identity)",
+        default=20000,
+        help="add up to N short training texts, each ending in a word both tokenizers have as one token "
+        "(default 20000: every such word of the default pair; 0 = corpus only); see the README",
     )
     fit.add_argument("--exclude-words", default=None, help="file of words the vocabulary texts must not use")
     fit.add_argument(

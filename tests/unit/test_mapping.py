@@ -253,11 +253,16 @@ def test_missing_mapping_names_the_fit_command(fitted_registry, tiny_models):
 
 def test_vocabulary_texts_add_training_pairs_and_respect_exclusions(tiny_models, tmp_path):
     from patchscope.mapping.collect import shared_words
+    from patchscope.mapping.corpus import CARRIERS, vocabulary_texts
 
     source, target = tiny_models["llama"], tiny_models["qwen2"]
     words = shared_words(source, target, exclude=set())
     assert words and all(w.isalpha() and w.islower() and len(w) >= 4 for w in words)
     assert words[0] not in shared_words(source, target, exclude={words[0]})
+    texts = vocabulary_texts(words, 10, seed=1)
+    assert len(texts) == min(10, len(words))
+    assert all(any(t == c.format(t.rsplit(" ", 1)[-1]) for c in CARRIERS) for t in texts)
+    assert "I saw the {}" not in CARRIERS  # the identity benchmark's source prompt stays out of training
     plain = fit_mappings(
         source, target, [(1, 1)], "affine", WIKITEXT, MappingRegistry(tmp_path / "a"), max_words=800
     )

@@ -127,7 +127,7 @@ def fit_mappings(
     words = shared_words(source, target, exclude_words or set()) if vocab_words > 0 or kl_weight > 0 else []
     kl = head_lens(target, words, kl_weight) if kl_weight > 0 else None
     if vocab_words > 0:  # training texts only: validation and test stay plain corpus text
-        texts["train"] += vocabulary_texts(texts["train"], words, vocab_words, seed=seed)
+        texts["train"] += vocabulary_texts(words, vocab_words, seed=seed)
     source_layers = sorted({a for a, _ in pairs})
     target_layers = sorted({b for _, b in pairs})
 
