@@ -86,7 +86,6 @@ bench-engine: bench-deps
 bench-mapping: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(PY) bench/bench_mapping.py
-	$(PY) bench/bench_mapping.py quality identity --methods affine --vocab-words 20000 --cross-only
 
 # Every benchmark, one after another (about half an hour here), into bench/results.md.
 BENCHES = engine precision gpu encoding prefix growth service mapping

@@ -2,9 +2,12 @@
 
 Prints figures; asserts nothing.
 
-  quality    affine vs learned held-out R² for 2:1, 6:4, 10:6 (≤ 20k words of wikitext-2, split by document)
-  identity   cross-model identity rate on bench/data/heldout_nouns.txt ("I saw the {word}"), Wilson 95%
-             intervals, beside the same-model references smollm2 -> smollm2 and gemma3 -> gemma3
+  quality    held-out R² for 2:1, 6:4, 10:6 (≤ 20k words of wikitext-2, split by document) of affine and
+             learned on corpus text, and of affine + the carrier vocabulary texts (affine+vocab, the
+             default of fit-mapping and make run), held-out nouns excluded from every fit
+  identity   cross-model identity rate on bench/data/heldout_nouns.txt ("I saw the {word}") of affine and
+             affine+vocab, Wilson 95% intervals, beside the same-model references smollm2 -> smollm2 and
+             gemma3 -> gemma3
   all-pairs  every layer pair (30 × 18): extraction and solve times, R² heat map and mapped-norm ratio PNGs
 
 `make bench-mapping` runs all three into a scratch registry and writes docs/mapping_*.png.
@@ -24,6 +27,7 @@ import torch
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, load_model, patched_generate
 from patchscope.engine.presets import PRESETS, identity_answer
 from patchscope.eval.common import wilson
+from patchscope.mapping.artefact import MappingInfo
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
 from patchscope.mapping.resolve import MappingSet
@@ -38,14 +42,21 @@ def corpus() -> Path:
     )
 
 
-def quality(source, target, registry: MappingRegistry, methods: list[str], vocab_words: int) -> None:
+VOCAB = "affine+vocab"  # affine with the carrier vocabulary texts: what fit-mapping and make run fit
+
+
+def quality(
+    source, target, registries: dict[str, MappingRegistry], labels: list[str], vocab_words: int
+) -> None:
+    """Fit each of `labels` (a method, or VOCAB) for PAIRS into its own registry; print held-out R²."""
     print(
-        "== quality: held-out R² (variance-weighted / mean per dim / cosine), test split by document"
-        + (f"; + {vocab_words} vocabulary texts" if vocab_words else "")
+        "== quality: held-out R² (variance-weighted) and cosine, test split by document (corpus text only)"
+        + (f"; {VOCAB} = affine + up to {vocab_words} vocabulary texts" if VOCAB in labels else "")
     )
     held_out = set((ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split())
-    rows = {}
-    for method in methods:
+    rows: dict[tuple[int, int], dict[str, MappingInfo]] = {}
+    for label in labels:
+        method, extra = ("affine", vocab_words) if label == VOCAB else (label, 0)
         started = time.perf_counter()
         report = fit_mappings(
             source,
@@ -53,28 +64,23 @@ def quality(source, target, registry: MappingRegistry, methods: list[str], vocab
             PAIRS,
             method,
             corpus(),
-            registry,
+            registries[label],
             max_words=20_000,
-            vocab_words=vocab_words,
+            vocab_words=extra,
             exclude_words=held_out,
         )
         print(
-            f"{method}: {report.pairs} pairs; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s, "
+            f"{label}: {report.pairs} pairs; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s, "
             f"total {time.perf_counter() - started:.1f}s"
         )
         for info in report.infos:
-            rows.setdefault((info.source_layer, info.target_layer), {})[method] = info
-    if len(methods) < 2:
-        for (a, b), m in rows.items():
-            print(f"{a}:{b:<6}" + "  ".join(f"{k} R² {v.r2:.3f} cos {v.cosine:.3f}" for k, v in m.items()))
-        return
-    print(f"{'pair':<8}{'affine R²':>10}{'learned R²':>12}{'Δ':>8}{'affine cos':>12}{'learned cos':>12}")
+            rows.setdefault((info.source_layer, info.target_layer), {})[label] = info
+    print(f"{'pair':<8}" + "".join(f"{label + ' R²':>18}{'cos':>7}" for label in labels))
     for (a, b), m in rows.items():
-        print(
-            f"{a}:{b:<6}{m['affine'].r2:>10.3f}{m['learned'].r2:>12.3f}"
-            f"{m['learned'].r2 - m['affine'].r2:>+8.3f}"
-            f"{m['affine'].cosine:>12.3f}{m['learned'].cosine:>12.3f}"
-        )
+        line = f"{a}:{b:<6}" + "".join(f"{m[label].r2:>18.3f}{m[label].cosine:>7.3f}" for label in labels)
+        if "affine" in m and "learned" in m:
+            line += f"   learned − affine {m['learned'].r2 - m['affine'].r2:+.3f}"
+        print(line)
 
 
 def identity_rate(source, target, pairs, mapping, words: list[str], chunk: int = 150) -> list[int]:
@@ -102,30 +108,39 @@ def identity_rate(source, target, pairs, mapping, words: list[str], chunk: int =
     return hits
 
 
-def identity(source, target, registry: MappingRegistry, method: str, cross_only: bool = False) -> None:
+def identity(
+    source, target, registries: dict[str, MappingRegistry], labels: list[str], cross_only: bool
+) -> None:
     words = (ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split()
     n = len(words)
     print(f"== identity: {n} held-out nouns, single-token in both tokenizers, absent from the fit text")
     pairs = list(PAIRS)
-    found = {(i.source_layer, i.target_layer): i.id for i in registry.scan().mappings if i.method == method}
-    if not all(p in found for p in pairs):
-        raise SystemExit(f"no {method} mappings for {PAIRS}: run the quality part first")
-    mapping = MappingSet({p: registry.load(found[p]) for p in pairs})
-    for loaded in mapping.by_pair.values():
-        loaded.check(source, target)
-    settings = [
-        (f"{source.id} -> {target.id} ({method})", source, target, pairs, mapping),
-        (f"{source.id} -> {source.id}", source, source, [(a, a) for a, _ in pairs], None),
-        (f"{target.id} -> {target.id}", target, target, [(b, b) for _, b in pairs], None),
-    ]
-    for name, s, t, ps, m in settings[:1] if cross_only else settings:
+    settings = []
+    for label in labels:
+        method = "affine" if label == VOCAB else label
+        registry = registries[label]
+        found = {
+            (i.source_layer, i.target_layer): i.id for i in registry.scan().mappings if i.method == method
+        }
+        if not all(p in found for p in pairs):
+            raise SystemExit(f"no {label} mappings for {PAIRS}: run the quality part first")
+        mapping = MappingSet({p: registry.load(found[p]) for p in pairs})
+        for loaded in mapping.by_pair.values():
+            loaded.check(source, target)
+        settings.append((f"{source.id} -> {target.id} ({label})", source, target, pairs, mapping))
+    if not cross_only:
+        settings += [
+            (f"{source.id} -> {source.id}", source, source, [(a, a) for a, _ in pairs], None),
+            (f"{target.id} -> {target.id}", target, target, [(b, b) for _, b in pairs], None),
+        ]
+    for name, s, t, ps, m in settings:
         started = time.perf_counter()
         hits = identity_rate(s, t, ps, m, words)
         cells = []
         for (a, b), k in zip(ps, hits, strict=True):
             lo, hi = wilson(k, n)
             cells.append(f"{a}->{b}: {k / n:6.1%} [{lo:.1%}, {hi:.1%}]")
-        print(f"{name:<40} " + "   ".join(cells) + f"   ({time.perf_counter() - started:.0f}s)")
+        print(f"{name:<46} " + "   ".join(cells) + f"   ({time.perf_counter() - started:.0f}s)")
 
 
 def all_pairs(source, target, registry: MappingRegistry, out_dir: Path) -> None:
@@ -170,11 +185,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("parts", nargs="*", default=["quality", "identity", "all-pairs"])
-    parser.add_argument("--registry", default=None, help="scratch registry (default: a temporary directory)")
-    parser.add_argument("--method", default="affine", help="which fitted method the identity part uses")
+    parser.add_argument(
+        "--registry", default=None, help="scratch registries' parent (default: a temporary one)"
+    )
+    parser.add_argument(
+        "--method", default=f"affine,{VOCAB}", help="which of the fitted maps the identity part uses"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs"))
-    parser.add_argument("--methods", default="affine,learned", help="methods the quality part fits")
-    parser.add_argument("--vocab-words", type=int, default=0, help="vocabulary texts added to training")
+    parser.add_argument(
+        "--methods",
+        default=f"affine,learned,{VOCAB}",
+        help=f"what the quality part fits ({VOCAB}: see --vocab-words)",
+    )
+    parser.add_argument("--vocab-words", type=int, default=20_000, help=f"vocabulary texts of {VOCAB}")
     parser.add_argument("--cross-only", action="store_true", help="identity part: skip same-model references")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -183,11 +206,13 @@ def main() -> None:
     ).stdout
     print(f"commit {commit.strip()}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     source, target = load_model("smollm2-135m"), load_model("gemma3-270m")
-    registry = MappingRegistry(Path(args.registry or tempfile.mkdtemp(prefix="patchscope-bench-")))
+    root = Path(args.registry or tempfile.mkdtemp(prefix="patchscope-bench-"))
+    labels = sorted(set(args.methods.split(",")) | set(args.method.split(",")), key=args.methods.find)
+    registries = {label: MappingRegistry(root / label) for label in labels}
     if "quality" in args.parts:
-        quality(source, target, registry, args.methods.split(","), args.vocab_words)
+        quality(source, target, registries, args.methods.split(","), args.vocab_words)
     if "identity" in args.parts:
-        identity(source, target, registry, args.method, args.cross_only)
+        identity(source, target, registries, args.method.split(","), args.cross_only)
     if "all-pairs" in args.parts:
         all_pairs(
             source, target, MappingRegistry(Path(tempfile.mkdtemp(prefix="patchscope-all-"))), Path(args.out)
