@@ -49,10 +49,11 @@ NEW_TOKENS = 10
 CONCURRENCY = [(1, 4), (4, 3), (8, 3), (16, 2)]  # (clients, Explain calls each)
 
 
-def config(batching: bool) -> dict:
+def config(batching: bool, gemm: str) -> dict:
     cfg = copy.deepcopy(read_config(ROOT / "deploy" / "config" / "local.yaml"))
     args = cfg["applications"][0]["args"]
     args["torch_threads"] = 2
+    args["gemm"] = gemm
     args["batching"] = {"enabled": batching, "wait_ms": 5, "max_rows": 256}
     return cfg
 
@@ -98,6 +99,9 @@ def run_concurrent(stub, clients: int, rounds: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--gemm", default="aten", choices=["auto", "onednn", "aten"], help="linear kernels, both sides"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     commit = subprocess.run(
@@ -105,10 +109,10 @@ def main() -> None:
     ).stdout.strip()
     print(
         f"# service benchmark · commit {commit} · {platform.processor() or platform.machine()} · "
-        f"{os.cpu_count()} CPUs · 2 torch threads each side"
+        f"{os.cpu_count()} CPUs · 2 torch threads each side · gemm {args.gemm}"
     )
 
-    source, target = load_model("smollm2-135m"), load_model("gemma3-270m")
+    source, target = load_model("smollm2-135m", gemm=args.gemm), load_model("gemma3-270m", gemm=args.gemm)
     registry = MappingRegistry()
     mapping = resolve_mappings(registry, source, target, list(zip(LAYERS, TARGET_LAYERS, strict=True)))
     engine_request = ExplainRequest(
@@ -120,7 +124,9 @@ def main() -> None:
 
     results: dict[str, float] = {}
     for batching in (True, False):
-        service = start(config(batching), grpc_port=free_port(), http_port=free_port(), timeout_s=600)
+        service = start(
+            config(batching, args.gemm), grpc_port=free_port(), http_port=free_port(), timeout_s=600
+        )
         options = [("grpc.max_receive_message_length", 256 << 20)]
         try:
             with grpc.insecure_channel(service.address, options=options) as channel:

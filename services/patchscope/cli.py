@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -90,24 +91,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     registry = registry_with_paths(args.source, args.target)
-    source = load_model(
-        args.source,
+    load_by_id = functools.partial(
+        load_model,
         registry=registry,
         dtype=args.dtype,
         device=args.device,
         progress=_progress,
         gemm=args.gemm,
     )
-    target = source
-    if args.target != args.source:
-        target = load_model(
-            args.target,
-            registry=registry,
-            dtype=args.dtype,
-            device=args.device,
-            progress=_progress,
-            gemm=args.gemm,
-        )
+    source = load_by_id(args.source)
+    target = load_by_id(args.target) if args.target != args.source else source
     if args.decode != "eager":
         from patchscope.engine.static_decode import DECODE_MODES, enable_static_decode
 

@@ -41,6 +41,8 @@ def test_a_deep_copy_is_a_plain_linear_on_the_memo_parameters() -> None:
     assert type(clone[0]) is nn.Linear and clone[0].weight is model[0].weight
     x = torch.randn(3, 8)
     torch.testing.assert_close(clone(x), model(x), rtol=1e-5, atol=1e-5)
+    own = copy.deepcopy(model)  # without a seeded memo the copy owns its parameters
+    assert own[0].weight is not model[0].weight and torch.equal(own[0].weight, model[0].weight)
 
 
 def test_auto_packs_fp32_cpu_models_only_and_onednn_elsewhere_is_refused() -> None:

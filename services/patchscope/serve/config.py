@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -90,6 +91,10 @@ class ServiceConfig(BaseModel):
     # Compute dtype of the hosted models ("float32", "bfloat16"); "auto" is bfloat16 on a GPU.
     dtype: str = "float32"
     device: str = "auto"
+    # Kernel of the linear layers (engine/models/packed.py). ATen by default here: in the Ray replicas the
+    # oneDNN-packed weights measured no faster per Explain (2.05 vs 2.04 s, bench_service.py) while
+    # doubling the linear weights' memory; "auto" packs them for float32 on a CPU, as the CLI does.
+    gemm: Literal["auto", "onednn", "aten"] = "aten"
     # Torch threads per model process: one where source and target share a small machine (None: torch's
     # default, for GPUs).
     torch_threads: int | None = Field(1, ge=1)

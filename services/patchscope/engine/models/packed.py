@@ -5,11 +5,13 @@ kernel re-reads (re-packs) the weight on every call and reaches about half this 
 shape; oneDNN with the weight reordered once into its blocked layout runs the layers' products ~20%
 faster and SmolLM2's 49k-row head ~1.9× faster (`bench/bench_engine.py`). The results are fp32 with a
 different summation order (differences ~1e-4 on the logits), so `gemm="aten"` keeps the stock kernel
-selectable and the benchmarks count the explanations that differ.
+selectable and the benchmarks count the explanations that differ. The packed copy doubles the memory the
+linear weights take (the originals stay: embeddings, lenses and fingerprints read them).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -54,10 +56,15 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def __deepcopy__(self, memo: dict) -> nn.Linear:
-        """A copy is a plain `nn.Linear` on the same parameters: packed tensors have no storage to copy."""
+        """A copy is a plain `nn.Linear` (packed tensors have no storage to copy).
+
+        Its parameters are deep-copied through `memo` like any module's, so a memo pre-seeded with the
+        originals (as bench_engine's nnsight copy does) shares them.
+        """
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = memo.get(id(self.weight), self.weight)
-        plain.bias = None if self.bias is None else memo.get(id(self.bias), self.bias)
+        plain.weight = copy.deepcopy(self.weight, memo)
+        plain.bias = copy.deepcopy(self.bias, memo)
+        memo[id(self)] = plain
         return plain
 
     def extra_repr(self) -> str:
