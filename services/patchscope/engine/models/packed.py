@@ -12,13 +12,13 @@ linear weights take (the originals stay: embeddings, lenses and fingerprints rea
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 Gemm = Literal["auto", "onednn", "aten"]
-GEMMS: tuple[str, ...] = ("auto", "onednn", "aten")
+GEMMS: tuple[str, ...] = get_args(Gemm)
 BATCH_HINT = 32  # the row count oneDNN tunes its packing for: a sweep's width
 
 
