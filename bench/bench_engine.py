@@ -3,8 +3,9 @@
 (a) the reference notebooks' per-site loop: one source pass and one hooked `generate` per layer,
 (b) one batched `generate` with a patch hook per row,
 (c) the same batch unpatched (the floor any patching method sits on),
-(d) the engine (`explain`): one source pass, prefix cache, lean decode loop, oneDNN-packed linears on an
-    fp32 CPU (its default); (d') the same without the cache; (d'') on the peers' stock ATen linears,
+(d) the engine (`explain`): one source pass, prefix cache, lean decode loop and, on an fp32 CPU (its
+    default), oneDNN-packed linears and the lean forward (engine/models/lean.py); (d') the same without
+    the cache; (d'') with transformers' forward; (d''') on the peers' stock load,
 (e) nnsight's per-site loop: one source trace and one intervened `generate` per layer,
 (f) nnsight batched: one source trace, then one `generate` with one invoke per layer.
 (e) and (f) need nnsight (`pip install nnsight==0.8.1`, or the `bench` extra) and are skipped without it;
@@ -79,11 +80,14 @@ def hooked_generate(
             h.remove()
 
 
-def build(m: LoadedModel, engine_model: LoadedModel, new: int) -> dict[str, Callable[[], object]]:
+def build(
+    m: LoadedModel, engine_model: LoadedModel, packed_only: LoadedModel, new: int
+) -> dict[str, Callable[[], object]]:
     """The sweep's cases: the peers on `m`, the engine on `engine_model`.
 
-    `m` is a stock load (ATen linears, as a transformers user has them); the engine runs on its own
-    default load, and once more on `m` to show what its kernels are worth.
+    `m` is a stock load (ATen linears and transformers' forward, as a transformers user has them); the
+    engine runs on its own default load, on `packed_only` (its kernels, transformers' forward) and on `m`,
+    to show what the lean forward and the kernels are each worth.
     """
     layers = list(range(m.layout.num_layers))
     preset = PRESETS["identity"]
@@ -134,7 +138,10 @@ def build(m: LoadedModel, engine_model: LoadedModel, new: int) -> dict[str, Call
         finally:
             engine_model.prefix_cache.capacity = 32
 
-    def engine_aten():
+    def engine_transformers_forward():
+        return explain(packed_only, packed_only, request)
+
+    def engine_stock():
         return explain(m, m, request)
 
     return {
@@ -143,7 +150,8 @@ def build(m: LoadedModel, engine_model: LoadedModel, new: int) -> dict[str, Call
         "(c) unpatched batch (floor)": unpatched_batch,
         "(d) engine": engine,
         "(d') engine, no prefix cache": engine_no_cache,
-        "(d'') engine, ATen GEMMs": engine_aten,
+        "(d'') engine, transformers forward": engine_transformers_forward,
+        "(d''') engine, stock load": engine_stock,
     }
 
 
@@ -244,9 +252,10 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    m = load_model(args.model, dtype=args.dtype, device=args.device, gemm="aten")
+    m = load_model(args.model, dtype=args.dtype, device=args.device, gemm="aten", forward="transformers")
     engine_model = load_model(args.model, dtype=args.dtype, device=args.device)
-    cases = build(m, engine_model, args.new_tokens)
+    packed_only = load_model(args.model, dtype=args.dtype, device=args.device, forward="transformers")
+    cases = build(m, engine_model, packed_only, args.new_tokens)
     if args.skip_loop:
         cases.pop("(a) per-site loop")
     nnsight = import_nnsight()

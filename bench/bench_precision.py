@@ -1,8 +1,9 @@
 """What the fast path and bf16 change in the explanations of a real model (on the CPU, fp32 reference).
 
 Sweeps of every layer of a few prompts on smollm2-135m, identity preset, 10 new tokens, greedy:
-  eager fp32      the reference: the engine on ATen's fp32 linears (`--gemm aten`),
-  oneDNN fp32     the engine's CPU default: the same weights pre-packed for oneDNN (another summation order),
+  eager fp32      the reference: the engine on ATen's fp32 linears and transformers' forward,
+  oneDNN fp32     the same weights pre-packed for oneDNN (another summation order),
+  lean fp32       the engine's CPU default: oneDNN and the lean forward (engine/models/lean.py),
   static fp32     the static decoder (static cache, the decode loop `bench_gpu.py` compiles and captures,
                   run eagerly here: the GPU check measures the compiled forms' speed),
   eager bf16      the engine with the model in bf16 (what a GPU deployment runs),
@@ -45,9 +46,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=10)
     args = parser.parse_args()
     torch.manual_seed(0)
-    fp32 = load_model(args.model, gemm="aten")
-    packed = load_model(args.model)
-    bf16 = load_model(args.model, dtype="bfloat16")
+    fp32 = load_model(args.model, gemm="aten", forward="transformers")
+    packed = load_model(args.model, forward="transformers")
+    lean = load_model(args.model)
+    bf16 = load_model(args.model, dtype="bfloat16", forward="transformers")
     tokenizer = fp32.tokenizer
 
     def first_token(text: str) -> list[int]:
@@ -56,6 +58,7 @@ def main() -> None:
     results: dict[str, list[list[str]]] = {
         "eager fp32": [],
         "oneDNN fp32": [],
+        "lean fp32": [],
         "static fp32": [],
         "eager bf16": [],
     }
@@ -65,6 +68,7 @@ def main() -> None:
         for label, model, static in [
             ("eager fp32", fp32, None),
             ("oneDNN fp32", packed, None),
+            ("lean fp32", lean, None),
             ("static fp32", fp32, decoder),
             ("eager bf16", bf16, None),
         ]:

@@ -98,6 +98,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         device=args.device,
         progress=_progress,
         gemm=args.gemm,
+        forward=args.forward,
     )
     source = load_by_id(args.source)
     target = load_by_id(args.target) if args.target != args.source else source
@@ -358,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "onednn", "aten"],
         help="linear-layer kernel: auto = oneDNN-packed weights for float32 on a CPU, else ATen's",
+    )
+    ex.add_argument(
+        "--forward",
+        default="auto",
+        choices=["auto", "lean", "transformers"],
+        help="forward of patched generation: auto = the lean (written-out) forward for Llama models on a "
+        "CPU, else transformers'",
     )
     ex.add_argument(
         "--decode",

@@ -127,12 +127,11 @@ def test_template_ids_join_prefix_filler_and_suffix(tiny):
 
 @torch.inference_mode()
 def test_engine_head_equals_the_models_own_logits(tiny):
-    """Decoding runs the base model and the head itself; it must match the causal-LM wrapper exactly."""
-    from transformers.cache_utils import DynamicCache
-
-    from patchscope.engine.generation import _forward
+    """Decoding runs the base model (or the lean forward) and the head itself; it must match the causal-LM
+    wrapper."""
+    from patchscope.engine.generation import _forward, _new_cache
 
     ids = torch.tensor([tokenize_template(tiny.tokenizer, IDENTITY.template, IDENTITY.filler).ids] * 2)
     want = tiny.model(ids).logits[:, -1]
-    got = _forward(tiny, ids, DynamicCache(config=tiny.model.config))
+    got = _forward(tiny, ids, _new_cache(tiny))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.hooks import Patch, patching
+from patchscope.engine.models.lean import LeanCache
 from patchscope.engine.models.loading import LoadedModel
 from patchscope.engine.template import TemplateTokens, tokenize_template
 from patchscope.engine.validation import (
@@ -105,15 +106,31 @@ def _cache_kwarg(model_type: type) -> str:
     return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
-def _forward(target: LoadedModel, ids: torch.Tensor, kv: Cache) -> torch.Tensor:
-    """Logits of the last position only ([B, V]).
+def _new_cache(target: LoadedModel) -> Cache | LeanCache:
+    return target.lean.new_cache() if target.lean is not None else DynamicCache(config=target.model.config)
+
+
+def _forward(
+    target: LoadedModel,
+    ids: torch.Tensor,
+    kv: Cache | LeanCache,
+    patches: Sequence[Patch] = (),
+    *,
+    identical_rows: bool = False,
+) -> torch.Tensor:
+    """Logits of the last position only ([B, V]), with `patches` applied (absolute positions).
 
     Runs the base model (which ends with the final norm) and the head ourselves: the causal-LM wrapper
     adds measurable per-step overhead on the CPU, and only the last position's logits are ever needed.
+    A model loaded with the lean forward runs that instead (`identical_rows`: see `LeanLlama.forward`).
     """
-    base = target.model.base_model
-    kwargs = {_cache_kwarg(type(base)): kv}
-    normed = base(ids, use_cache=True, **kwargs).last_hidden_state[:, -1]  # [B, d]
+    if target.lean is not None:
+        normed = target.lean.forward(ids, kv, patches, identical_rows=identical_rows)
+    else:
+        base = target.model.base_model
+        kwargs = {_cache_kwarg(type(base)): kv}
+        with patching(target.layout, patches, offset=kv.get_seq_length()):
+            normed = base(ids, use_cache=True, **kwargs).last_hidden_state[:, -1]  # [B, d]
     return target.layout.unembed_normed(normed).float()
 
 
@@ -176,8 +193,8 @@ def _run_batch(
     # Tokens before the earliest patched position are identical in every row: share their KV cache.
     shared = min([tokens.prefix_len, *(p.position for p in patches)]) if use_prefix_cache else 0
 
-    def compute_prefix() -> Cache:
-        kv = DynamicCache(config=target.model.config)
+    def compute_prefix() -> Cache | LeanCache:
+        kv = _new_cache(target)
         _forward(target, ids[None, :shared], kv)
         return kv
 
@@ -185,9 +202,9 @@ def _run_batch(
     if shared > 0:
         kv = target.prefix_cache.take(tokens.ids[:shared], batch, compute_prefix)
     else:
-        kv = DynamicCache(config=target.model.config)
-    with patching(target.layout, patches, offset=shared):
-        logits = _forward(target, ids[shared:].expand(batch, -1), kv)  # [B, V]
+        kv = _new_cache(target)
+    # Every row has the same ids and the same (prefix) cache until its patches.
+    logits = _forward(target, ids[shared:].expand(batch, -1), kv, patches, identical_rows=True)  # [B, V]
     timings.prefill_s += time.perf_counter() - started
 
     started = time.perf_counter()

@@ -14,6 +14,10 @@ from collections.abc import Callable
 
 from transformers.cache_utils import Cache
 
+from patchscope.engine.models.lean import LeanCache
+
+KVCache = Cache | LeanCache  # transformers' caches, or the lean forward's (same batch methods)
+
 
 class PrefixCache:
     """Batch-1 caches keyed by prefix token ids; `take` hands out a private copy of batch B."""
@@ -22,10 +26,10 @@ class PrefixCache:
         self.capacity = capacity
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple[int, ...], Cache] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
         self._lock = threading.Lock()
 
-    def take(self, prefix: tuple[int, ...], batch: int, compute: Callable[[], Cache]) -> Cache:
+    def take(self, prefix: tuple[int, ...], batch: int, compute: Callable[[], KVCache]) -> KVCache:
         """A copy of the prefix's cache repeated to `batch` rows, computing it on first use."""
         with self._lock:
             cached = self._entries.get(prefix)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from patchscope.engine.models.layout import Layout, discover, site_paths
+from patchscope.engine.models.lean import Forward, LeanLlama, resolve_forward
 from patchscope.engine.models.packed import Gemm, pack_linears, resolve_gemm
 from patchscope.engine.models.registry import CACHE_META, ModelRegistry
 from patchscope.engine.prefix_cache import PrefixCache
@@ -44,6 +45,8 @@ class LoadedModel:
     layout: Layout
     fingerprint: str
     prefix_cache: PrefixCache = field(default_factory=PrefixCache)
+    # Patched generation runs this forward instead of transformers' when set (lean.py; `forward=` at load).
+    lean: LeanLlama | None = field(default=None, repr=False)
     # Set by `enable_static_decode`: greedy, non-streaming generation then decodes through compiled steps.
     static_decoder: StaticDecoder | None = field(default=None, repr=False)
 
@@ -112,10 +115,12 @@ def load_directory(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     gemm: Gemm = "auto",
+    forward: Forward = "auto",
 ) -> LoadedModel:
     """Load a transformers directory (never with remote code) and resolve its hook sites.
 
     `gemm` picks the kernel of the linear layers: `auto` packs them for oneDNN on an fp32 CPU (packed.py).
+    `forward` picks the forward of patched generation: `auto` writes it out for a Llama on a CPU (lean.py).
     """
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
@@ -126,7 +131,10 @@ def load_directory(
     meta_file = directory / CACHE_META
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     fingerprint = meta.get("fingerprint") or embedding_fingerprint(directory, layout.paths.embed + ".weight")
-    return LoadedModel(id=model_id, model=model, tokenizer=tokenizer, layout=layout, fingerprint=fingerprint)
+    lean = LeanLlama(model) if resolve_forward(forward, model) == "lean" else None
+    return LoadedModel(
+        id=model_id, model=model, tokenizer=tokenizer, layout=layout, fingerprint=fingerprint, lean=lean
+    )
 
 
 def load_model(
@@ -137,10 +145,11 @@ def load_model(
     device: str | torch.device = "cpu",
     progress=lambda _: None,
     gemm: Gemm = "auto",
+    forward: Forward = "auto",
 ) -> LoadedModel:
     """Load a registered model by id, converting it into the cache first if this is its first use."""
     registry = registry or ModelRegistry()
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     directory = registry.prepare(model_id, progress=progress)
-    return load_directory(model_id, directory, dtype=dtype, device=device, gemm=gemm)
+    return load_directory(model_id, directory, dtype=dtype, device=device, gemm=gemm, forward=forward)

@@ -1,0 +1,112 @@
+"""The lean forward: the arithmetic of transformers' Llama, patches included, chosen only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.cache_utils import DynamicCache
+
+from patchscope.engine import ExplainRequest, GenerationConfig, explain
+from patchscope.engine.generation import _cache_kwarg
+from patchscope.engine.hooks import Patch, patching
+from patchscope.engine.models import LoadedModel, load_directory
+from patchscope.engine.models.lean import GROW, LeanCache, SharedRows, resolve_forward
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_dirs) -> tuple[LoadedModel, LoadedModel]:
+    """The same tiny Llama twice: lean forward and transformers' forward, both on ATen kernels."""
+    lean = load_directory("tiny-llama", tiny_dirs["llama"], gemm="aten", forward="lean")
+    stock = load_directory("tiny-llama", tiny_dirs["llama"], gemm="aten", forward="transformers")
+    assert lean.lean is not None and stock.lean is None
+    return lean, stock
+
+
+def _stock_forward(m: LoadedModel, ids: torch.Tensor, kv: DynamicCache, patches=()) -> torch.Tensor:
+    base = m.model.base_model
+    with patching(m.layout, patches, offset=kv.get_seq_length()):
+        out = base(ids, use_cache=True, **{_cache_kwarg(type(base)): kv}).last_hidden_state
+    return out[:, -1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    prefix=st.integers(0, 6),
+    new=st.integers(1, 4),
+    steps=st.integers(0, 3),
+    data=st.data(),
+)
+@torch.inference_mode()
+def test_lean_forward_equals_transformers_with_patches_shared_rows_and_decoding(
+    pair, batch: int, prefix: int, new: int, steps: int, data
+) -> None:
+    """A prefix pass, a patched prompt pass of identical rows (computed once until patched), decode steps
+    and a dropped row: every step's final-normed state equals transformers' forward with patch hooks."""
+    lean, stock = pair
+    layers, hidden = lean.layout.num_layers, lean.model.config.hidden_size
+    ids = torch.randint(3, lean.model.config.vocab_size, (1, prefix + new))
+    patches = [
+        Patch(
+            row=data.draw(st.integers(0, batch - 1)),
+            position=prefix + data.draw(st.integers(0, new - 1)),
+            layer=data.draw(st.integers(0, layers - 1)),
+            vector=torch.randn(hidden),
+        )
+        for _ in range(data.draw(st.integers(0, 2 * batch)))
+    ]
+    lean_kv, stock_kv = LeanCache(), DynamicCache(config=stock.model.config)
+    if prefix:
+        lean.lean.forward(ids[:, :prefix], lean_kv)
+        _stock_forward(stock, ids[:, :prefix], stock_kv)
+        lean_kv.batch_repeat_interleave(batch)
+        stock_kv.batch_repeat_interleave(batch)
+    rows = ids[:, prefix:].expand(batch, -1)
+    got = lean.lean.forward(rows, lean_kv, patches, identical_rows=True)
+    want = _stock_forward(stock, rows, stock_kv, patches)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for step in range(steps):
+        if step == 1 and batch > 1:  # a finished row leaves the batch
+            keep = torch.arange(1, batch)
+            lean_kv.batch_select_indices(keep)
+            stock_kv.batch_select_indices(keep)
+            batch -= 1
+        token = torch.randint(3, lean.model.config.vocab_size, (batch, 1))
+        torch.testing.assert_close(
+            lean.lean.forward(token, lean_kv), _stock_forward(stock, token, stock_kv), rtol=1e-4, atol=1e-4
+        )
+    assert lean_kv.get_seq_length() == stock_kv.get_seq_length()
+
+
+@torch.inference_mode()
+def test_the_cache_grows_past_its_reserve_and_explanations_match(pair) -> None:
+    """More new tokens than one reserve holds; the sweep's explanations equal transformers' word for word."""
+    lean, stock = pair
+    request = ExplainRequest(
+        prompt="The capital of France is",
+        layers=list(range(lean.layout.num_layers)),
+        generation=GenerationConfig(max_new_tokens=GROW + 8),
+    )
+    a, b = explain(lean, lean, request), explain(stock, stock, request)
+    assert [r.explanation for r in a.results] == [r.explanation for r in b.results]
+
+
+def test_a_patch_splits_its_row_off_once() -> None:
+    rows = SharedRows([0, 0, 0], torch.device("cpu"))
+    assert rows.split(1, 1) and rows.follows == [0, 1, 0]
+    assert not rows.split(1, 2)  # already its own: later patches of the row write in place
+    assert rows.split(0, 2) and not rows.split(2, 3)  # the last member keeps the shared row
+    assert rows.index.tolist() == [2, 1, 0] and rows.members.tolist() == [2, 1, 0]
+
+
+def test_auto_picks_the_lean_forward_for_llama_on_a_cpu_only(tiny_dirs, tiny_models) -> None:
+    assert resolve_forward("auto", tiny_models["llama"].model) == "lean"
+    for arch in ("gemma3_text", "gpt2"):
+        assert resolve_forward("auto", tiny_models[arch].model) == "transformers"
+        assert tiny_models[arch].lean is None
+    with pytest.raises(ValueError, match="forward 'lean' is unavailable for this model: model_type 'gpt2'"):
+        resolve_forward("lean", tiny_models["gpt2"].model)
+    with pytest.raises(ValueError, match="forward must be one of"):
+        resolve_forward("fast", tiny_models["llama"].model)  # type: ignore[arg-type]
