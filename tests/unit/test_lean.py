@@ -1,4 +1,5 @@
-"""The lean forward: the arithmetic of transformers' Llama, patches included, chosen only where it applies."""
+"""The lean forward: transformers' arithmetic for each supported family, patches included, chosen only where
+it applies."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from patchscope.engine import ExplainRequest, GenerationConfig, explain
 from patchscope.engine.generation import _cache_kwarg
 from patchscope.engine.hooks import Patch, patching
 from patchscope.engine.models import LoadedModel, load_directory
-from patchscope.engine.models.lean import GROW, LeanCache, SharedRows, resolve_forward
+from patchscope.engine.models.lean import FAMILIES, GROW, LeanCache, SharedRows, resolve_forward
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_dirs) -> tuple[LoadedModel, LoadedModel]:
-    """The same tiny Llama twice: lean forward and transformers' forward, both on ATen kernels."""
-    lean = load_directory("tiny-llama", tiny_dirs["llama"], gemm="aten", forward="lean")
-    stock = load_directory("tiny-llama", tiny_dirs["llama"], gemm="aten", forward="transformers")
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tiny_dirs) -> tuple[LoadedModel, LoadedModel]:
+    """One tiny model twice: lean forward and transformers' forward, both on ATen kernels."""
+    arch = request.param
+    lean = load_directory(f"tiny-{arch}", tiny_dirs[arch], gemm="aten", forward="lean")
+    stock = load_directory(f"tiny-{arch}", tiny_dirs[arch], gemm="aten", forward="transformers")
     assert lean.lean is not None and stock.lean is None
     return lean, stock
 
@@ -34,7 +36,7 @@ def _stock_forward(m: LoadedModel, ids: torch.Tensor, kv: DynamicCache, patches=
 @settings(max_examples=25, deadline=None)
 @given(
     batch=st.integers(1, 5),
-    prefix=st.integers(0, 6),
+    prefix=st.integers(0, 10),  # past the tiny Gemma's sliding window of 8 with the new tokens
     new=st.integers(1, 4),
     steps=st.integers(0, 3),
     data=st.data(),
@@ -44,7 +46,8 @@ def test_lean_forward_equals_transformers_with_patches_shared_rows_and_decoding(
     pair, batch: int, prefix: int, new: int, steps: int, data
 ) -> None:
     """A prefix pass, a patched prompt pass of identical rows (computed once until patched), decode steps
-    and a dropped row: every step's final-normed state equals transformers' forward with patch hooks."""
+    and a dropped row: every step's final-normed state equals transformers' forward with patch hooks,
+    sliding windows included."""
     lean, stock = pair
     layers, hidden = lean.layout.num_layers, lean.model.config.hidden_size
     ids = torch.randint(3, lean.model.config.vocab_size, (1, prefix + new))
@@ -101,9 +104,11 @@ def test_a_patch_splits_its_row_off_once() -> None:
     assert rows.index.tolist() == [2, 1, 0] and rows.members.tolist() == [2, 1, 0]
 
 
-def test_auto_picks_the_lean_forward_for_llama_on_a_cpu_only(tiny_dirs, tiny_models) -> None:
-    assert resolve_forward("auto", tiny_models["llama"].model) == "lean"
-    for arch in ("gemma3_text", "gpt2"):
+def test_auto_picks_the_lean_forward_for_supported_families_only(tiny_models) -> None:
+    for arch in FAMILIES:
+        assert resolve_forward("auto", tiny_models[arch].model) == "lean"
+        assert tiny_models[arch].lean is not None
+    for arch in ("gpt2", "gpt_neox"):
         assert resolve_forward("auto", tiny_models[arch].model) == "transformers"
         assert tiny_models[arch].lean is None
     with pytest.raises(ValueError, match="forward 'lean' is unavailable for this model: model_type 'gpt2'"):

@@ -122,7 +122,7 @@ def _forward(
 
     Runs the base model (which ends with the final norm) and the head ourselves: the causal-LM wrapper
     adds measurable per-step overhead on the CPU, and only the last position's logits are ever needed.
-    A model loaded with the lean forward runs that instead (`identical_rows`: see `LeanLlama.forward`).
+    A model loaded with the lean forward runs that instead (`identical_rows`: see `LeanDecoder.forward`).
     """
     if target.lean is not None:
         normed = target.lean.forward(ids, kv, patches, identical_rows=identical_rows)

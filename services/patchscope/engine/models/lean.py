@@ -1,17 +1,18 @@
-"""A direct forward for Llama-family decoders: the sweep's fast path on a CPU.
+"""A direct forward for Llama-style decoders: the sweep's fast path on a CPU.
 
 Why: with transformers' modules a sweep's decode step (30 rows, one token each) spends about a quarter of
-its CPU time outside the matrix products: module dispatch, mask and cache bookkeeping, 3-D reshapes and
-SDPA's set-up for a one-token query. The same arithmetic written out over the model's own weights costs
-~11% less a step (paired A/B, smollm2-135m). It also makes the patched prompt pass cheaper: all rows of a
-batch start from the same tokens and the same prefix cache, so they are identical until their first
-patch; this forward runs them as one row and splits a row off at its patch layer (a 30-layer sweep
-computes 465 row-layers instead of 900).
+its CPU time outside the matrix products: mask and cache bookkeeping, position tables, 3-D reshapes and
+SDPA's set-up for a one-token query. Writing the attention out over the model's own modules (norms, MLPs
+and projections are still its modules) costs ~8% less a sweep (paired A/B, smollm2-135m). It also makes
+the patched prompt pass cheaper: all rows of a batch start from the same tokens and the same prefix cache,
+so they are identical until their first patch; this forward runs them as one row and splits a row off at
+its patch layer (a 30-layer sweep computes 465 row-layers instead of 900).
 
-Supported: `model_type` llama (SmolLM2, TinyLlama, Llama) with a fixed rotary table and no sliding window;
-`unsupported_reason` says why another model keeps transformers' forward. Blocks' forward hooks do not run
-here: patches are an argument (`forward(..., patches)`), so the hook-based readers (`capture`, lenses)
-keep using the transformers modules, which this class shares and never changes.
+Supported (`FAMILIES`): Llama, Mistral, Qwen2, Qwen3 and Gemma 3 text models whose rotary tables are fixed
+and whose attention logits are not soft-capped; sliding windows are masks over a cache that keeps every
+token. `unsupported_reason` says why another model keeps transformers' forward. Blocks' forward hooks do
+not run here: patches are an argument (`forward(..., patches)`); the hook-based readers (`capture`,
+lenses) keep using the transformers modules, which this class shares and never changes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 if TYPE_CHECKING:
@@ -30,22 +30,36 @@ if TYPE_CHECKING:
 
 Forward = Literal["auto", "lean", "transformers"]
 FORWARDS: tuple[str, ...] = get_args(Forward)
+# Decoders whose block is (norm, attention with optional q/k norms, residual, norm, MLP, residual), with
+# Gemma 3's extra norms after attention and MLP; each is checked against transformers by test_lean.py.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 GROW = 32  # tokens of room added whenever the cache runs out (decoding appends one per step)
 STATIC_ROPE = {"default", "linear", "llama3"}  # rope types whose frequency table never changes
+
+
+def _layer_types(model: PreTrainedModel) -> list[str]:
+    return list(
+        getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    )
+
+
+def _rope_types(model: PreTrainedModel) -> set[str]:
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    return set(rope_type.values()) if isinstance(rope_type, dict) else {rope_type}  # Gemma 3: per layer type
 
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
     """Why `model` cannot run the lean forward, or None when it can."""
     config = model.config
-    if config.model_type != "llama":
-        return f"model_type {config.model_type!r} is not llama"
-    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
-    if rope_type not in STATIC_ROPE:
-        return f"rope type {rope_type!r} changes its table with the sequence length"
-    if getattr(config, "sliding_window", None):
-        return "it has sliding-window attention"
-    if config.hidden_act != "silu":
-        return f"activation {config.hidden_act!r} is not silu"
+    if config.model_type not in FAMILIES:
+        return f"model_type {config.model_type!r} is not one of {', '.join(FAMILIES)}"
+    dynamic = _rope_types(model) - STATIC_ROPE
+    if dynamic:
+        return f"rope type {sorted(dynamic)[0]!r} changes its table with the sequence length"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "it soft-caps attention logits"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "its attention is bidirectional"
     return None
 
 
@@ -140,8 +154,23 @@ class SharedRows:
         return True
 
 
-class LeanLlama:
-    """The forward of a Llama-family causal LM, written out over the model's own modules and weights."""
+@dataclass(frozen=True)
+class _Rope:
+    """One rotary table: transformers' inverse frequencies and output scale (Gemma 3 has two)."""
+
+    inv_freq: torch.Tensor  # [head dim / 2] float32
+    scale: float
+
+    def table(self, start: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cos and sin ([t, head dim]) of positions start .. start + count - 1."""
+        positions = torch.arange(start, start + count, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+class LeanDecoder:
+    """The forward of a supported causal LM with its attention written out, over the model's own modules."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         reason = unsupported_reason(model)
@@ -151,32 +180,46 @@ class LeanLlama:
         self.embed, self.layers, self.norm = base.embed_tokens, base.layers, base.norm
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.scale = self.head_dim**-0.5
-        self.inv_freq = base.rotary_emb.inv_freq.float()  # [head dim / 2]
-        self.rope_scale = float(base.rotary_emb.attention_scaling)
+        rotary = base.rotary_emb
+        by_type: dict[str, _Rope] = {}
+        for layer_type in set(_layer_types(model)):
+            if hasattr(rotary, "inv_freq"):
+                by_type[layer_type] = _Rope(rotary.inv_freq.float(), float(rotary.attention_scaling))
+            else:  # Gemma 3: a table per layer type
+                inv_freq = getattr(rotary, f"{layer_type}_inv_freq").float()
+                scale = float(getattr(rotary, f"{layer_type}_attention_scaling"))
+                by_type[layer_type] = _Rope(inv_freq, scale)
+        self.ropes = [by_type[layer_type] for layer_type in _layer_types(model)]  # per block, shared
+        self.windows: list[int | None] = [
+            getattr(layer.self_attn, "sliding_window", None) for layer in self.layers
+        ]
+        self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")  # Gemma 3's norms around both
 
     def new_cache(self) -> LeanCache:
         return LeanCache()
-
-    def _rope(self, start: int, count: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary table ([t, head dim] cos and sin) of positions start .. start + count - 1."""
-        positions = torch.arange(start, start + count, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scale).to(like.dtype), (emb.sin() * self.rope_scale).to(like.dtype)
-
-    @staticmethod
-    def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return norm.weight * (x.float() * torch.rsqrt(variance + norm.variance_epsilon)).to(x.dtype)
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
+    def _mask(self, start: int, t: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+        """True where a new token's query ([group * t] rows, as `_attention` orders them) may not see a key.
+
+        Causal, and with a window, keys `window` or more positions back are hidden too (transformers'
+        sliding-window rule). None when nothing is hidden (a decode step inside the window).
+        """
+        if t == 1 and (window is None or start < window):
+            return None
+        query = start + torch.arange(t, device=device).repeat(self.heads // self.kv_heads)[:, None]
+        key = torch.arange(start + t, device=device)[None]
+        hidden = key > query
+        if window is not None:
+            hidden |= key <= query - window
+        return hidden
+
     def _attention(
-        self, i: int, x: torch.Tensor, cache: LeanCache, rows: SharedRows | None, rope: tuple, mask
+        self, i: int, x: torch.Tensor, cache: LeanCache, rows: SharedRows | None, rope, mask
     ) -> torch.Tensor:
         """Self-attention of block i for the computed rows `x` ([g, t, d]).
 
@@ -186,10 +229,13 @@ class LeanLlama:
         attn = self.layers[i].self_attn
         g, t, _ = x.shape
         kv, d, group = self.kv_heads, self.head_dim, self.heads // self.kv_heads
-        cos, sin = rope
-        q = self._rotate(attn.q_proj(x).view(g, t, kv, group, d).permute(0, 2, 3, 1, 4), cos, sin)
-        k = self._rotate(attn.k_proj(x).view(g, t, kv, d).transpose(1, 2), cos, sin)  # [g, kv, t, d]
+        q = attn.q_proj(x).view(g, t, self.heads, d).transpose(1, 2)  # [g, heads, t, d]
+        k = attn.k_proj(x).view(g, t, kv, d).transpose(1, 2)  # [g, kv, t, d]
         v = attn.v_proj(x).view(g, t, kv, d).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = rope
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         start, end = cache.length, cache.length + t
         keys, values = cache.keys[i], cache.values[i]
         if rows is None:
@@ -198,8 +244,9 @@ class LeanLlama:
         else:
             keys[:, :, start:end], values[:, :, start:end] = k[rows.index], v[rows.index]
             keys, values = keys[rows.members, :, :end], values[rows.members, :, :end]
-        scores = torch.matmul(q.reshape(g, kv, group * t, d), keys.transpose(-1, -2)) * self.scale
-        if mask is not None:  # [group * t, end]: query j of the new tokens sees keys up to start + j
+        # The heads sharing a kv head are one batch of group * t queries: no repeated keys.
+        scores = torch.matmul(q.reshape(g, kv, group * t, d), keys.transpose(-1, -2)) * attn.scaling
+        if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), values)  # [g, kv, group*t, d]
         out = out.view(g, kv, group, t, d).permute(0, 3, 1, 2, 4).reshape(g, t, self.heads * d)
@@ -207,10 +254,12 @@ class LeanLlama:
 
     def _block(self, i: int, h: torch.Tensor, cache: LeanCache, rows, rope, mask) -> torch.Tensor:
         layer = self.layers[i]
-        h = h + self._attention(i, self._rms(h, layer.input_layernorm), cache, rows, rope, mask)
-        x = self._rms(h, layer.post_attention_layernorm)
-        mlp = layer.mlp
-        return h + mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        attended = self._attention(i, layer.input_layernorm(h), cache, rows, rope, mask)
+        if self.sandwich:
+            h = h + layer.post_attention_layernorm(attended)
+            return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        h = h + attended
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def forward(
         self,
@@ -231,16 +280,13 @@ class LeanLlama:
         h = self.embed(ids[:1] if rows is not None else ids)  # [g, t, d]
         cache.reserve(len(self.layers), batch, self.kv_heads, self.head_dim, h, t)
         start = cache.length
-        rope = self._rope(start, t, h)
-        mask = None
-        if t > 1:
-            query = torch.arange(t, device=h.device).repeat(self.heads // self.kv_heads)[:, None]
-            mask = torch.arange(start + t, device=h.device)[None] > start + query  # True: hidden
+        tables = {id(r): r.table(start, t, h.dtype) for r in self.ropes}  # one or two distinct tables
+        masks = {w: self._mask(start, t, w, h.device) for w in set(self.windows)}
         by_layer: dict[int, list[Patch]] = defaultdict(list)
         for patch in patches:
             by_layer[patch.layer].append(patch)
         for i in range(len(self.layers)):
-            h = self._block(i, h, cache, rows, rope, mask)
+            h = self._block(i, h, cache, rows, tables[id(self.ropes[i])], masks[self.windows[i]])
             for patch in by_layer.get(i, ()):
                 if rows is not None:
                     before = rows.follows[patch.row]
@@ -250,4 +296,4 @@ class LeanLlama:
                 h[at, patch.position - start] = patch.vector.to(h.device, h.dtype)
         cache.length += t
         last = h[:, -1] if rows is None else h[rows.index, -1]
-        return self._rms(last, self.norm)
+        return self.norm(last)

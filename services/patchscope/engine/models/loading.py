@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from patchscope.engine.models.layout import Layout, discover, site_paths
-from patchscope.engine.models.lean import Forward, LeanLlama, resolve_forward
+from patchscope.engine.models.lean import Forward, LeanDecoder, resolve_forward
 from patchscope.engine.models.packed import Gemm, pack_linears, resolve_gemm
 from patchscope.engine.models.registry import CACHE_META, ModelRegistry
 from patchscope.engine.prefix_cache import PrefixCache
@@ -46,7 +46,7 @@ class LoadedModel:
     fingerprint: str
     prefix_cache: PrefixCache = field(default_factory=PrefixCache)
     # Patched generation runs this forward instead of transformers' when set (lean.py; `forward=` at load).
-    lean: LeanLlama | None = field(default=None, repr=False)
+    lean: LeanDecoder | None = field(default=None, repr=False)
     # Set by `enable_static_decode`: greedy, non-streaming generation then decodes through compiled steps.
     static_decoder: StaticDecoder | None = field(default=None, repr=False)
 
@@ -131,7 +131,7 @@ def load_directory(
     meta_file = directory / CACHE_META
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     fingerprint = meta.get("fingerprint") or embedding_fingerprint(directory, layout.paths.embed + ".weight")
-    lean = LeanLlama(model) if resolve_forward(forward, model) == "lean" else None
+    lean = LeanDecoder(model) if resolve_forward(forward, model) == "lean" else None
     return LoadedModel(
         id=model_id, model=model, tokenizer=tokenizer, layout=layout, fingerprint=fingerprint, lean=lean
     )
