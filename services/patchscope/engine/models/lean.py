@@ -33,7 +33,7 @@ FORWARDS: tuple[str, ...] = get_args(Forward)
 # Decoders whose block is (norm, attention with optional q/k norms, residual, norm, MLP, residual), with
 # Gemma 3's extra norms after attention and MLP; each is checked against transformers by test_lean.py.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-GROW = 32  # tokens of room added whenever the cache runs out (decoding appends one per step)
+GROW = 16  # tokens of room added whenever the cache runs out: a 10-token explanation fits the first
 STATIC_ROPE = {"default", "linear", "llama3"}  # rope types whose frequency table never changes
 
 
