@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--forward",
         default="auto",
         choices=["auto", "lean", "transformers"],
-        help="forward of patched generation: auto = the lean (written-out) forward for Llama models on a "
-        "CPU, else transformers'",
+        help="forward of patched generation: auto = the lean (written-out) forward for Llama, Mistral, "
+        "Qwen2/3 and Gemma 3 on a CPU, else transformers'",
     )
     ex.add_argument(
         "--decode",

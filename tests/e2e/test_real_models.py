@@ -10,6 +10,7 @@ from patchscope.engine import (
     RowPatch,
     explain,
     extract,
+    load_model,
     patched_generate,
 )
 from patchscope.engine.models import embedding_fingerprint
@@ -69,3 +70,14 @@ def test_prefix_cached_sweep_equals_uncached_on_all_layers(real):
 def test_stored_fingerprint_equals_the_embedding_on_disk(real):
     directory = ModelRegistry().weights_dir(real.id)
     assert real.fingerprint == embedding_fingerprint(directory, real.layout.paths.embed + ".weight")
+
+
+def test_the_lean_forward_explains_as_transformers_forward_does(real):
+    """The CPU default (engine/models/lean.py) against transformers' forward: same sweep, word for word."""
+    assert real.lean is not None
+    stock = load_model(real.id, forward="transformers")
+    request = ExplainRequest(
+        prompt="The Eiffel Tower is in Paris", layers=list(range(real.layout.num_layers))
+    )
+    lean, reference = explain(real, real, request), explain(stock, stock, request)
+    assert [r.explanation for r in lean.results] == [r.explanation for r in reference.results]

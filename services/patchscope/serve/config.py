@@ -95,8 +95,9 @@ class ServiceConfig(BaseModel):
     # oneDNN-packed weights measured no faster per Explain (2.05 vs 2.04 s, bench_service.py) while
     # doubling the linear weights' memory; "auto" packs them for float32 on a CPU, as the CLI does.
     gemm: Literal["auto", "onednn", "aten"] = "aten"
-    # Forward of patched generation (engine/models/lean.py): "auto" runs the lean forward for Llama-family
-    # targets on a CPU and transformers' forward elsewhere; "transformers" keeps the stock one everywhere.
+    # Forward of patched generation (engine/models/lean.py): "auto" runs the lean forward for Llama, Mistral,
+    # Qwen2/3 and Gemma 3 targets on a CPU and transformers' forward elsewhere; "transformers" keeps the
+    # stock one everywhere.
     forward: Literal["auto", "lean", "transformers"] = "auto"
     # Torch threads per model process: one where source and target share a small machine (None: torch's
     # default, for GPUs).

@@ -120,7 +120,8 @@ def load_directory(
     """Load a transformers directory (never with remote code) and resolve its hook sites.
 
     `gemm` picks the kernel of the linear layers: `auto` packs them for oneDNN on an fp32 CPU (packed.py).
-    `forward` picks the forward of patched generation: `auto` writes it out for a Llama on a CPU (lean.py).
+    `forward` picks the forward of patched generation: `auto` writes it out for the supported decoder
+    families on a CPU (lean.py).
     """
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
