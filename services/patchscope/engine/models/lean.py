@@ -125,24 +125,34 @@ class SharedRows:
 
     `follows[b]` is the computed row of batch row b; a patch splits its row off into a computed row of
     its own (`split`). `index` ([B]) and `members` ([g], one batch row per computed row) are the gathers
-    the attention needs, rebuilt only when a row splits.
+    the attention needs, rebuilt on first use after splits (once per layer, however many rows split).
     """
 
     follows: list[int]
     device: torch.device
-    index: torch.Tensor = field(init=False)
-    members: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self._count = Counter(self.follows)
-        self._rebuild()
+        self._gathers: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _rebuild(self) -> None:
-        first: dict[int, int] = {}
-        for b, j in enumerate(self.follows):
-            first.setdefault(j, b)
-        self.index = torch.tensor(self.follows, device=self.device)
-        self.members = torch.tensor([first[j] for j in range(len(first))], device=self.device)
+    def _build(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gathers is None:
+            first: dict[int, int] = {}
+            for b, j in enumerate(self.follows):
+                first.setdefault(j, b)
+            self._gathers = (
+                torch.tensor(self.follows, device=self.device),
+                torch.tensor([first[j] for j in range(len(first))], device=self.device),
+            )
+        return self._gathers
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self._build()[0]
+
+    @property
+    def members(self) -> torch.Tensor:
+        return self._build()[1]
 
     def split(self, row: int, computed: int) -> bool:
         """Give batch row `row` the new computed row `computed` if it shares one; True if it did."""
@@ -151,7 +161,7 @@ class SharedRows:
         self._count[self.follows[row]] -= 1
         self.follows[row] = computed
         self._count[computed] = 1
-        self._rebuild()
+        self._gathers = None
         return True
 
 
