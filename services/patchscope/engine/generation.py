@@ -107,7 +107,7 @@ def _cache_kwarg(model_type: type) -> str:
 
 
 def _new_cache(target: LoadedModel) -> Cache | LeanCache:
-    return target.lean.new_cache() if target.lean is not None else DynamicCache(config=target.model.config)
+    return LeanCache() if target.lean is not None else DynamicCache(config=target.model.config)
 
 
 def _forward(

@@ -3,8 +3,8 @@
 Why: with transformers' modules a sweep's decode step (30 rows, one token each) spends about a quarter of
 its CPU time outside the matrix products: mask and cache bookkeeping, position tables, 3-D reshapes and
 SDPA's set-up for a one-token query. Writing the attention out over the model's own modules (norms, MLPs
-and projections are still its modules) makes a smollm2-135m sweep 3-10% faster in paired A/Bs (README;
-gemma3-270m: no change, its 262k-row head dominates), with the same explanations. It also makes
+and projections are still its modules) made a smollm2-135m sweep 0.97-1.10x as fast in paired runs
+(README; gemma3-270m: no change, its 262k-row head dominates), with the same explanations. It also makes
 the patched prompt pass cheaper: all rows of a batch start from the same tokens and the same prefix cache,
 so they are identical until their first patch; this forward runs them as one row and splits a row off at
 its patch layer (a 30-layer sweep computes 465 row-layers instead of 900).
@@ -65,7 +65,7 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
 
 
 def resolve_forward(forward: Forward, model: PreTrainedModel) -> Literal["lean", "transformers"]:
-    """`auto`: lean for a supported model on a CPU (measured no slower there); transformers elsewhere."""
+    """`auto`: lean for a supported model on a CPU (measured 0.97-1.10x there); transformers elsewhere."""
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
     reason = unsupported_reason(model)
@@ -206,9 +206,6 @@ class LeanDecoder:
         ]
         self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")  # Gemma 3's norms around both
 
-    def new_cache(self) -> LeanCache:
-        return LeanCache()
-
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -291,7 +288,8 @@ class LeanDecoder:
         h = self.embed(ids[:1] if rows is not None else ids)  # [g, t, d]
         cache.reserve(len(self.layers), batch, self.kv_heads, self.head_dim, h, t)
         start = cache.length
-        tables = {id(r): r.table(start, t, h.dtype) for r in self.ropes}  # one or two distinct tables
+        distinct = {id(r): r for r in self.ropes}  # one table, or Gemma 3's two
+        tables = {key: rope.table(start, t, h.dtype) for key, rope in distinct.items()}
         masks = {w: self._mask(start, t, w, h.device) for w in set(self.windows)}
         by_layer: dict[int, list[Patch]] = defaultdict(list)
         for patch in patches:
