@@ -16,6 +16,7 @@ import torch
 from patchscope.engine.errors import IncompatibleModels, InvalidArgument
 from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, Timings, patched_generate
 from patchscope.engine.hooks import extract
+from patchscope.engine.lens import logit_lens
 from patchscope.engine.models.loading import LoadedModel
 from patchscope.engine.presets import get_preset, resolve_template
 from patchscope.engine.template import tokenize_prompt
@@ -222,15 +223,3 @@ def explain(
     generated = patched_generate(target, rows, request.generation, timings=gen_timings)
     timings.prefill_s, timings.decode_s = gen_timings.prefill_s, gen_timings.decode_s
     return Explanation([result(s, g.text) for s, g in zip(sites, generated, strict=True)], timings)
-
-
-@torch.inference_mode()
-def logit_lens(target: LoadedModel, vector: torch.Tensor, top_k: int) -> tuple[str, list[tuple[str, float]]]:
-    """Top-1 token (the explanation) and the top-k (token, probability) pairs of the state itself."""
-    hidden = vector.to(target.device, target.dtype)[None, :]  # [1, d]
-    probs = torch.softmax(target.layout.logits(hidden).float(), dim=-1)[0]  # [V]
-    values, ids = probs.topk(top_k)
-    pairs = [
-        (target.tokenizer.decode([i]), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
-    ]
-    return pairs[0][0], pairs

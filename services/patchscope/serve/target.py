@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from ray import serve
 
-from patchscope.engine.explain import logit_lens
+from patchscope.engine.lens import logit_lens
 from patchscope.engine.validation import check_vector
 from patchscope.serve.batching import Batcher, GenerateRequest, RowEvent
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
