@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-DATA   ?= ../shared/data
+# The data the commands read: the slices packaged in services/patchscope/data/ (the default), or DATA=DIR with
+# the same layout (wikitext-2/, lre/) for other data.
+DATA   ?= services/patchscope/data
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PATCHSCOPE_DATA := $(abspath $(DATA))
@@ -44,7 +46,9 @@ models: install
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 
 data-check:
-	@test -d "$(DATA)/wikitext-2" || { echo "data directory $(DATA) is missing: pass DATA=/path/to/shared/data"; exit 1; }
+	@test -d "$(DATA)" || { echo "data directory $(DATA) does not exist: pass DATA=/path/to/data (default: services/patchscope/data)"; exit 1; }
+	@test -f "$(DATA)/wikitext-2/valid.txt" || { echo "$(DATA)/wikitext-2/valid.txt is missing: DATA must hold wikitext-2/valid.txt and lre/"; exit 1; }
+	@test -d "$(DATA)/lre" || { echo "$(DATA)/lre is missing: DATA must hold wikitext-2/valid.txt and lre/"; exit 1; }
 
 # The main job: the service on the default pair smollm2-135m -> gemma3-270m. The depth-proportional affine
 # maps (2:1, 6:4, 10:6) are fitted once on <= 20k words of the wikitext-2 file plus one short text for each

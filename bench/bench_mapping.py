@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from patchscope.data import data_root
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, load_model, patched_generate
 from patchscope.engine.presets import PRESETS, identity_answer
 from patchscope.eval.common import wilson
@@ -37,9 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def corpus() -> Path:
-    return (
-        Path(os.environ.get("PATCHSCOPE_DATA", ROOT.parent / "shared" / "data")) / "wikitext-2" / "valid.txt"
-    )
+    return data_root() / "wikitext-2" / "valid.txt"
 
 
 VOCAB = "affine+vocab"  # affine with the carrier vocabulary texts: what fit-mapping and make run fit

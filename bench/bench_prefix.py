@@ -9,19 +9,18 @@ cache across calls is the service's steady state and is reported too. Median of 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from patchscope.data import data_root
 from patchscope.engine import GenerationConfig, load_model
 from patchscope.engine.generation import PatchedRow, RowPatch, patched_generate
 from patchscope.engine.hooks import extract
 from patchscope.engine.template import tokenize_template
 
-DATA = Path(os.environ.get("PATCHSCOPE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = data_root()
 
 
 def template_of(model, text: str, tokens: int) -> str:

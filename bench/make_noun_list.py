@@ -6,10 +6,10 @@ as a word in the fit corpus, so the cross-model identity test asks about words n
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
+from patchscope.data import data_root
 from patchscope.engine.models import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     from transformers import AutoTokenizer
 
-    data = Path(os.environ.get("PATCHSCOPE_DATA", ROOT.parent / "shared" / "data"))
+    data = data_root()
     corpus_words = set(re.findall(r"[a-z]+", (data / "wikitext-2" / "valid.txt").read_text().lower()))
     registry = ModelRegistry()
     tokenizers = [AutoTokenizer.from_pretrained(registry.prepare(m)) for m in ("smollm2-135m", "gemma3-270m")]

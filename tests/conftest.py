@@ -35,7 +35,13 @@ DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
 
 
 def data_dir() -> Path:
-    path = Path(os.environ.get("PATCHSCOPE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    """The packaged data (`patchscope/data/`), or `$PATCHSCOPE_DATA` when `make test DATA=...` sets it."""
+    from patchscope.data import data_root
+
+    try:
+        path = data_root()
+    except FileNotFoundError as error:
+        pytest.exit(str(error), returncode=2)
     if not (path / "wikitext-2" / "valid.txt").exists():
         pytest.exit(f"test data missing at {path}: set PATCHSCOPE_DATA or DATA=... for make", returncode=2)
     return path

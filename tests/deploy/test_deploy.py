@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,9 +18,8 @@ from ray.serve.schema import ServeDeploySchema
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-# shared/ is beside the checkout (CI) or wherever DATA points (`make test DATA=...` exports PATCHSCOPE_DATA).
-SHARED = Path(os.environ.get("PATCHSCOPE_DATA", ROOT.parent / "shared" / "data")).parent
-CRD = SHARED / "kuberay" / "ray.io_rayservices.yaml"
+# KubeRay v1.7's RayService CRD, slimmed (deploy/kuberay/crd2jsonschema.py --slim) and committed.
+CRD = DEPLOY / "kuberay" / "crd" / "ray.io_rayservices.yaml"
 BIN = Path(sys.executable).parent
 K8S_VERSION = "1.33.0"
 
