@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from patchscope.cli import main, parse_int_list
+from patchscope.cli import main
+from patchscope.cli.args import parse_int_list
 from patchscope.engine import ExplainRequest, IncompatibleModels, explain, extract
 from patchscope.engine.presets import PRESETS, first_line_answer, identity_answer
 

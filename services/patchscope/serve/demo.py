@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from patchscope.cli import DEFAULT_SERVE_CONFIG
-from patchscope.serve.local import free_port, read_config, start
+from patchscope.serve.local import DEFAULT_SERVE_CONFIG, free_port, read_config, start
 from patchscope_client import cli as client_cli
 
 

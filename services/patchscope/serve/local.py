@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 APP_NAME = "patchscope"
+DEFAULT_SERVE_CONFIG = "deploy/config/local.yaml"  # `patchscope serve` and `make run` without --config
 # Set before Ray starts so every Ray process inherits them (the gRPC proxy and every replica).
 RAY_ENV = {
     "HF_HUB_OFFLINE": "1",

@@ -3,60 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
+from patchscope.cli.args import parse_int_list, progress, progress_bar
+from patchscope.data import data_root
+
 RESULTS = Path("docs/results")
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("PATCHSCOPE_DATA", "../shared/data"))
-
-
-def _progress_bar():
-    """(callback, context manager): a rich progress display on a terminal, else a line per tenth done."""
-    if not sys.stderr.isatty():
-        reported: dict[str, int] = {}
-
-        def log(phase: str, done: int, total: int) -> None:
-            tenth = 10 * done // max(total, 1)
-            if reported.get(phase) != tenth:
-                reported[phase] = tenth
-                print(f"[patchscope] {phase}: {done}/{total}", file=sys.stderr, flush=True)
-
-        return log, contextlib.nullcontext()
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("{task.description:<28}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
-    tasks: dict[str, int] = {}
-
-    def update(phase: str, done: int, total: int) -> None:
-        if phase not in tasks:
-            tasks[phase] = bar.add_task(phase, total=total)
-        bar.update(tasks[phase], completed=done, total=total)
-
-    return update, bar
 
 
 def _load(model_id: str, dtype: str):
     import torch
 
-    from patchscope.cli import _progress
     from patchscope.engine import load_model
 
     torch.manual_seed(0)
-    return load_model(model_id, dtype=dtype, progress=_progress)
+    return load_model(model_id, dtype=dtype, progress=progress)
 
 
 def _finish(args: argparse.Namespace, result: dict, name: str, plot) -> int:
@@ -77,8 +40,8 @@ def cmd_next_token(args: argparse.Namespace) -> int:
 
     source = _load(args.source, args.dtype)
     target = source if args.target in (None, args.source) else _load(args.target, args.dtype)
-    corpus = Path(args.corpus) if args.corpus else data_dir() / "wikitext-2" / "valid.txt"
-    update, bar = _progress_bar()
+    corpus = Path(args.corpus) if args.corpus else data_root() / "wikitext-2" / "valid.txt"
+    update, bar = progress_bar()
     with bar:
         result = next_token.run(
             source,
@@ -107,14 +70,13 @@ def cmd_next_token(args: argparse.Namespace) -> int:
 
 
 def cmd_attributes(args: argparse.Namespace) -> int:
-    from patchscope.cli import parse_int_list
     from patchscope.eval import attributes
     from patchscope.eval.common import read_relations
 
     model = _load(args.model, args.dtype)
-    relations = read_relations(data_dir() / "lre", args.relations.split(",") if args.relations else None)
+    relations = read_relations(data_root() / "lre", args.relations.split(",") if args.relations else None)
     layers = parse_int_list(args.layers, num_layers=model.facts.num_layers)
-    update, bar = _progress_bar()
+    update, bar = progress_bar()
     with bar:
         result = attributes.run(
             model,
@@ -139,8 +101,8 @@ def cmd_multi_hop(args: argparse.Namespace) -> int:
     from patchscope.eval.common import read_relations
 
     model = _load(args.model, args.dtype)
-    relations = read_relations(data_dir() / "lre")
-    update, bar = _progress_bar()
+    relations = read_relations(data_root() / "lre")
+    update, bar = progress_bar()
     with bar:
         result = multihop.run(
             model,
@@ -167,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """`patchscope eval` and its experiments."""
     ev = sub.add_parser("eval", help="reproduce the paper's experiments (results in docs/results.md)")
     exp = ev.add_subparsers(dest="experiment", required=True)
