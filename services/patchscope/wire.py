@@ -1,4 +1,4 @@
-"""Tensors and records between the engine and the wire: safetensors ⇄ protobuf, and the generated code.
+"""Proto ⇄ domain, in one place: requests, events, tensors (safetensors ⇄ protobuf) and the generated code.
 
 Every tensor on the public API is a safetensors file (never pickle). Encoding builds the file with one
 copy of the tensor's buffer (header + data joined once) instead of `safetensors.torch.save`'s several;
@@ -14,13 +14,22 @@ import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.generation import GenerationConfig
+from patchscope.engine.presets import DEFAULT_PRESET, DEFAULT_TOP_K
+from patchscope.explain.events import Event, SiteFinished, SiteStarted, SiteToken
+from patchscope.explain.plan import Plan
+from patchscope.explain.request import AUTO, ActivationsRequest, ExplainRequest, TargetSpec
+from patchscope.mapping.artefact import MappingInfo
 from patchscope_client._proto import patchscope_pb2 as pb
 from patchscope_client._proto import patchscope_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from patchscope.serve.hosting import ModelCard
 
 __all__ = ["pb", "pb_grpc"]
 
@@ -177,3 +186,159 @@ def layer_messages(
             model=model,
             fingerprint=fingerprint,
         )
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+
+
+def target_from_proto(spec: pb.TargetSpec) -> TargetSpec:
+    """Proto3 zero values mean "default": empty preset, template and mapping, top_k 0."""
+    return TargetSpec(
+        model=spec.model,
+        preset=spec.preset or DEFAULT_PRESET,
+        template=spec.template or None,
+        layers=tuple(spec.layers),
+        mapping=spec.mapping or AUTO,
+        generation=generation_from_proto(spec.generation),
+        top_k=spec.top_k or DEFAULT_TOP_K,
+    )
+
+
+def explain_from_proto(request: pb.ExplainRequest) -> ExplainRequest:
+    return ExplainRequest(
+        source=request.source,
+        prompt=request.prompt,
+        layers=tuple(request.layers),
+        positions=tuple(request.positions) or (-1,),
+        target=target_from_proto(request.target),
+    )
+
+
+def activations_from_proto(request: pb.ExplainActivationsRequest, *, max_bytes: int) -> ActivationsRequest:
+    """Decodes (and bounds) the states; their shape is checked by planning against the source's facts."""
+    provenance = request.provenance
+    return ActivationsRequest(
+        source=request.source,
+        states=decode_tensor("safetensors", request.safetensors, max_bytes=max_bytes),
+        target=target_from_proto(request.target),
+        layers=tuple(provenance.layers),
+        positions=tuple(provenance.positions),
+        tokens=tuple(provenance.tokens),
+        fingerprint=provenance.fingerprint,
+    )
+
+
+# ---- events -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What every event of one call carries besides its payload."""
+
+    request_id: str
+    started: float  # time.time() when the call arrived
+    server_version: str
+    api_version: str
+
+
+def event_to_proto(plan: Plan, event: Event, stamp: Stamp, now: float) -> pb.ExplainEvent:
+    site = plan.sites[event.index]
+    message = pb.ExplainEvent(
+        request_id=stamp.request_id,
+        site=pb.Site(
+            index=event.index,
+            position=site.position,
+            source_layer=site.source_layer,
+            target_layer=site.target_layer,
+            source_token=plan.source_tokens[event.index],
+        ),
+        emitted_at=now,
+    )
+    if isinstance(event, SiteStarted):
+        message.started.CopyFrom(
+            pb.SiteStarted(
+                mapping_id=event.mapping_id,
+                mapped_norm=event.mapped_norm,
+                target_layer_norm=event.target_layer_norm or 0.0,
+                provenance_mismatch=plan.provenance_mismatch,
+            )
+        )
+        if event.mapping_r2 is not None:
+            message.started.mapping_r2 = event.mapping_r2
+    elif isinstance(event, SiteToken):
+        message.token.CopyFrom(pb.SiteToken(step=event.step, token_id=event.token_id, text=event.text))
+    else:
+        message.finished.CopyFrom(_finished(plan, event, stamp, now))
+    return message
+
+
+def _finished(plan: Plan, event: SiteFinished, stamp: Stamp, now: float) -> pb.SiteFinished:
+    site = plan.sites[event.index]
+    mapping_id = plan.mapping.describe(site.source_layer, site.target_layer)[0] if plan.mapping else ""
+    t = event.timings
+    return pb.SiteFinished(
+        explanation=event.explanation,
+        answer=event.answer,
+        top_k=[pb.TokenProb(token=token, prob=p) for token, p in event.top_k or []],
+        timings=pb.Timings(
+            source_s=t.source_s,
+            queue_s=t.queue_s,
+            prefill_s=t.prefill_s,
+            decode_s=t.decode_s,
+            total_s=now - stamp.started,
+        ),
+        reproduction=pb.Reproduction(
+            request_id=stamp.request_id,
+            source_model=plan.source.id,
+            source_fingerprint=plan.source.fingerprint,
+            target_model=plan.target.id,
+            target_fingerprint=plan.target.fingerprint,
+            mapping_id=mapping_id,
+            dtype=plan.target.dtype,
+            generation=generation_to_proto(plan.generation),
+            preset=plan.preset.name,
+            template=plan.template,
+            server_version=stamp.server_version,
+            api_version=stamp.api_version,
+            provenance_mismatch=plan.provenance_mismatch,
+        ),
+    )
+
+
+# ---- listings ---------------------------------------------------------------------------------------
+
+
+def model_info_to_proto(card: ModelCard, source: bool, target: bool) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        id=card.id,
+        source=source,
+        target=target,
+        architecture=card.architecture,
+        num_layers=card.num_layers,
+        hidden_size=card.hidden_size,
+        vocab_size=card.vocab_size,
+        num_parameters=card.num_parameters,
+        fingerprint=card.fingerprint,
+        tokenizer_fingerprint=card.tokenizer_fingerprint,
+        dtype=card.dtype,
+        ready=True,
+    )
+
+
+def mapping_info_to_proto(info: MappingInfo) -> pb.MappingInfo:
+    return pb.MappingInfo(
+        id=info.id,
+        source=info.source_model,
+        target=info.target_model,
+        source_layer=info.source_layer,
+        target_layer=info.target_layer,
+        method=info.method,
+        r2=info.r2,
+        r2_mean_dim=info.r2_mean_dim,
+        cosine=info.cosine,
+        mse=info.mse,
+        num_pairs=info.pairs_train,
+        source_fingerprint=info.source_fingerprint,
+        target_fingerprint=info.target_fingerprint,
+        corpus_fingerprint=info.corpus_fingerprint,
+    )

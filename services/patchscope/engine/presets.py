@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.validation import check_template
 
+DEFAULT_PRESET = "identity"
+DEFAULT_TOP_K = 5  # (token, probability) pairs the logit-lens preset reports
+
 
 def first_word(text: str) -> str:
     words = text.split()

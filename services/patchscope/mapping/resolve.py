@@ -71,3 +71,14 @@ def resolve_mappings(
     for loaded in {id(m): m for m in by_pair.values()}.values():
         loaded.check(source, target)
     return MappingSet(by_pair)
+
+
+def registry_resolver(registry: MappingRegistry):
+    """The pipeline's `MappingResolver` over `registry` (rescanned on every call: files may be added)."""
+
+    def resolve(
+        source: ModelLike, target: ModelLike, pairs: Iterable[tuple[int, int]], choice: str
+    ) -> MappingSet:
+        return resolve_mappings(registry, source, target, pairs, choice)
+
+    return resolve

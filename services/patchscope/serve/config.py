@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from patchscope.engine.options import EngineOptions, Forward, Gemm
 
-class Limits(BaseModel):
-    """Request limits; over a limit is INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for the queue)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_prompt_chars: int = Field(8192, ge=1)
-    max_prompt_tokens: int = Field(2048, ge=1)
-    max_sites: int = Field(512, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-    max_activation_bytes: int = Field(16 << 20, ge=1)
-    # Rows waiting for the target model; more is RESOURCE_EXHAUSTED with retry advice.
-    max_queued_rows: int = Field(4096, ge=1)
+from patchscope.explain.limits import Limits
 
 
 class Batching(BaseModel):
@@ -91,14 +80,11 @@ class ServiceConfig(BaseModel):
     # Compute dtype of the hosted models ("float32", "bfloat16"); "auto" is bfloat16 on a GPU.
     dtype: str = "float32"
     device: str = "auto"
-    # Kernel of the linear layers (engine/models/packed.py). ATen by default here: in the Ray replicas the
-    # oneDNN-packed weights measured no faster per Explain (2.05 vs 2.04 s, bench_service.py) while
-    # doubling the linear weights' memory; "auto" packs them for float32 on a CPU, as the CLI does.
-    gemm: Literal["auto", "onednn", "aten"] = "aten"
-    # Forward of patched generation (engine/models/lean.py): "auto" runs the lean forward for Llama, Mistral,
-    # Qwen2/3 and Gemma 3 targets on a CPU and transformers' forward elsewhere; "transformers" keeps the
-    # stock one everywhere.
-    forward: Literal["auto", "lean", "transformers"] = "auto"
+    # The engine's performance knobs (engine/options.py, where the defaults and their reasons live, shared
+    # with the CLI and the benches): the linear layers' kernel, and the forward of patched generation.
+    # The decode loop is not a setting here: the service streams and cancels, which only the eager loop does.
+    gemm: Gemm = EngineOptions.gemm
+    forward: Forward = EngineOptions.forward
     # Torch threads per model process: one where source and target share a small machine (None: torch's
     # default, for GPUs).
     torch_threads: int | None = Field(1, ge=1)
@@ -106,6 +92,10 @@ class ServiceConfig(BaseModel):
     batching: Batching = Batching()
     auth: Auth = Field(default_factory=Auth)
     quotas: Quotas = Quotas()
+
+    def engine_options(self) -> EngineOptions:
+        """The options the hosted models are loaded and run with."""
+        return EngineOptions(gemm=self.gemm, forward=self.forward)
 
     @model_validator(mode="after")
     def _known_dtype(self) -> ServiceConfig:

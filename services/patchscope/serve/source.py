@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from patchscope.engine.hooks import HiddenStates, extract
+from patchscope.engine.template import tokenize_prompt
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
 
 
@@ -28,6 +29,11 @@ class SourceModel:
 
     def stats(self) -> dict[str, object]:
         return {"rss_bytes": rss_bytes()}
+
+    def tokenize(self, model_id: str, prompt: str) -> list[str]:
+        """The prompt's tokens as `extract` sees them: the ingress plans with them before any model runs."""
+        tokenizer = self.hosted.model(model_id).tokenizer
+        return [tokenizer.decode([t]) for t in tokenize_prompt(tokenizer, prompt)]
 
     async def extract(
         self, model_id: str, prompt: str, layers: list[int], positions: list[int] | None

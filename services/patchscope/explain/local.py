@@ -1,0 +1,110 @@
+"""The pipeline in this process: models loaded here, for the CLI, the experiments and batch jobs.
+
+Model work runs inline on the caller's thread (there is nothing else for the event loop to do), through
+the same engine calls the service's deployments make.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+import torch
+
+from patchscope.engine.errors import ModelNotFound
+from patchscope.engine.generation import iter_patched_generate
+from patchscope.engine.hooks import HiddenStates, extract
+from patchscope.engine.lens import logit_lens
+from patchscope.engine.models import LoadedModel
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.engine.streaming import GenerateRequest, RowEvent, row_events
+from patchscope.engine.template import tokenize_prompt
+from patchscope.engine.timings import Timings
+from patchscope.explain.events import Explanation
+from patchscope.explain.limits import Limits
+from patchscope.explain.plan import MappingResolver, ModelInfo
+from patchscope.explain.request import ActivationsRequest, ExplainRequest
+from patchscope.explain.run import Pipeline, collect
+
+
+def model_info(model: LoadedModel) -> ModelInfo:
+    return ModelInfo(
+        id=model.id,
+        fingerprint=model.fingerprint,
+        facts=model.facts,
+        dtype=str(model.dtype).removeprefix("torch."),
+    )
+
+
+class LocalBackend:
+    """Every model given is a source; targets are the runtimes given (one per target model)."""
+
+    def __init__(self, sources: Iterable[LoadedModel], targets: Iterable[TargetRuntime]) -> None:
+        self.sources = {m.id: m for m in sources}
+        self.targets = {t.model.id: t for t in targets}
+
+    def _source(self, model_id: str) -> LoadedModel:
+        if model_id not in self.sources:
+            raise ModelNotFound(model_id or "(empty)", list(self.sources))
+        return self.sources[model_id]
+
+    def _target(self, model_id: str) -> TargetRuntime:
+        if model_id not in self.targets:
+            raise ModelNotFound(model_id or "(empty)", list(self.targets))
+        return self.targets[model_id]
+
+    async def source_info(self, model_id: str) -> ModelInfo:
+        return model_info(self._source(model_id))
+
+    async def target_info(self, model_id: str) -> ModelInfo:
+        return model_info(self._target(model_id).model)
+
+    async def tokenize(self, model_id: str, prompt: str) -> list[str]:
+        tokenizer = self._source(model_id).tokenizer
+        return [tokenizer.decode([t]) for t in tokenize_prompt(tokenizer, prompt)]
+
+    async def extract(
+        self, model_id: str, prompt: str, layers: list[int], positions: list[int]
+    ) -> HiddenStates:
+        return extract(self._source(model_id), prompt, layers, positions)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
+        target = self._target(request.model)
+        timings = Timings()
+        steps = iter_patched_generate(target, request.rows(), request.config, timings=timings)
+        tokenizer = target.model.tokenizer
+        for events in row_events(steps, tokenizer, request.config.max_new_tokens, timings):
+            yield events
+
+    async def logit_lens(
+        self, model_id: str, vectors: list[torch.Tensor], top_k: int
+    ) -> list[tuple[str, list[tuple[str, float]]]]:
+        model = self._target(model_id).model
+        return [logit_lens(model, vector, top_k) for vector in vectors]
+
+
+def explain(
+    backend: LocalBackend,
+    request: ExplainRequest | ActivationsRequest,
+    resolve: MappingResolver,
+    limits: Limits | None = None,
+) -> Explanation:
+    """Plan and run one request to the end in this process (the CLI's and the experiments' entry)."""
+
+    async def run() -> Explanation:
+        pipeline = Pipeline(backend, limits or LOCAL_LIMITS, resolve)
+        plan = await pipeline.plan(request)
+        states = request.states if isinstance(request, ActivationsRequest) else None
+        return await collect(plan, pipeline.run(plan, states))
+
+    return asyncio.run(run())
+
+
+# In process the caller owns the machine: the engine's own bounds, not a shared service's quotas.
+LOCAL_LIMITS = Limits(
+    max_prompt_chars=1 << 20,
+    max_prompt_tokens=1 << 16,
+    max_template_chars=1 << 16,
+    max_sites=4096,
+    max_new_tokens=512,
+)

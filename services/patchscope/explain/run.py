@@ -1,0 +1,183 @@
+"""The one orchestrator of an Explain: source pass → map → patched generation, as a stream of events.
+
+Where the models are is injected as a `Backend`: Ray deployments in the service, models in this process
+for the CLI and the experiments. The plan is already validated (plan.py), so nothing here checks input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import torch
+
+from patchscope.engine.errors import IncompatibleModels
+from patchscope.engine.hooks import HiddenStates
+from patchscope.engine.streaming import GenerateRequest, RowEvent
+from patchscope.engine.timings import Timings
+from patchscope.explain.events import Event, Explanation, SiteFinished, SiteResult, SiteStarted, SiteToken
+from patchscope.explain.limits import Limits
+from patchscope.explain.plan import (
+    MappingResolver,
+    ModelInfo,
+    Plan,
+    check_prompt_size,
+    plan_activations,
+    plan_explain,
+)
+from patchscope.explain.request import ActivationsRequest, ExplainRequest
+
+__all__ = ["Backend", "GenerateRequest", "Pipeline", "RowEvent", "collect"]
+
+
+class Backend(Protocol):
+    """Where the models are: looked up by id, each call one model's work."""
+
+    async def source_info(self, model_id: str) -> ModelInfo:
+        """The source model's facts (NOT_FOUND naming the hosted ids when it is not hosted)."""
+        ...
+
+    async def target_info(self, model_id: str) -> ModelInfo: ...
+
+    async def tokenize(self, model_id: str, prompt: str) -> list[str]:
+        """The source prompt's tokens as the source pass will see them (BOS counted); runs no model."""
+        ...
+
+    async def extract(
+        self, model_id: str, prompt: str, layers: list[int], positions: list[int]
+    ) -> HiddenStates: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
+        """Row events per decoding step; closing the iterator early drops the rows from the target."""
+        ...
+
+    async def logit_lens(
+        self, model_id: str, vectors: list[torch.Tensor], top_k: int
+    ) -> list[tuple[str, list[tuple[str, float]]]]: ...
+
+
+def map_states(plan: Plan, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """f(h) for each site's state ([d] -> [d*]); the state itself when source and target are one model."""
+    if plan.mapping is None:
+        return list(states)
+    hidden = plan.target.facts.hidden_size
+    vectors = []
+    for state, site in zip(states, plan.sites, strict=True):
+        vector = plan.mapping(state, site.source_layer, site.target_layer)
+        if vector.shape != (hidden,):
+            raise IncompatibleModels(f"mapped state has shape {list(vector.shape)}, target needs [{hidden}]")
+        vectors.append(vector)
+    return vectors
+
+
+class Pipeline:
+    """Plans and runs Explains against one backend, under one set of limits and one mapping resolver."""
+
+    def __init__(self, backend: Backend, limits: Limits, resolve: MappingResolver) -> None:
+        self.backend = backend
+        self.limits = limits
+        self.resolve = resolve
+
+    async def plan(self, request: ExplainRequest | ActivationsRequest) -> Plan:
+        """Validate `request` completely; only the source's tokenizer runs (for positions and length)."""
+        source = await self.backend.source_info(request.source)
+        target = await self.backend.target_info(request.target.model)
+        if isinstance(request, ActivationsRequest):
+            return plan_activations(request, source, target, self.limits, self.resolve)
+        check_prompt_size("prompt", request.prompt, self.limits)
+        tokens = await self.backend.tokenize(source.id, request.prompt)
+        return plan_explain(request, source, target, tokens, self.limits, self.resolve)
+
+    async def run(self, plan: Plan, states: torch.Tensor | None = None) -> AsyncIterator[Event]:
+        """Extract (unless `states`, [sites, d], came with the request), map, and verbalise every site."""
+        timings = Timings()
+        if states is None:
+            started = time.perf_counter()
+            site_states = await self._extract(plan)
+            timings.source_s = time.perf_counter() - started
+        else:
+            site_states = list(states)
+        vectors = map_states(plan, site_states)
+        for index, (site, vector) in enumerate(zip(plan.sites, vectors, strict=True)):
+            mapping_id, r2 = ("", None)
+            if plan.mapping is not None:
+                mapping_id, r2 = plan.mapping.describe(site.source_layer, site.target_layer)
+            norms = plan.target.layer_norms
+            yield SiteStarted(
+                index=index,
+                mapping_id=mapping_id,
+                mapping_r2=r2,
+                mapped_norm=float(vector.norm()),
+                target_layer_norm=norms[site.target_layer] if norms else None,
+            )
+        if not plan.preset.generates:
+            lens = await self.backend.logit_lens(plan.target.id, vectors, plan.top_k)
+            for index, (explanation, pairs) in enumerate(lens):
+                answer = plan.preset.answer(explanation)
+                yield SiteFinished(index, explanation, answer, top_k=pairs, timings=timings)
+            return
+        request = GenerateRequest(
+            model=plan.target.id,
+            template=plan.template,
+            filler=plan.preset.filler,
+            layers=[s.target_layer for s in plan.sites],
+            vectors=vectors,
+            config=plan.generation,
+        )
+        async with contextlib.aclosing(self.backend.generate(request)) as steps:
+            async for events in steps:
+                for e in events:
+                    if not e.stop or e.text:
+                        yield SiteToken(e.row, e.step, e.token_id, e.text)
+                    if e.finished:
+                        explanation = e.explanation or ""
+                        generated = e.timings or Timings()
+                        site_timings = Timings(
+                            source_s=timings.source_s,
+                            queue_s=generated.queue_s,
+                            prefill_s=generated.prefill_s,
+                            decode_s=generated.decode_s,
+                        )
+                        yield SiteFinished(
+                            e.row, explanation, plan.preset.answer(explanation), timings=site_timings
+                        )
+
+    async def _extract(self, plan: Plan) -> list[torch.Tensor]:
+        assert plan.prompt is not None
+        layers = sorted({s.source_layer for s in plan.sites})
+        positions = sorted({s.position for s in plan.sites})
+        hidden = await self.backend.extract(plan.source.id, plan.prompt, layers, positions)
+        return [
+            hidden.states[hidden.layers.index(s.source_layer), hidden.positions.index(s.position)]
+            for s in plan.sites
+        ]
+
+
+async def collect(plan: Plan, events: AsyncIterator[Event]) -> Explanation:
+    """Run a plan's events to the end and gather one result per site, in site order."""
+    finished: dict[int, SiteFinished] = {}
+    started: dict[int, SiteStarted] = {}
+    async for event in events:
+        if isinstance(event, SiteStarted):
+            started[event.index] = event
+        elif isinstance(event, SiteFinished):
+            finished[event.index] = event
+    results = []
+    timings = Timings()
+    for index, site in enumerate(plan.sites):
+        done, begun = finished[index], started[index]
+        results.append(
+            SiteResult(
+                site=site,
+                source_token=plan.source_tokens[index],
+                explanation=done.explanation,
+                answer=done.answer,
+                mapping_id=begun.mapping_id or None,
+                mapping_r2=begun.mapping_r2,
+                top_k=done.top_k,
+            )
+        )
+        timings = done.timings
+    return Explanation(results, timings)

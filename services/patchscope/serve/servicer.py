@@ -1,0 +1,219 @@
+"""The gRPC servicer of `patchscope.v1.Patchscope`: authenticate, convert, call the pipeline, stream.
+
+Serve's gRPC proxy calls the methods named like the RPCs. Nothing here validates or orchestrates: proto
+becomes a domain request (`wire.py`), the pipeline plans it (every check, before any model runs) and runs
+it, and its events become proto again. Errors become status codes in one place (`status.py`); in a
+streaming method the code is set on the context *and* raised, since returning after setting it reaches
+the client as OK. The class runs without Ray given a backend (tests drive it with fakes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from patchscope import __version__
+from patchscope.explain.plan import check_prompt_size, plan_extract
+from patchscope.explain.run import Pipeline
+from patchscope.mapping.registry import MappingRegistry
+from patchscope.mapping.resolve import registry_resolver
+from patchscope.serve.auth import TokenCheck
+from patchscope.serve.backend import ServeBackend
+from patchscope.serve.config import ServiceConfig
+from patchscope.serve.quotas import QuotaExceeded
+from patchscope.serve.status import status_of
+from patchscope.wire import (
+    LayerStates,
+    Stamp,
+    activations_from_proto,
+    event_to_proto,
+    explain_from_proto,
+    layer_messages,
+    mapping_info_to_proto,
+    model_info_to_proto,
+    pb,
+    wire_dtype,
+)
+from patchscope_client.version import API_VERSION, METADATA_KEY
+
+logger = logging.getLogger("patchscope.serve")
+STREAMING = frozenset({"ExtractHiddenStates", "Explain", "ExplainActivations"})
+
+
+class Metrics(Protocol):
+    """What the servicer counts (serve/metrics.py on a Ray replica; a no-op without one)."""
+
+    def sites(self, target: str, count: int = 1) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def mapping(self, mapping_id: str, count: int = 1) -> None: ...
+
+
+class NoMetrics:
+    """Counts nothing: a servicer outside a Ray replica."""
+
+    def sites(self, target: str, count: int = 1) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def mapping(self, mapping_id: str, count: int = 1) -> None: ...
+
+
+def rpc(method: Callable) -> Callable:
+    """Authenticate, stamp the API version, take a quota slot, and turn errors into status codes."""
+
+    async def begin(self: Servicer, context) -> str | None:
+        context.set_trailing_metadata([(METADATA_KEY, API_VERSION)])
+        key = self.auth.check(context.invocation_metadata(), method.__name__)
+        if self.quotas is None:
+            return None
+        reason = await self.quotas.acquire.remote(key)
+        if reason is not None:
+            raise QuotaExceeded(reason)
+        return key
+
+    def fail(error: BaseException, context) -> None:
+        code, message = status_of(error)
+        context.set_code(code)
+        context.set_details(message)
+        logger.info("rpc %s failed: %s", method.__name__, code.name)
+
+    def end(self: Servicer, key: str | None) -> None:
+        if key is not None:
+            self.quotas.release.remote(key)
+
+    if method.__name__ in STREAMING:
+
+        @functools.wraps(method)
+        async def stream(self: Servicer, request, context):
+            key = None
+            try:
+                key = await begin(self, context)
+                # aclosing: a caller that leaves closes the inner generators now, not at garbage collection.
+                async with contextlib.aclosing(method(self, request, context)) as messages:
+                    async for message in messages:
+                        yield message
+            except Exception as error:
+                fail(error, context)
+                raise
+            finally:
+                end(self, key)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Servicer, request, context):
+        key = None
+        try:
+            key = await begin(self, context)
+            return await method(self, request, context)
+        except Exception as error:
+            fail(error, context)
+            raise
+        finally:
+            end(self, key)
+
+    return unary
+
+
+class Servicer:
+    """The RPCs of `patchscope.v1.Patchscope` over one backend."""
+
+    def __init__(
+        self, backend: ServeBackend, config: ServiceConfig, *, metrics: Metrics, quotas=None
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.registry = MappingRegistry(config.registry)
+        self.pipeline = Pipeline(backend, config.limits, registry_resolver(self.registry))
+        auth = config.auth
+        self.auth = TokenCheck(auth.tokens() if auth.required else [], auth.required)
+        self.quotas = quotas
+        self.metrics = metrics
+
+    def _stamp(self, context) -> Stamp:
+        request_id = context.request_id() or uuid.uuid4().hex
+        return Stamp(request_id, time.time(), __version__, API_VERSION)
+
+    @rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        sources, targets = await self.backend.cards()
+        models = [
+            model_info_to_proto(card, model_id in sources, model_id in targets)
+            for model_id, card in {**sources, **targets}.items()
+        ]
+        return pb.ListModelsResponse(api_version=API_VERSION, server_version=__version__, models=models)
+
+    @rpc
+    async def ListMappings(self, request: pb.ListMappingsRequest, context) -> pb.ListMappingsResponse:
+        listing = self.registry.scan()  # rescanned on every call: a prepare job may have added files
+        infos = [
+            i
+            for i in listing.mappings
+            if (not request.source or i.source_model == request.source)
+            and (not request.target or i.target_model == request.target)
+        ]
+        unreadable = [f"{name}: {why}" for name, why in listing.unreadable]
+        return pb.ListMappingsResponse(
+            mappings=[mapping_info_to_proto(i) for i in infos], unreadable=unreadable
+        )
+
+    @rpc
+    async def ExtractHiddenStates(
+        self, request: pb.ExtractHiddenStatesRequest, context
+    ) -> AsyncIterator[pb.ExtractHiddenStatesResponse]:
+        source = await self.backend.source_info(request.model)
+        wire_dtype("dtype", request.dtype)  # an unknown dtype is refused before the source runs
+        check_prompt_size("prompt", request.prompt, self.config.limits)
+        tokens = await self.backend.tokenize(source.id, request.prompt)
+        layers, positions = plan_extract(
+            source, request.prompt, request.layers, request.positions, tokens, self.config.limits
+        )
+        hidden = await self.backend.extract(source.id, request.prompt, layers, positions)
+        for i, layer in enumerate(hidden.layers):
+            states = LayerStates(layer, hidden.states[i])
+            for message in layer_messages(
+                source.id,
+                source.fingerprint,
+                states,
+                hidden.positions,
+                hidden.token_ids,
+                hidden.tokens,
+                request.dtype,
+            ):
+                yield message
+
+    @rpc
+    async def Explain(self, request: pb.ExplainRequest, context) -> AsyncIterator[pb.ExplainEvent]:
+        stamp = self._stamp(context)
+        plan = await self.pipeline.plan(explain_from_proto(request))
+        async with contextlib.aclosing(self._stream(plan, stamp)) as events:
+            async for event in events:
+                yield event
+
+    @rpc
+    async def ExplainActivations(
+        self, request: pb.ExplainActivationsRequest, context
+    ) -> AsyncIterator[pb.ExplainEvent]:
+        stamp = self._stamp(context)
+        activations = activations_from_proto(request, max_bytes=self.config.limits.max_activation_bytes)
+        plan = await self.pipeline.plan(activations)
+        async with contextlib.aclosing(self._stream(plan, stamp, activations.states)) as events:
+            async for event in events:
+                yield event
+
+    async def _stream(self, plan, stamp: Stamp, states=None) -> AsyncIterator[pb.ExplainEvent]:
+        first = True
+        async with contextlib.aclosing(self.pipeline.run(plan, states)) as events:
+            async for event in events:
+                now = time.time()
+                message = event_to_proto(plan, event, stamp, now)
+                if message.HasField("started"):
+                    self.metrics.mapping(message.started.mapping_id)
+                elif message.HasField("token") and first:
+                    self.metrics.first_token(now - stamp.started)
+                    first = False
+                yield message
+        self.metrics.sites(plan.target.id, len(plan.sites))
