@@ -14,7 +14,7 @@ import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -27,9 +27,6 @@ from patchscope.explain.request import AUTO, ActivationsRequest, ExplainRequest,
 from patchscope.mapping.artefact import MappingInfo
 from patchscope_client._proto import patchscope_pb2 as pb
 from patchscope_client._proto import patchscope_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from patchscope.serve.hosting import ModelCard
 
 __all__ = ["pb", "pb_grpc"]
 
@@ -308,7 +305,21 @@ def _finished(plan: Plan, event: SiteFinished, stamp: Stamp, now: float) -> pb.S
 # ---- listings ---------------------------------------------------------------------------------------
 
 
-def model_info_to_proto(card: ModelCard, source: bool, target: bool) -> pb.ModelInfo:
+class Card(Protocol):
+    """A hosted model as `ListModels` describes it (serve/hosting.py's `ModelCard`)."""
+
+    id: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_parameters: int
+    fingerprint: str
+    tokenizer_fingerprint: str
+    dtype: str
+
+
+def model_info_to_proto(card: Card, source: bool, target: bool) -> pb.ModelInfo:
     return pb.ModelInfo(
         id=card.id,
         source=source,

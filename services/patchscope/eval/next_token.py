@@ -32,6 +32,7 @@ from patchscope.eval.common import Progress, first_token_logits, no_progress, py
 from patchscope.mapping.corpus import read_documents, split_documents, take_words
 from patchscope.mapping.fit import RidgeBasis, fit_affine
 from patchscope.mapping.registry import MappingRegistry
+from patchscope.mapping.resolve import resolve_mappings
 
 LOG2 = math.log(2.0)
 
@@ -223,26 +224,19 @@ def run(
     """
     started = time.perf_counter()
     same = source.fingerprint == target.fingerprint
-    mappings: dict[tuple[int, int], object] = {}
+    mapping = None
     if same and pairs is None:
         pairs = [(layer, layer) for layer in range(source.facts.num_layers)]
     if not same:
         if registry is None:
             raise ValueError("a cross-model run needs a mapping registry")
-        best = registry.best(source.id, target.id)
         if pairs is None:
-            pairs = sorted(best)
+            pairs = sorted(registry.best(source.id, target.id))
             if not pairs:
                 raise FileNotFoundError(
                     f"no mappings {source.id} -> {target.id} in {registry.root}: run patchscope fit-mapping"
                 )
-        missing = [p for p in pairs if p not in best]
-        if missing:
-            raise FileNotFoundError(f"no registered mapping for layer pairs {missing}")
-        for pair in pairs:
-            loaded = registry.load(best[pair].id)
-            loaded.check(source, target)
-            mappings[pair] = loaded
+        mapping = resolve_mappings(registry, source, target, pairs)  # the service's choice: best R² per pair
 
     fit = source_states(
         source,
@@ -284,14 +278,13 @@ def run(
         )
     pairs_out = []
     for source_layer, target_layer in pairs:
-        mapping = mappings.get((source_layer, target_layer))
         reader = patchscope_reader(
             source,
             target,
             test.states[source_layer],
             target_layer,
             test.reference,
-            mapping=None if mapping is None else mapping.map,
+            mapping=None if mapping is None else mapping.by_pair[(source_layer, target_layer)].map,
             progress=progress,
             phase=f"patchscope {source_layer}->{target_layer}",
         )
@@ -307,8 +300,7 @@ def run(
             ],
         }
         if mapping is not None:
-            entry["mapping_id"] = mapping.info.id
-            entry["mapping_r2"] = mapping.info.r2
+            entry["mapping_id"], entry["mapping_r2"] = mapping.describe(source_layer, target_layer)
         pairs_out.append(entry)
     return {
         "experiment": "next-token",
