@@ -13,7 +13,7 @@ export PATCHSCOPE_DATA := $(abspath $(DATA))
 PROTO     := proto/patchscope/v1/patchscope.proto
 PROTO_GEN := clients/python/patchscope_client/_proto/patchscope_pb2.py
 
-.PHONY: install proto proto-check browser-deps models run serve test lint eval bench bench-deps bench-engine bench-gpu bench-mapping bench-service \
+.PHONY: install proto layouts proto-check browser-deps models run serve test lint eval bench bench-deps bench-engine bench-gpu bench-mapping bench-service \
 	data-check clean
 
 # Torch first and exactly pinned: anything else pulls a multi-GB CUDA build. The client distribution
@@ -37,6 +37,13 @@ $(PROTO_GEN): $(PROTO) $(VENV)/.installed
 	touch $@
 
 proto: $(PROTO_GEN)
+
+# The client's copy of the engine's architecture table (it may not import the server); committed, and a
+# unit test fails when it differs from engine/models/layout.py.
+LAYOUTS := clients/python/patchscope_client/layouts.json
+layouts: install
+	$(PY) -c "import json; from patchscope.engine.models.layout import client_copy; \
+		print(json.dumps(client_copy(), indent=2))" > $(LAYOUTS)
 
 # buf lint, and buf breaking against the committed image of the released API (offline).
 proto-check: install

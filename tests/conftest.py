@@ -29,6 +29,7 @@ from transformers import (  # noqa: E402
 )
 
 from patchscope.engine.models import LoadedModel, load_directory  # noqa: E402
+from patchscope.engine.runtime import TargetRuntime  # noqa: E402
 
 VOCAB = 512
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
@@ -117,17 +118,34 @@ def tiny_models(tiny_dirs) -> dict[str, LoadedModel]:
     return {arch: load_directory(f"tiny-{arch}", path) for arch, path in tiny_dirs.items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_runtimes(tiny_models) -> dict[str, TargetRuntime]:
+    """A target runtime (default engine options) per tiny model, keyed like `tiny_models`."""
+    return {arch: TargetRuntime.build(model) for arch, model in tiny_models.items()}
+
+
 @pytest.fixture(params=ARCHS)
 def tiny(request, tiny_models) -> LoadedModel:
     """One tiny random model per architecture (the test runs once for each)."""
-    model = tiny_models[request.param]
-    model.prefix_cache.clear()
-    return model
+    return tiny_models[request.param]
+
+
+@pytest.fixture
+def tiny_runtime(tiny, tiny_runtimes) -> TargetRuntime:
+    """The runtime of the test's `tiny` model, its prefix cache empty."""
+    runtime = tiny_runtimes[tiny.id.removeprefix("tiny-")]
+    runtime.prefix_cache.clear()
+    return runtime
 
 
 @pytest.fixture(scope="session")
 def llama(tiny_models) -> LoadedModel:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def llama_runtime(tiny_runtimes) -> TargetRuntime:
+    return tiny_runtimes["llama"]
 
 
 # The real models are converted once into the shared cache ($PATCHSCOPE_HOME) by `make test`.

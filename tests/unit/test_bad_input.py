@@ -48,10 +48,10 @@ def test_position_out_of_range_names_the_prompt_length(llama):
 
 
 @pytest.mark.parametrize("template", ["no placeholder", "two {} and {}"])
-def test_template_without_exactly_one_placeholder_is_rejected(llama, template):
+def test_template_without_exactly_one_placeholder_is_rejected(llama, llama_runtime, template):
     row = PatchedRow(template, "?", (RowPatch(0, torch.zeros(llama.facts.hidden_size)),))
     with pytest.raises(InvalidArgument, match=r"template: must contain the placeholder \{\} exactly once"):
-        patched_generate(llama, [row])
+        patched_generate(llama_runtime, [row])
 
 
 @pytest.mark.parametrize(
@@ -64,21 +64,21 @@ def test_template_without_exactly_one_placeholder_is_rejected(llama, template):
         (torch.zeros(64, dtype=torch.long), "floating point"),
     ],
 )
-def test_bad_vectors_are_rejected_with_the_field_path(llama, vector, match):
+def test_bad_vectors_are_rejected_with_the_field_path(llama, llama_runtime, vector, match):
     row = PatchedRow("a {} b", "?", (RowPatch(1, vector),))
     with pytest.raises(InvalidArgument, match=r"rows\[0\]\.patches\[0\]\.vector") as info:
-        patched_generate(llama, [row])
+        patched_generate(llama_runtime, [row])
     assert info.match(match)
 
 
-def test_bad_generation_options_are_rejected(llama):
+def test_bad_generation_options_are_rejected(llama, llama_runtime):
     row = PatchedRow("a {} b", "?", (RowPatch(1, torch.zeros(64)),))
     with pytest.raises(InvalidArgument, match=r"max_new_tokens: out of range; allowed: 1\.\.512; got: 0"):
-        patched_generate(llama, [row], GenerationConfig(max_new_tokens=0))
+        patched_generate(llama_runtime, [row], GenerationConfig(max_new_tokens=0))
     with pytest.raises(InvalidArgument, match="top_p"):
-        patched_generate(llama, [row], GenerationConfig(top_p=1.5))
+        patched_generate(llama_runtime, [row], GenerationConfig(top_p=1.5))
     with pytest.raises(InvalidArgument, match="rows: must contain at least one row"):
-        patched_generate(llama, [])
+        patched_generate(llama_runtime, [])
 
 
 def test_explain_validates_before_running_any_model(llama, monkeypatch):

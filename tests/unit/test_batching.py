@@ -10,7 +10,8 @@ import torch
 
 from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, patched_generate
 from patchscope.engine.hooks import extract
-from patchscope.serve.batching import Batcher, GenerateRequest, QueueFull
+from patchscope.engine.streaming import GenerateRequest
+from patchscope.serve.batching import Batcher, QueueFull
 
 TEMPLATE = "cat -> cat\n1135 -> 1135\nhello -> hello\n{}"
 
@@ -50,12 +51,12 @@ async def consume(
     return finals
 
 
-def expected(llama, request: GenerateRequest) -> list[str]:
+def expected(runtime, request: GenerateRequest) -> list[str]:
     rows = [
         PatchedRow(TEMPLATE, "?", (RowPatch(layer=layer, vector=v),))
         for layer, v in zip(request.layers, request.vectors, strict=True)
     ]
-    return [g.text for g in patched_generate(llama, rows, request.config)]
+    return [g.text for g in patched_generate(runtime, rows, request.config)]
 
 
 def run(coro):
@@ -63,12 +64,12 @@ def run(coro):
 
 
 @pytest.fixture
-def batcher(llama):
+def batcher(llama_runtime):
     with ThreadPoolExecutor(1) as executor:
-        yield Batcher({"tiny-llama": llama}, executor, wait_s=0.05)
+        yield Batcher({"tiny-llama": llama_runtime}, executor, wait_s=0.05)
 
 
-def test_concurrent_requests_share_one_batch_and_match_separate_generation(llama, batcher):
+def test_concurrent_requests_share_one_batch_and_match_separate_generation(llama, llama_runtime, batcher):
     reqs = requests(llama, 4)
 
     async def main():
@@ -77,24 +78,24 @@ def test_concurrent_requests_share_one_batch_and_match_separate_generation(llama
     results = run(main())
     assert list(batcher.batch_sizes) == [8], "four requests of two rows each must form one batch"
     for request, result in zip(reqs, results, strict=True):
-        assert [result[k] for k in range(2)] == expected(llama, request)
+        assert [result[k] for k in range(2)] == expected(llama_runtime, request)
     assert batcher.queued_rows == 0
 
 
-def test_batching_off_runs_each_request_alone(llama):
+def test_batching_off_runs_each_request_alone(llama, llama_runtime):
     reqs = requests(llama, 3)
     with ThreadPoolExecutor(1) as executor:
-        batcher = Batcher({"tiny-llama": llama}, executor, enabled=False)
+        batcher = Batcher({"tiny-llama": llama_runtime}, executor, enabled=False)
 
         async def main():
             return await asyncio.gather(*(consume(batcher, r) for r in reqs))
 
         results = run(main())
     assert list(batcher.batch_sizes) == [2, 2, 2]
-    assert [results[0][k] for k in range(2)] == expected(llama, reqs[0])
+    assert [results[0][k] for k in range(2)] == expected(llama_runtime, reqs[0])
 
 
-def test_a_caller_that_leaves_stops_its_rows_within_one_step(llama, batcher):
+def test_a_caller_that_leaves_stops_its_rows_within_one_step(llama, llama_runtime, batcher):
     keep, leave = requests(llama, 2, max_new_tokens=40)
 
     async def main():
@@ -102,10 +103,10 @@ def test_a_caller_that_leaves_stops_its_rows_within_one_step(llama, batcher):
 
     kept, _ = run(main())
     assert batcher.rows_dropped == 2, "both rows of the leaving request must leave the batch"
-    assert [kept[k] for k in range(2)] == expected(llama, keep)
+    assert [kept[k] for k in range(2)] == expected(llama_runtime, keep)
 
 
-def test_sampled_requests_never_share_a_batch(llama, batcher):
+def test_sampled_requests_never_share_a_batch(llama, llama_runtime, batcher):
     reqs = requests(llama, 2, temperature=0.7)
 
     async def main():
@@ -115,9 +116,9 @@ def test_sampled_requests_never_share_a_batch(llama, batcher):
     assert list(batcher.batch_sizes) == [2, 2]
 
 
-def test_a_full_queue_is_refused_with_retry_advice(llama):
+def test_a_full_queue_is_refused_with_retry_advice(llama, llama_runtime):
     with ThreadPoolExecutor(1) as executor:
-        batcher = Batcher({"tiny-llama": llama}, executor, max_queued_rows=3)
+        batcher = Batcher({"tiny-llama": llama_runtime}, executor, max_queued_rows=3)
         reqs = requests(llama, 2)
 
         async def main():
@@ -131,7 +132,7 @@ def test_a_full_queue_is_refused_with_retry_advice(llama):
         run(main())
 
 
-def test_wrong_vector_width_is_refused_before_queuing(llama, batcher):
+def test_wrong_vector_width_is_refused_before_queuing(llama, llama_runtime, batcher):
     (request,) = requests(llama, 1)
     bad = GenerateRequest(request.model, TEMPLATE, "?", [1], [torch.zeros(7)], request.config)
 
@@ -143,10 +144,10 @@ def test_wrong_vector_width_is_refused_before_queuing(llama, batcher):
     assert batcher.queued_rows == 0
 
 
-def test_requests_arriving_while_the_workers_are_busy_start_together(llama):
+def test_requests_arriving_while_the_workers_are_busy_start_together(llama, llama_runtime):
     first, *later = requests(llama, 4, max_new_tokens=12)
     with ThreadPoolExecutor(1) as executor:
-        batcher = Batcher({"tiny-llama": llama}, executor, wait_s=0.0, max_active=1)
+        batcher = Batcher({"tiny-llama": llama_runtime}, executor, wait_s=0.0, max_active=1)
 
         async def main():
             running = asyncio.ensure_future(consume(batcher, first))
@@ -157,4 +158,4 @@ def test_requests_arriving_while_the_workers_are_busy_start_together(llama):
         results = run(main())
     assert list(batcher.batch_sizes) == [2, 6]
     for request, result in zip([first, *later], results, strict=True):
-        assert [result[k] for k in range(2)] == expected(llama, request)
+        assert [result[k] for k in range(2)] == expected(llama_runtime, request)

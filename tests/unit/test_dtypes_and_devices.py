@@ -3,34 +3,29 @@
 import pytest
 import torch
 
-from patchscope.engine import (
-    ExplainRequest,
-    GenerationConfig,
-    PatchedRow,
-    RowPatch,
-    explain,
-    extract,
-    patched_generate,
-)
+from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, patched_generate
+from patchscope.engine.lens import logit_lens
 from patchscope.engine.models import load_directory
 from patchscope.engine.presets import PRESETS
+from patchscope.engine.runtime import TargetRuntime
 
 IDENTITY = PRESETS["identity"]
 
 
 def sweep_is_consistent(model) -> None:
-    """Cached equals uncached, and a sweep returns one result per site with its source token."""
+    """Cached equals uncached, and the logit lens reads fp32 states of the model."""
     states = extract(model, "The lobster is red", list(range(4))).states[:, 0]
     rows = [
         PatchedRow(IDENTITY.template, IDENTITY.filler, (RowPatch(layer, states[layer]),))
         for layer in range(4)
     ]
     config = GenerationConfig(max_new_tokens=5)
-    cached = patched_generate(model, rows, config)
-    uncached = patched_generate(model, rows, config, use_prefix_cache=False)
+    runtime = TargetRuntime.build(model)
+    cached = patched_generate(runtime, rows, config)
+    uncached = patched_generate(runtime, rows, config, use_prefix_cache=False)
     assert [r.token_ids for r in cached] == [r.token_ids for r in uncached]
-    result = explain(model, model, ExplainRequest(prompt="The lobster is red", layers=[0, 3]))
-    assert len(result.results) == 2 and all(r.source_token for r in result.results)
+    top, pairs = logit_lens(model, states[3], 3)
+    assert top == pairs[0][0] and len(pairs) == 3
 
 
 def test_bfloat16_sweep_on_cpu(tiny_dirs):

@@ -9,19 +9,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.cache_utils import DynamicCache
 
-from patchscope.engine import ExplainRequest, GenerationConfig, explain
-from patchscope.engine.generation import _cache_kwarg
-from patchscope.engine.hooks import Patch, patching
+from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, patched_generate
+from patchscope.engine.hooks import patching
+from patchscope.engine.kv_cache import cache_kwarg
 from patchscope.engine.models import LoadedModel, load_directory
-from patchscope.engine.models.lean import FAMILIES, GROW, LeanCache, SharedRows, resolve_forward
+from patchscope.engine.models.layout import lean_families
+from patchscope.engine.models.lean import GROW, LeanCache, SharedRows, resolve_forward
+from patchscope.engine.options import EngineOptions
+from patchscope.engine.patch import Patch
+from patchscope.engine.presets import PRESETS
+from patchscope.engine.runtime import TargetRuntime
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def pair(request, tiny_dirs) -> tuple[LoadedModel, LoadedModel]:
-    """One tiny model twice: lean forward and transformers' forward, both on ATen kernels."""
+@pytest.fixture(scope="module", params=lean_families())
+def pair(request, tiny_dirs) -> tuple[TargetRuntime, TargetRuntime]:
+    """One tiny model (ATen kernels) with two runtimes: the lean forward and transformers' forward."""
     arch = request.param
-    lean = load_directory(f"tiny-{arch}", tiny_dirs[arch], gemm="aten", forward="lean")
-    stock = load_directory(f"tiny-{arch}", tiny_dirs[arch], gemm="aten", forward="transformers")
+    model = load_directory(f"tiny-{arch}", tiny_dirs[arch], options=EngineOptions(gemm="aten"))
+    lean = TargetRuntime.build(model, EngineOptions(forward="lean"))
+    stock = TargetRuntime.build(model, EngineOptions(forward="transformers"))
     assert lean.lean is not None and stock.lean is None
     return lean, stock
 
@@ -29,7 +35,7 @@ def pair(request, tiny_dirs) -> tuple[LoadedModel, LoadedModel]:
 def _stock_forward(m: LoadedModel, ids: torch.Tensor, kv: DynamicCache, patches=()) -> torch.Tensor:
     base = m.model.base_model
     with patching(m.layout, patches, offset=kv.get_seq_length()):
-        out = base(ids, use_cache=True, **{_cache_kwarg(type(base)): kv}).last_hidden_state
+        out = base(ids, use_cache=True, **{cache_kwarg(type(base)): kv}).last_hidden_state
     return out[:, -1]
 
 
@@ -48,9 +54,9 @@ def test_lean_forward_equals_transformers_with_patches_shared_rows_and_decoding(
     """A prefix pass, a patched prompt pass of identical rows (computed once until patched), decode steps
     and a dropped row: every step's final-normed state equals transformers' forward with patch hooks,
     sliding windows included."""
-    lean, stock = pair
-    layers, hidden = lean.layout.num_layers, lean.model.config.hidden_size
-    ids = torch.randint(3, lean.model.config.vocab_size, (1, prefix + new))
+    lean, stock = pair[0], pair[1].model
+    layers, hidden = stock.layout.num_layers, stock.model.config.hidden_size
+    ids = torch.randint(3, stock.model.config.vocab_size, (1, prefix + new))
     patches = [
         Patch(
             row=data.draw(st.integers(0, batch - 1)),
@@ -76,7 +82,7 @@ def test_lean_forward_equals_transformers_with_patches_shared_rows_and_decoding(
             lean_kv.batch_select_indices(keep)
             stock_kv.batch_select_indices(keep)
             batch -= 1
-        token = torch.randint(3, lean.model.config.vocab_size, (batch, 1))
+        token = torch.randint(3, stock.model.config.vocab_size, (batch, 1))
         torch.testing.assert_close(
             lean.lean.forward(token, lean_kv), _stock_forward(stock, token, stock_kv), rtol=1e-4, atol=1e-4
         )
@@ -87,13 +93,13 @@ def test_lean_forward_equals_transformers_with_patches_shared_rows_and_decoding(
 def test_the_cache_grows_past_its_reserve_and_explanations_match(pair) -> None:
     """More new tokens than one reserve holds; the sweep's explanations equal transformers' word for word."""
     lean, stock = pair
-    request = ExplainRequest(
-        prompt="The capital of France is",
-        layers=list(range(lean.layout.num_layers)),
-        generation=GenerationConfig(max_new_tokens=GROW + 8),
-    )
-    a, b = explain(lean, lean, request), explain(stock, stock, request)
-    assert [r.explanation for r in a.results] == [r.explanation for r in b.results]
+    model, identity = lean.model, PRESETS["identity"]
+    layers = list(range(model.layout.num_layers))
+    states = extract(model, "The capital of France is", layers).states[:, 0]  # [L, d]
+    rows = [PatchedRow(identity.template, identity.filler, (RowPatch(ly, states[ly]),)) for ly in layers]
+    config = GenerationConfig(max_new_tokens=GROW + 8)
+    a, b = patched_generate(lean, rows, config), patched_generate(stock, rows, config)
+    assert [r.text for r in a] == [r.text for r in b]
 
 
 def test_a_patch_splits_its_row_off_once() -> None:
@@ -104,13 +110,14 @@ def test_a_patch_splits_its_row_off_once() -> None:
     assert rows.index.tolist() == [2, 1, 0] and rows.members.tolist() == [2, 1, 0]
 
 
-def test_auto_picks_the_lean_forward_for_supported_families_only(tiny_models) -> None:
-    for arch in FAMILIES:
+def test_auto_picks_the_lean_forward_for_supported_families_only(tiny_models, tiny_runtimes) -> None:
+    assert set(lean_families()) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
+    for arch in lean_families():
         assert resolve_forward("auto", tiny_models[arch].model) == "lean"
-        assert tiny_models[arch].lean is not None
+        assert tiny_runtimes[arch].lean is not None
     for arch in ("gpt2", "gpt_neox"):
         assert resolve_forward("auto", tiny_models[arch].model) == "transformers"
-        assert tiny_models[arch].lean is None
+        assert tiny_runtimes[arch].lean is None
     with pytest.raises(ValueError, match="forward 'lean' is unavailable for this model: model_type 'gpt2'"):
         resolve_forward("lean", tiny_models["gpt2"].model)
     with pytest.raises(ValueError, match="forward must be one of"):

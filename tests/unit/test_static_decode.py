@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from patchscope.engine import (
-    ExplainRequest,
     GenerationConfig,
     InvalidArgument,
     PatchedRow,
     RowPatch,
     StaticDecoder,
-    explain,
     extract,
     load_directory,
     patched_generate,
 )
 from patchscope.engine import generation as generation_module
+from patchscope.engine.options import EngineOptions
 from patchscope.engine.presets import PRESETS
+from patchscope.engine.runtime import TargetRuntime
 
 SOURCE = "The lobster is a species of crustacean from the eastern Atlantic Ocean"
 CONFIG = GenerationConfig(max_new_tokens=8)
@@ -30,24 +30,23 @@ def llama(tiny_dirs):
     return load_directory("tiny-llama", tiny_dirs["llama"])
 
 
-def sweep(model, positions=(-1, 3)) -> list[PatchedRow]:
+def sweep(model, positions=(-1, 3), layers=None, source=SOURCE) -> list[PatchedRow]:
     """One row per (layer, source position), one patch each: what a sweep sends."""
-    layers = list(range(model.layout.num_layers))
-    states = extract(model, SOURCE, layers, positions=list(positions)).states  # [L, p, d]
+    layers = list(range(model.layout.num_layers)) if layers is None else layers
+    states = extract(model, source, layers, positions=list(positions)).states  # [l, p, d]
     preset = PRESETS["identity"]
     return [
-        PatchedRow(preset.template, preset.filler, (RowPatch(layer=layer, vector=states[layer, p]),))
-        for layer in layers
+        PatchedRow(preset.template, preset.filler, (RowPatch(layer=layer, vector=states[k, p]),))
+        for k, layer in enumerate(layers)
         for p in range(len(positions))
     ]
 
 
-def generate(model, rows, decoder: StaticDecoder | None) -> list[list[int]]:
-    model.static_decoder = decoder
-    try:
-        return [r.token_ids for r in patched_generate(model, rows, CONFIG, use_prefix_cache=False)]
-    finally:
-        model.static_decoder = None
+def generate(model, rows, decoder: StaticDecoder | None, config=CONFIG) -> list[list[int]]:
+    """Token ids of `rows` on a runtime of `model` that decodes through `decoder` (None: eager)."""
+    runtime = TargetRuntime.build(model)
+    runtime.static_decoder = decoder
+    return [r.token_ids for r in patched_generate(runtime, rows, config, use_prefix_cache=False)]
 
 
 @pytest.mark.parametrize(
@@ -109,6 +108,14 @@ def test_capture_needs_a_cuda_device(llama):
         StaticDecoder(llama, None, capture=True)
 
 
+def test_engine_options_pick_the_decode_loop(llama):
+    assert TargetRuntime.build(llama).static_decoder is None
+    decoder = TargetRuntime.build(llama, EngineOptions(decode="static")).static_decoder
+    assert isinstance(decoder, StaticDecoder) and decoder.mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="decode must be one of"):
+        EngineOptions(decode="fast")  # type: ignore[arg-type]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_captured_sweep_generates_what_the_eager_engine_generates(tiny_dirs):
@@ -123,12 +130,9 @@ def test_a_captured_sweep_generates_what_the_eager_engine_generates(tiny_dirs):
 
 @pytest.mark.realmodel
 def test_the_static_decoder_explains_a_real_sweep_as_the_eager_engine_does(smollm2):
-    request = ExplainRequest(prompt="Barack Obama", layers=list(range(0, 30, 3)))
-    expected = [r.explanation for r in explain(smollm2, smollm2, request).results]
-    smollm2.static_decoder = StaticDecoder(smollm2, None)  # no slots: leaves the shared model's blocks alone
-    try:
-        got = [r.explanation for r in explain(smollm2, smollm2, request).results]
-    finally:
-        smollm2.static_decoder = None
-    assert got == expected
-    assert any("Obama" in e for e in got)
+    rows = sweep(smollm2, (-1,), list(range(0, 30, 3)), "Barack Obama")
+    config = GenerationConfig(max_new_tokens=10)
+    expected = generate(smollm2, rows, None, config)
+    # No slots: leaves the shared model's blocks alone.
+    assert generate(smollm2, rows, StaticDecoder(smollm2, None), config) == expected
+    assert any("Obama" in smollm2.tokenizer.decode(ids) for ids in expected)

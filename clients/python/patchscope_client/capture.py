@@ -8,19 +8,24 @@ process. Needs the `[torch]` extra.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 
 from patchscope_client.errors import require
 from patchscope_client.types import Event
 
-_BLOCK_PATHS = (
-    "model.layers",
-    "model.language_model.layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-)
+
+@cache
+def layouts() -> dict[str, dict[str, str]]:
+    """The server's architecture table as this package carries it: model type -> module paths.
+
+    A copy written by `make layouts` from the server's `engine/models/layout.py` (the client never imports
+    the server); a unit test fails when the two differ.
+    """
+    return json.loads(resources.files("patchscope_client").joinpath("layouts.json").read_text())
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,12 @@ class Captured:
 
 
 def decoder_blocks(model) -> Sequence:
-    """The decoder blocks of a causal LM, found where the common architectures keep them."""
-    for path in _BLOCK_PATHS:
+    """The decoder blocks of a causal LM: its model type's path, else any path the table knows."""
+    table = layouts()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    own = [table[model_type]["blocks"]] if model_type in table else []
+    paths = list(dict.fromkeys(own + [row["blocks"] for row in table.values()]))
+    for path in paths:
         node = model
         for part in path.split("."):
             node = getattr(node, part, None)
@@ -44,7 +53,7 @@ def decoder_blocks(model) -> Sequence:
         if node is not None:
             return node
     raise ValueError(
-        f"cannot find the decoder blocks of {type(model).__name__} (looked at {', '.join(_BLOCK_PATHS)})"
+        f"cannot find the decoder blocks of {type(model).__name__} (looked at {', '.join(paths)})"
     )
 
 

@@ -17,13 +17,17 @@ from patchscope.engine.generation import (
     iter_patched_generate,
     patched_generate,
 )
-from patchscope.engine.hooks import HiddenStates, Patch, extract, patching
+from patchscope.engine.hooks import HiddenStates, extract, patching
 from patchscope.engine.models import LoadedModel, ModelRegistry, load_directory, load_model
+from patchscope.engine.options import EngineOptions
+from patchscope.engine.patch import Patch
 from patchscope.engine.presets import PRESETS, Preset, get_preset
-from patchscope.engine.static_decode import StaticDecoder, enable_static_decode
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.engine.static_decode import StaticDecoder
 
 __all__ = [
     "PRESETS",
+    "EngineOptions",
     "ExplainRequest",
     "Explanation",
     "GeneratedRow",
@@ -43,8 +47,8 @@ __all__ = [
     "Site",
     "SiteResult",
     "StaticDecoder",
+    "TargetRuntime",
     "UnsupportedArchitecture",
-    "enable_static_decode",
     "explain",
     "extract",
     "get_preset",

@@ -8,21 +8,23 @@ the cache, as the method prescribes.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 
 from patchscope.engine.errors import InvalidArgument
-from patchscope.engine.hooks import Patch, patching
+from patchscope.engine.hooks import patching
+from patchscope.engine.kv_cache import KVCache, cache_kwarg
 from patchscope.engine.models.lean import LeanCache
 from patchscope.engine.models.loading import LoadedModel
+from patchscope.engine.patch import Patch
+from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.template import TemplateTokens, tokenize_template
+from patchscope.engine.timings import Timings
 from patchscope.engine.validation import (
     check_layers,
     check_positions,
@@ -74,14 +76,6 @@ class GenerationConfig:
 
 
 @dataclass
-class Timings:
-    """Where a call's time went, in seconds (filled in by `patched_generate`)."""
-
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-
-@dataclass
 class GeneratedRow:
     """The continuation of one row; `text` drops special tokens and strips nothing."""
 
@@ -100,20 +94,14 @@ class Step:
     logits: torch.Tensor | None = field(default=None, repr=False)  # [B, V]
 
 
-@cache
-def _cache_kwarg(model_type: type) -> str:
-    # transformers renamed `past_key_values` to `cache` during 5.x; support both spellings.
-    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
-
-
-def _new_cache(target: LoadedModel) -> Cache | LeanCache:
-    return LeanCache() if target.lean is not None else DynamicCache(config=target.model.config)
+def _new_cache(target: TargetRuntime) -> KVCache:
+    return LeanCache() if target.lean is not None else DynamicCache(config=target.model.model.config)
 
 
 def _forward(
-    target: LoadedModel,
+    target: TargetRuntime,
     ids: torch.Tensor,
-    kv: Cache | LeanCache,
+    kv: KVCache,
     patches: Sequence[Patch] = (),
     *,
     identical_rows: bool = False,
@@ -122,16 +110,17 @@ def _forward(
 
     Runs the base model (which ends with the final norm) and the head ourselves: the causal-LM wrapper
     adds measurable per-step overhead on the CPU, and only the last position's logits are ever needed.
-    A model loaded with the lean forward runs that instead (`identical_rows`: see `LeanDecoder.forward`).
+    A runtime with the lean forward runs that instead (`identical_rows`: see `LeanDecoder.forward`).
     """
+    layout = target.model.layout
     if target.lean is not None:
         normed = target.lean.forward(ids, kv, patches, identical_rows=identical_rows)
     else:
-        base = target.model.base_model
-        kwargs = {_cache_kwarg(type(base)): kv}
-        with patching(target.layout, patches, offset=kv.get_seq_length()):
+        base = target.model.model.base_model
+        kwargs = {cache_kwarg(type(base)): kv}
+        with patching(layout, patches, offset=kv.get_seq_length()):
             normed = base(ids, use_cache=True, **kwargs).last_hidden_state[:, -1]  # [B, d]
-    return target.layout.unembed_normed(normed).float()
+    return layout.unembed_normed(normed).float()
 
 
 def _stop_ids(target: LoadedModel) -> set[int]:
@@ -173,7 +162,7 @@ def _resolve(target: LoadedModel, rows: Sequence[PatchedRow]) -> list[tuple[Temp
 
 
 def _run_batch(
-    target: LoadedModel,
+    target: TargetRuntime,
     tokens: TemplateTokens,
     rows: list[int],
     patches: list[Patch],
@@ -188,12 +177,12 @@ def _run_batch(
     if target.static_decoder is not None and greedy_batch:
         yield from _run_static_batch(target, tokens, rows, patches, config, timings)
         return
-    batch, device = len(rows), target.device
+    batch, device = len(rows), target.model.device
     ids = torch.tensor(tokens.ids, device=device)  # [T]
     # Tokens before the earliest patched position are identical in every row: share their KV cache.
     shared = min([tokens.prefix_len, *(p.position for p in patches)]) if use_prefix_cache else 0
 
-    def compute_prefix() -> Cache | LeanCache:
+    def compute_prefix() -> KVCache:
         kv = _new_cache(target)
         _forward(target, ids[None, :shared], kv)
         return kv
@@ -212,7 +201,7 @@ def _run_batch(
     if config.temperature > 0.0:
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    stop = torch.tensor(sorted(_stop_ids(target)), device=device)
+    stop = torch.tensor(sorted(_stop_ids(target.model)), device=device)
     live = list(range(batch))  # rows still decoding, in the KV cache's batch order
     for step in range(config.max_new_tokens):
         next_ids = _next_tokens(logits, config, generator)  # [len(live)]
@@ -238,7 +227,7 @@ def _run_batch(
 
 
 def _run_static_batch(
-    target: LoadedModel,
+    target: TargetRuntime,
     tokens: TemplateTokens,
     rows: list[int],
     patches: list[Patch],
@@ -251,15 +240,15 @@ def _run_static_batch(
 
     def on_prefilled() -> None:
         nonlocal prefilled
-        if target.device.type == "cuda":
-            torch.cuda.synchronize(target.device)
+        if target.model.device.type == "cuda":
+            torch.cuda.synchronize(target.model.device)
         prefilled = time.perf_counter()
 
     decoder = target.static_decoder
     out = decoder.generate(tokens.ids, patches, len(rows), config.max_new_tokens, on_prefilled).tolist()
     timings.prefill_s += prefilled - started
     timings.decode_s += time.perf_counter() - prefilled
-    stop = _stop_ids(target)
+    stop = _stop_ids(target.model)
     live = list(range(len(rows)))  # rows not yet finished, as the eager path reports them
     for step in range(config.max_new_tokens):
         token_ids = [out[k][step] for k in live]
@@ -272,7 +261,7 @@ def _run_static_batch(
 
 @torch.inference_mode()
 def iter_patched_generate(
-    target: LoadedModel,
+    target: TargetRuntime,
     rows: Sequence[PatchedRow],
     config: GenerationConfig = GenerationConfig(),
     *,
@@ -289,7 +278,7 @@ def iter_patched_generate(
     config.validate()
     if not rows:
         raise InvalidArgument("rows", "must contain at least one row", limit=">= 1")
-    resolved = _resolve(target, rows)
+    resolved = _resolve(target.model, rows)
     groups: dict[TemplateTokens, list[int]] = defaultdict(list)
     for r, (tokens, _) in enumerate(resolved):
         groups[tokens].append(r)
@@ -307,7 +296,7 @@ def iter_patched_generate(
 
 
 def patched_generate(
-    target: LoadedModel,
+    target: TargetRuntime,
     rows: Sequence[PatchedRow],
     config: GenerationConfig = GenerationConfig(),
     *,
@@ -326,7 +315,7 @@ def patched_generate(
                 token_ids[row].append(token)
             if step.logits is not None:
                 logits[row].append(step.logits[k].cpu())
-    tokenizer = target.tokenizer
+    tokenizer = target.model.tokenizer
     return [
         GeneratedRow(
             token_ids=ids,

@@ -1,4 +1,4 @@
-"""Reading and overwriting block outputs: the two hooks every Patchscope is made of.
+"""Reading and overwriting block outputs through forward hooks: the two hooks every Patchscope is made of.
 
 Layer ℓ is the raw output of decoder block ℓ (0-based), as in the reference code. Both installers remove
 their forward hooks in `finally`, so a failed forward never leaves a model patched or capturing.
@@ -15,23 +15,9 @@ import torch
 
 from patchscope.engine.models.layout import Layout
 from patchscope.engine.models.loading import LoadedModel
+from patchscope.engine.patch import Patch, block_hidden, write_patches
 from patchscope.engine.template import tokenize_prompt
 from patchscope.engine.validation import check_layers, check_positions, check_prompt
-
-
-@dataclass(frozen=True)
-class Patch:
-    """Overwrite block `layer`'s output at absolute `position` of batch row `row` with `vector` ([d])."""
-
-    row: int
-    position: int
-    layer: int
-    vector: torch.Tensor
-
-
-def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
-    # transformers 5 blocks return a tensor; older or custom blocks return (hidden, ...).
-    return output[0] if isinstance(output, tuple) else output
 
 
 @contextmanager
@@ -51,8 +37,7 @@ def patching(layout: Layout, patches: Sequence[Patch], *, offset: int = 0) -> It
         vectors = torch.stack([p.vector for p in layer_patches]).to(device)  # [n, d]
 
         def hook(_module, _args, output):
-            hidden = _hidden(output)  # [B, T, d]
-            hidden[rows, cols] = vectors.to(hidden.dtype)
+            write_patches(block_hidden(output), rows, cols, vectors)
             return output
 
         return hook
@@ -83,7 +68,7 @@ def capture(
 
     def make_hook(layer: int):
         def hook(_module, _args, output):
-            hidden = _hidden(output).detach()
+            hidden = block_hidden(output).detach()
             captured[layer] = hidden if index is None else hidden[0, index]
             if layer == last:
                 raise _StopForward

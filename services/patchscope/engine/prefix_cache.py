@@ -12,11 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from transformers.cache_utils import Cache
-
-from patchscope.engine.models.lean import LeanCache
-
-KVCache = Cache | LeanCache  # transformers' caches, or the lean forward's (same batch methods)
+from patchscope.engine.kv_cache import KVCache
 
 
 class PrefixCache:

@@ -28,9 +28,11 @@ import torch
 from transformers.cache_utils import StaticCache
 
 from patchscope.engine.errors import InvalidArgument
-from patchscope.engine.generation import _cache_kwarg
-from patchscope.engine.hooks import Patch, patching
+from patchscope.engine.hooks import patching
+from patchscope.engine.kv_cache import cache_kwarg
 from patchscope.engine.models.loading import LoadedModel
+from patchscope.engine.options import Decode
+from patchscope.engine.patch import Patch, block_hidden, write_patches
 
 CACHE_BUCKET = 64  # cache lengths round up to this, so templates of similar length share one cache
 MAX_GRAPHS = 8  # captured sweeps kept per decoder (each holds its own memory pool)
@@ -64,10 +66,12 @@ class _PatchSlots:
             if self.current is None:
                 return None
             layers, positions, vectors = self.current
-            hidden = output[0] if isinstance(output, tuple) else output  # [B, T, d]
+            hidden = block_hidden(output)  # [B, T, d]
             rows = torch.arange(hidden.shape[0], device=hidden.device)
+            # Every row is written at every layer (fixed shapes, no branch to trace): rows patched
+            # elsewhere get their own state back.
             here = hidden[rows, positions]  # [B, d]
-            hidden[rows, positions] = torch.where((layers == layer)[:, None], vectors.to(hidden.dtype), here)
+            write_patches(hidden, rows, positions, torch.where((layers == layer)[:, None], vectors, here))
             return output
 
         return hook
@@ -114,7 +118,7 @@ class StaticDecoder:
         if self.capture and self.target.device.type != "cuda":
             raise InvalidArgument("capture", "CUDA graphs need a CUDA device", value=str(self.target.device))
         base = self.target.model.base_model
-        kwarg = _cache_kwarg(type(base))
+        kwarg = cache_kwarg(type(base))
         unembed = self.target.layout.unembed_normed
 
         def step(ids: torch.Tensor, positions: torch.Tensor, cache: StaticCache) -> torch.Tensor:
@@ -253,20 +257,14 @@ class StaticDecoder:
         return out
 
 
-# The named forms `patchscope explain --decode` offers (bench/bench_gpu.py's cases A, D and C).
-DECODE_MODES: dict[str, dict[str, object]] = {
+# The loops `EngineOptions.decode` names besides "eager" (bench/bench_gpu.py's cases A, D and C).
+DECODE_MODES: dict[Decode, dict[str, object]] = {
     "static": dict(mode="reduce-overhead"),
     "graph": dict(mode=None, capture=True),
     "compiled-graph": dict(mode="default", compile_prefill=True, capture=True),
 }
 
 
-def enable_static_decode(
-    target: LoadedModel,
-    mode: str | None = "reduce-overhead",
-    compile_prefill: bool = False,
-    capture: bool = False,
-) -> StaticDecoder:
-    """Route `target`'s greedy, non-streaming generation through a `StaticDecoder` (see the module doc)."""
-    target.static_decoder = StaticDecoder(target, mode, compile_prefill, capture)
-    return target.static_decoder
+def static_decoder(target: LoadedModel, decode: Decode) -> StaticDecoder | None:
+    """The decoder of the loop `decode` names, or None for the eager loop."""
+    return None if decode == "eager" else StaticDecoder(target, **DECODE_MODES[decode])

@@ -193,12 +193,11 @@ def head_lens(target: LoadedModel, words: list[str], weight: float) -> KLTerm:
         raise InvalidArgument("kl_weight", "the KL term needs shared single-token words; none were found")
     layout = target.layout
     head = layout.unembed.weight.detach()[ids].float()  # [V', d_t]
+    # A private fp32 copy: the fit's states are fp32 whatever the model's dtype; the model's norm stays as is.
     norm = copy.deepcopy(layout.final_norm).float().requires_grad_(False)
-    softcap = layout.softcap
 
     def lens(states: torch.Tensor) -> torch.Tensor:
-        logits = norm(states) @ head.T
-        return torch.tanh(logits / softcap) * softcap if softcap else logits
+        return layout.capped(norm(states) @ head.T)  # [n, V']
 
     return KLTerm(lens, weight, len(ids))
 

@@ -26,47 +26,17 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-import torch
-
 from patchscope.engine.errors import PatchscopeError
-from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, Step, Timings
+from patchscope.engine.generation import GenerationConfig, Step
 from patchscope.engine.generation import iter_patched_generate as _iter_patched_generate
-from patchscope.engine.models import LoadedModel
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.engine.streaming import GenerateRequest, RowEvent, TextDecoder
+from patchscope.engine.timings import Timings
 from patchscope.engine.validation import check_vector
 
 
 class QueueFull(PatchscopeError):
     """More rows are waiting for the target model than the configured limit (RESOURCE_EXHAUSTED)."""
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """Rows of one `Explain` for one target model: each row patches `vectors[k]` at `layers[k]`."""
-
-    model: str
-    template: str
-    filler: str
-    layers: list[int]
-    vectors: list[torch.Tensor]  # [d*] float32 CPU tensors
-    config: GenerationConfig
-
-
-@dataclass(frozen=True)
-class RowEvent:
-    """What one decoding step added to one row of a request.
-
-    `text` is the characters the token adds to the explanation (empty while a multi-byte character is
-    incomplete, and for the stop token). A finished event carries the whole explanation and timings.
-    """
-
-    row: int
-    step: int
-    token_id: int
-    text: str
-    finished: bool
-    stop: bool = False  # the token is a stop token, not part of the explanation
-    explanation: str | None = None
-    timings: dict[str, float] | None = None
 
 
 @dataclass(eq=False)  # identity: tickets are dictionary keys
@@ -89,36 +59,12 @@ class _Key:
 _DONE = object()
 
 
-class _Decoder:
-    """Turns one row's token ids into text deltas that never split a character."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        delta, self.text = text[len(self.text) :], text
-        return delta
-
-    def final(self) -> tuple[str, str]:
-        """The whole text, and what it adds to the deltas sent so far (held-back partial characters)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        rest = text[len(self.text) :] if text.startswith(self.text) else ""
-        self.text = text
-        return text, rest
-
-
 class Batcher:
     """Groups requests by key into batched generations on one worker thread."""
 
     def __init__(
         self,
-        models: dict[str, LoadedModel],
+        models: dict[str, TargetRuntime],
         executor: Executor,
         *,
         enabled: bool = True,
@@ -154,9 +100,9 @@ class Batcher:
 
     async def submit(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
         """Stream the request's row events, one list per decoding step; leaving early drops its rows."""
-        model = self.models[request.model]
+        facts = self.models[request.model].model.facts
         for k, vector in enumerate(request.vectors):
-            check_vector(f"vectors[{k}]", vector, model.facts)
+            check_vector(f"vectors[{k}]", vector, facts)
         rows = len(request.vectors)
         if self.queued_rows + rows > self.max_queued_rows:
             raise QueueFull(
@@ -215,19 +161,12 @@ class Batcher:
             self._finished()
 
     async def _generate_for(self, key: _Key, live: list[_Ticket]) -> None:
-        model = self.models[key.model]
+        runtime = self.models[key.model]
         owners: list[tuple[_Ticket, int]] = [(t, k) for t in live for k in range(len(t.request.vectors))]
-        rows = [
-            PatchedRow(
-                template=key.template,
-                filler=key.filler,
-                patches=(RowPatch(layer=t.request.layers[k], vector=t.request.vectors[k]),),
-            )
-            for t, k in owners
-        ]
+        rows = [row for t in live for row in t.request.rows()]  # in the order of `owners`
         self.batch_sizes.append(len(rows))
         self.on_batch(len(rows))
-        decoders = [_Decoder(model.tokenizer) for _ in rows]
+        decoders = [TextDecoder(runtime.model.tokenizer) for _ in rows]
         open_rows = {t: len(t.request.vectors) for t in live}
         timings = Timings()
         started = time.perf_counter()
@@ -239,7 +178,7 @@ class Batcher:
                 self.rows_dropped += 1
             return ticket.dropped
 
-        steps = self._generate(model, rows, key.config, timings=timings, dropped=dropped)
+        steps = self._generate(runtime, rows, key.config, timings=timings, dropped=dropped)
         step_no = 0
         while (step := await loop.run_in_executor(self.executor, next, steps, None)) is not None:
             self.steps_run += 1
@@ -268,7 +207,7 @@ class Batcher:
 
 
 def _finish(
-    event: RowEvent, decoder: _Decoder, ticket: _Ticket, timings: Timings, started: float
+    event: RowEvent, decoder: TextDecoder, ticket: _Ticket, timings: Timings, started: float
 ) -> RowEvent:
     explanation, rest = decoder.final()
     return RowEvent(
@@ -279,9 +218,7 @@ def _finish(
         True,
         stop=event.stop,
         explanation=explanation,
-        timings={
-            "queue_s": started - ticket.enqueued_at,
-            "prefill_s": timings.prefill_s,
-            "decode_s": timings.decode_s,
-        },
+        timings=Timings(
+            queue_s=started - ticket.enqueued_at, prefill_s=timings.prefill_s, decode_s=timings.decode_s
+        ),
     )

@@ -13,7 +13,6 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from patchscope.engine.options import EngineOptions, Forward, Gemm
-
 from patchscope.explain.limits import Limits
 
 

@@ -88,7 +88,7 @@ def load_hosted(ids: Iterable[str], config: ServiceConfig) -> dict[str, LoadedMo
     for model_id in dict.fromkeys(ids):
         logger.info("loading model %s on %s as %s", model_id, device, dtype)
         models[model_id] = load_model(
-            model_id, registry=registry, dtype=dtype, device=device, gemm=config.gemm, forward=config.forward
+            model_id, registry=registry, dtype=dtype, device=device, options=config.engine_options()
         )
     return models
 

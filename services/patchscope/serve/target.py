@@ -14,8 +14,10 @@ import torch
 from ray import serve
 
 from patchscope.engine.lens import logit_lens
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.validation import check_vector
-from patchscope.serve.batching import Batcher, GenerateRequest, RowEvent
+from patchscope.serve.batching import Batcher
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
 
@@ -29,9 +31,11 @@ class TargetModel:
         self.config = self.hosted.config
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
         self.metrics = ServiceMetrics()
+        options = self.config.engine_options()
+        runtimes = {model_id: TargetRuntime.build(m, options) for model_id, m in self.hosted.models.items()}
         batching = self.config.batching
         self.batcher = Batcher(
-            self.hosted.models,
+            runtimes,
             self.executor,
             enabled=batching.enabled,
             wait_s=batching.wait_ms / 1000 if batching.enabled else 0.0,

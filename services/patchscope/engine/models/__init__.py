@@ -1,13 +1,8 @@
 """Model registry, conversion cache, loading and hook-site discovery."""
 
+from patchscope.engine.models.convert import convert_gguf, embedding_fingerprint
 from patchscope.engine.models.layout import ARCHITECTURES, Layout, SitePaths, discover
-from patchscope.engine.models.loading import (
-    DTYPES,
-    LoadedModel,
-    embedding_fingerprint,
-    load_directory,
-    load_model,
-)
+from patchscope.engine.models.loading import DTYPES, LoadedModel, load_directory, load_model
 from patchscope.engine.models.registry import BUILTIN, ModelRegistry, ModelSpec, ModelStatus, patchscope_home
 
 __all__ = [
@@ -20,6 +15,7 @@ __all__ = [
     "ModelSpec",
     "ModelStatus",
     "SitePaths",
+    "convert_gguf",
     "discover",
     "embedding_fingerprint",
     "load_directory",

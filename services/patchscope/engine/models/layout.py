@@ -1,10 +1,13 @@
 """Hook sites as data: where each architecture keeps its decoder blocks, final norm and unembedding.
 
-Adding an architecture is one row in `ARCHITECTURES`; the hook code never branches on model type.
+Adding an architecture is one row in `ARCHITECTURES`; the hook code, the lean forward and the mapping's
+head lens never branch on model type. The client's capture helper, which may not import the server, reads
+a copy of it that `make layouts` writes from `client_copy` (a unit test fails when the two differ).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,20 +25,30 @@ class SitePaths:
     final_norm: str
     unembed: str
     embed: str
+    rotary: str | None = None  # the rotary-embedding module, whose tables the lean forward reuses
+    # The block is (norm, attention with optional q/k norms, residual, norm, MLP, residual), with Gemma 3's
+    # extra norms after attention and MLP: the lean forward (lean.py) writes it out. Each such row is
+    # checked against transformers by test_lean.py.
+    lean: bool = False
 
 
 _LLAMA_LIKE = SitePaths(
-    blocks="model.layers", final_norm="model.norm", unembed="lm_head", embed="model.embed_tokens"
+    blocks="model.layers",
+    final_norm="model.norm",
+    unembed="lm_head",
+    embed="model.embed_tokens",
+    rotary="model.rotary_emb",
 )
+_LEAN = dataclasses.replace(_LLAMA_LIKE, lean=True)
 
 ARCHITECTURES: dict[str, SitePaths] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
+    "llama": _LEAN,
+    "mistral": _LEAN,
+    "qwen2": _LEAN,
+    "qwen3": _LEAN,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma3_text": _LEAN,
     "gpt2": SitePaths(
         blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.wte"
     ),
@@ -70,7 +83,7 @@ class Layout:
         """Logits ([n, V]) of already-normed states ([n, d]), as the model's own head computes them.
 
         `W @ h.T` rather than `linear(h, W)`: with few rows and a large vocabulary the former is the
-        faster CPU kernel (measured ~20% on SmolLM2's 49k × 576 head), and decoding calls it every step.
+        faster CPU kernel (bench/results.md), and decoding calls it every step.
         """
         if isinstance(self.unembed, PackedLinear):  # oneDNN's packed head beats both (packed.py)
             logits = self.unembed(normed)
@@ -78,9 +91,11 @@ class Layout:
             logits = (self.unembed.weight @ normed.T).T  # [V, n] -> [n, V]
             if getattr(self.unembed, "bias", None) is not None:
                 logits = logits + self.unembed.bias
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.capped(logits)
+
+    def capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's soft-capping (Gemma) of raw logits; the identity for models without one."""
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
 
 def site_paths(model_type: str) -> SitePaths:
@@ -111,3 +126,16 @@ def discover(model: nn.Module) -> Layout:
         unembed=model.get_submodule(paths.unembed),
         softcap=float(softcap) if softcap else None,
     )
+
+
+def lean_families() -> tuple[str, ...]:
+    """The model types the lean forward runs (the table's `lean` column)."""
+    return tuple(model_type for model_type, paths in ARCHITECTURES.items() if paths.lean)
+
+
+def client_copy() -> dict[str, dict[str, str]]:
+    """The table as the client's capture helper reads it (`patchscope_client/layouts.json`)."""
+    return {
+        model_type: {"blocks": paths.blocks, "embed": paths.embed}
+        for model_type, paths in sorted(ARCHITECTURES.items())
+    }

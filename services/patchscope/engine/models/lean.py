@@ -1,19 +1,20 @@
 """A direct forward for Llama-style decoders: the sweep's fast path on a CPU.
 
-Why: with transformers' modules a sweep's decode step (30 rows, one token each) spends about a quarter of
-its CPU time outside the matrix products: mask and cache bookkeeping, position tables, 3-D reshapes and
-SDPA's set-up for a one-token query. Writing the attention out over the model's own modules (norms, MLPs
-and projections are still its modules) made a smollm2-135m sweep 0.97-1.10x as fast in paired runs
-(README; gemma3-270m: no change, its 262k-row head dominates), with the same explanations. It also makes
-the patched prompt pass cheaper: all rows of a batch start from the same tokens and the same prefix cache,
-so they are identical until their first patch; this forward runs them as one row and splits a row off at
-its patch layer (a 30-layer sweep computes 465 row-layers instead of 900).
+Why: with transformers' modules a sweep's decode step (a few dozen rows, one token each) spends a
+noticeable share of its CPU time outside the matrix products: mask and cache bookkeeping, position
+tables, 3-D reshapes and SDPA's set-up for a one-token query. This forward writes the attention out over
+the model's own modules (norms, MLPs and projections are still its modules), with the same explanations
+(paired A/Bs in `bench/results.md`). It also makes the patched prompt pass cheaper: all rows of a batch
+start from the same tokens and the same prefix cache, so they are identical until their first patch;
+this forward runs them as one row and splits a row off at its patch layer.
 
-Supported (`FAMILIES`): Llama, Mistral, Qwen2, Qwen3 and Gemma 3 text models whose rotary tables are fixed
-and whose attention logits are not soft-capped; sliding windows are masks over a cache that keeps every
-token. `unsupported_reason` says why another model keeps transformers' forward. Blocks' forward hooks do
-not run here: patches are an argument (`forward(..., patches)`); the hook-based readers (`capture`,
-lenses) keep using the transformers modules, which this class shares and never changes.
+Supported: the families the layout table marks `lean` (models/layout.py: Llama, Mistral, Qwen2, Qwen3 and
+Gemma 3 text models) whose rotary tables are fixed and whose attention logits are not soft-capped; sliding
+windows are masks over a cache that keeps every token. The modules come from the table's paths.
+`unsupported_reason` says why another model keeps transformers' forward. Blocks' forward hooks do not
+run here: patches are an argument (`forward(..., patches)`), written by `patch.write_patches` like every
+other forward's; the hook-based readers (`capture`, lenses) keep using the transformers modules, which
+this class shares and never changes.
 """
 
 from __future__ import annotations
@@ -21,19 +22,15 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
 
-if TYPE_CHECKING:
-    from patchscope.engine.hooks import Patch
+from patchscope.engine.models.layout import ARCHITECTURES, lean_families, site_paths
+from patchscope.engine.options import FORWARDS, Forward
+from patchscope.engine.patch import Patch, write_patches
 
-Forward = Literal["auto", "lean", "transformers"]
-FORWARDS: tuple[str, ...] = get_args(Forward)
-# Decoders whose block is (norm, attention with optional q/k norms, residual, norm, MLP, residual), with
-# Gemma 3's extra norms after attention and MLP; each is checked against transformers by test_lean.py.
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 GROW = 16  # tokens of room added whenever the cache runs out: a 10-token explanation fits the first
 STATIC_ROPE = {"default", "linear", "llama3"}  # rope types whose frequency table never changes
 
@@ -45,15 +42,18 @@ def _layer_types(model: PreTrainedModel) -> list[str]:
 
 
 def _rope_types(model: PreTrainedModel) -> set[str]:
-    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    rope_type = getattr(
+        model.get_submodule(site_paths(model.config.model_type).rotary), "rope_type", "default"
+    )
     return set(rope_type.values()) if isinstance(rope_type, dict) else {rope_type}  # Gemma 3: per layer type
 
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
     """Why `model` cannot run the lean forward, or None when it can."""
     config = model.config
-    if config.model_type not in FAMILIES:
-        return f"model_type {config.model_type!r} is not one of {', '.join(FAMILIES)}"
+    paths = ARCHITECTURES.get(config.model_type)
+    if paths is None or not paths.lean:
+        return f"model_type {config.model_type!r} is not one of {', '.join(lean_families())}"
     dynamic = _rope_types(model) - STATIC_ROPE
     if dynamic:
         return f"rope type {sorted(dynamic)[0]!r} changes its table with the sequence length"
@@ -65,7 +65,7 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
 
 
 def resolve_forward(forward: Forward, model: PreTrainedModel) -> Literal["lean", "transformers"]:
-    """`auto`: lean for a supported model on a CPU (measured 0.97-1.10x there); transformers elsewhere."""
+    """`auto`: lean for a supported model on a CPU, where it saves bookkeeping; transformers elsewhere."""
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
     reason = unsupported_reason(model)
@@ -187,11 +187,13 @@ class LeanDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the lean forward does not support this model: {reason}")
-        config, base = model.config, model.model
-        self.embed, self.layers, self.norm = base.embed_tokens, base.layers, base.norm
+        config, paths = model.config, site_paths(model.config.model_type)
+        self.embed = model.get_submodule(paths.embed)
+        self.layers = model.get_submodule(paths.blocks)
+        self.norm = model.get_submodule(paths.final_norm)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        rotary = base.rotary_emb
+        rotary = model.get_submodule(paths.rotary)
         by_type: dict[str, _Rope] = {}
         for layer_type in set(_layer_types(model)):
             if hasattr(rotary, "inv_freq"):
@@ -302,7 +304,7 @@ class LeanDecoder:
                     if rows.split(patch.row, h.shape[0]):  # it shared a computed row: copy that row
                         h = torch.cat((h, h[before][None]))
                 at = patch.row if rows is None else rows.follows[patch.row]
-                h[at, patch.position - start] = patch.vector.to(h.device, h.dtype)
+                write_patches(h, at, patch.position - start, patch.vector)
         cache.length += t
         last = h[:, -1] if rows is None else h[rows.index, -1]
         return self.norm(last)

@@ -1,24 +1,24 @@
 """Linear layers whose weights oneDNN has pre-packed once, for fp32 decoding on a CPU.
 
-A sweep decodes a few dozen rows at a time, so every projection is a product with ~30 rows. ATen's
-kernel re-reads (re-packs) the weight on every call and reaches about half this CPU's GEMM rate at that
-shape; oneDNN with the weight reordered once into its blocked layout runs the layers' products ~20%
-faster and SmolLM2's 49k-row head ~1.9× faster (`bench/bench_engine.py`). The results are fp32 with a
-different summation order (differences ~1e-4 on the logits), so `gemm="aten"` keeps the stock kernel
-selectable and the benchmarks count the explanations that differ. The packed copy doubles the memory the
-linear weights take (the originals stay: embeddings, lenses and fingerprints read them).
+A sweep decodes a few dozen rows at a time, so every projection is a product with a few dozen rows. At
+that shape ATen's kernel re-reads (re-packs) the weight on every call; oneDNN with the weight reordered
+once into its blocked layout runs the products faster, the large vocabulary heads most of all
+(`bench/bench_engine.py`; figures in `bench/results.md`). The results are fp32 with a different summation
+order, so the logits differ in the last digits: `gemm="aten"` (the default, `engine/options.py`) keeps
+the stock kernel and the benchmarks count the explanations that differ. The packed copy doubles the
+memory the linear weights take (the originals stay: embeddings, lenses and fingerprints read them).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import nn
 
-Gemm = Literal["auto", "onednn", "aten"]
-GEMMS: tuple[str, ...] = get_args(Gemm)
+from patchscope.engine.options import GEMMS, Gemm
+
 BATCH_HINT = 32  # the row count oneDNN tunes its packing for: a sweep's width
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from patchscope.engine.errors import ModelNotFound, ModelUnavailable
 
 Progress = Callable[[str], None]
+CACHE_META = "patchscope.json"  # beside converted weights: model id, the GGUF's sha256 and the fingerprint
 
 
 def patchscope_home() -> Path:
@@ -87,8 +88,6 @@ BUILTIN: tuple[ModelSpec, ...] = (
         description="Gemma 3 270M base, Q4_K_M GGUF dequantised; Gemma Terms of Use apply",
     ),
 )
-
-CACHE_META = "patchscope.json"
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ class ModelRegistry:
         spec = self.spec(model_id)
         if isinstance(spec.origin, HFDirectory):
             raise ModelUnavailable(f"{spec.origin.path} has no config.json")
-        from patchscope.engine.models.loading import convert_gguf  # heavy imports only when converting
+        from patchscope.engine.models.convert import convert_gguf  # heavy imports only when converting
 
         target = self.cache_dir(model_id)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -195,9 +194,13 @@ class ModelRegistry:
             gguf = self._locate_gguf(spec.origin, scratch=Path(scratch), progress=progress)
             progress(f"{model_id}: dequantising {gguf.name} into {target} (once; 10-100 s)")
             staged = Path(scratch) / "converted"
-            convert_gguf(
-                gguf, staged, meta={"model_id": model_id, "gguf_sha256": self._expected_sha(spec.origin)}
-            )
+            fingerprint = convert_gguf(gguf, staged)
+            record = {
+                "model_id": model_id,
+                "gguf_sha256": self._expected_sha(spec.origin),
+                "fingerprint": fingerprint,
+            }
+            (staged / CACHE_META).write_text(json.dumps(record, indent=2))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staged, target)  # atomic: a half-written cache is never visible

@@ -1,0 +1,38 @@
+"""What a target keeps between calls, above the plain model record: prefix cache, lean forward, decoder.
+
+`LoadedModel` says what was loaded; a `TargetRuntime` says how patched generation runs on it. Keeping the
+two apart lets the readers of a model (extract, capture, the logit lens) take the record alone, and lets
+one model serve as source and target without its record carrying generation state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from patchscope.engine.models.lean import LeanDecoder, resolve_forward
+from patchscope.engine.models.loading import LoadedModel
+from patchscope.engine.options import DEFAULTS, EngineOptions
+from patchscope.engine.prefix_cache import PrefixCache
+from patchscope.engine.static_decode import StaticDecoder, static_decoder
+
+
+@dataclass
+class TargetRuntime:
+    """A target model with the state its patched generation reuses across calls."""
+
+    model: LoadedModel
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
+    # Patched generation runs this forward instead of transformers' when set (models/lean.py).
+    lean: LeanDecoder | None = field(default=None, repr=False)
+    # Greedy, non-streaming generation decodes through compiled steps when set (static_decode.py).
+    static_decoder: StaticDecoder | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, model: LoadedModel, options: EngineOptions = DEFAULTS) -> TargetRuntime:
+        """The runtime `options` describe: `forward` picks the lean forward, `decode` the decode loop.
+
+        `options.gemm` acted at load already (it changes the model's modules): pass the options the model
+        was loaded with.
+        """
+        lean = LeanDecoder(model.model) if resolve_forward(options.forward, model.model) == "lean" else None
+        return cls(model, lean=lean, static_decoder=static_decoder(model, options.decode))
