@@ -14,6 +14,7 @@ import torch
 
 from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, iter_patched_generate
 from patchscope.engine.models import LoadedModel
+from patchscope.engine.runtime import TargetRuntime
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -44,12 +45,13 @@ def first_token_logits(
     prefix cache and run in batches of `batch`.
     """
     config = GenerationConfig(max_new_tokens=1)
+    runtime = TargetRuntime.build(target)  # one prefix cache for all blocks of this template
     for block in chunks(len(patches), batch):
         rows = [
             PatchedRow(template, filler, (RowPatch(layer=patches[i][0], vector=patches[i][1]),))
             for i in block
         ]
-        for step in iter_patched_generate(target, rows, config, keep_logits=True):
+        for step in iter_patched_generate(runtime, rows, config, keep_logits=True):
             assert step.logits is not None
             logprobs = torch.log_softmax(step.logits.float(), dim=-1)
             for k, row in enumerate(step.rows):
@@ -70,8 +72,9 @@ def patched_texts(
     """Greedy continuations of patched rows (batched by the engine; rows of one template share a batch)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     out: list[list[int]] = [[] for _ in rows]
+    runtime = TargetRuntime.build(target)
     for block in chunks(len(rows), batch):
-        for step in iter_patched_generate(target, [rows[i] for i in block], config):
+        for step in iter_patched_generate(runtime, [rows[i] for i in block], config):
             for row, token, stop in zip(step.rows, step.token_ids, step.finished, strict=True):
                 if not stop:
                     out[block[row]].append(token)
