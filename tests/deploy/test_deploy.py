@@ -1,10 +1,12 @@
 """Deployment artefacts validated offline: KubeRay's CRD schema, Kubernetes' own schemas, Ray's Serve schema,
-real Helm rendering (Helm's Go engine through helm-python-sdk) and hadolint."""
+real Helm rendering and `helm lint --strict` with the values schema (Helm's Go engine, helm-python-sdk),
+the NetworkPolicy and PodMonitor, the preparation's order, and the Dockerfiles (hadolint, layer order)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -48,21 +50,54 @@ def render(values: dict | None = None) -> list[dict]:
     return docs
 
 
+def example(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / "helm" / "examples" / f"{name}.yaml").read_text())
+
+
+EVERYTHING_ON = {
+    "networkPolicy": {"enabled": True, "metrics": [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}]},
+    "podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "gcsFaultTolerance": {
+        "enabled": True,
+        "redisAddress": "redis:6379",
+        "redisPasswordSecret": {"name": "redis", "key": "password"},
+    },
+    "tls": {"enabled": True},
+    "quotas": {"requests_per_minute": 600, "concurrent_streams": 8},
+    "image": {"repository": "r/p", "tag": "t", "pullSecrets": [{"name": "regcred"}]},
+}
+
+VALUES = {
+    "chart, default values": None,
+    "chart, gpu-pair example": example("gpu-pair"),
+    "chart, single-node-rwo example": example("single-node-rwo"),
+    "chart, emptydir example": example("emptydir"),
+    "chart, auth off": {"auth": {"required": False}},
+    "chart, TLS edge with mTLS": {"tls": {"enabled": True, "clientCaKey": "ca.crt"}},
+    "chart, every option on": EVERYTHING_ON,
+}
+
+
 def manifests() -> dict[str, list[dict]]:
-    example = yaml.safe_load((DEPLOY / "helm" / "examples" / "gpu-pair.yaml").read_text())
     return {
         "kuberay/rayservice.yaml": [
             d for d in yaml.safe_load_all((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
         ],
-        "chart, default values": render(),
-        "chart, gpu-pair example": render(example),
-        "chart, auth off": render({"auth": {"required": False}}),
-        "chart, TLS edge with mTLS": render({"tls": {"enabled": True, "clientCaKey": "ca.crt"}}),
+        **{name: render(values) for name, values in VALUES.items()},
     }
 
 
+def pods(service: dict) -> list[dict]:
+    cluster = service["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]] + [w["template"] for w in cluster["workerGroupSpecs"]]
+
+
 def check_rayservice(doc: dict, schema: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    path = tmp_path / "rayservice.json"
+    return check_json(doc, schema, tmp_path)
+
+
+def check_json(doc: dict, schema: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{doc['kind'].lower()}.json"
     path.write_text(json.dumps(doc))
     return subprocess.run(
         [str(BIN / "check-jsonschema"), "--schemafile", str(schema), str(path)],
@@ -75,10 +110,15 @@ def check_rayservice(doc: dict, schema: Path, tmp_path: Path) -> subprocess.Comp
 def test_every_object_validates_against_its_schema(source, rayservice_schema, tmp_path):
     docs = manifests()[source]
     kinds = sorted(d["kind"] for d in docs)
-    assert "RayService" in kinds and "PersistentVolumeClaim" in kinds and "Job" in kinds, kinds
+    assert "RayService" in kinds, kinds
+    if "emptydir" not in source:
+        assert "PersistentVolumeClaim" in kinds and "Job" in kinds, kinds
     for doc in docs:
         if doc["kind"] == "RayService":
             result = check_rayservice(doc, rayservice_schema, tmp_path)
+            assert result.returncode == 0, result.stdout + result.stderr
+        elif doc["kind"] == "PodMonitor":  # a Prometheus Operator CRD: its schema (the fields used) is here
+            result = check_json(doc, Path(__file__).parent / "podmonitor.schema.json", tmp_path)
             assert result.returncode == 0, result.stdout + result.stderr
         else:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -101,7 +141,10 @@ def test_serve_config_parses_and_its_import_paths_import(source):
     (app,) = config.applications
     assert callable(import_attr(app.import_path.replace(":", ".")))
     gpus = {d.name: d.ray_actor_options.num_gpus or 0 for d in app.deployments}
-    assert gpus["SourceModel"] == 1 and gpus["TargetModel"] == 1 and gpus["Explainer"] == 0
+    share = 0.5 if "single-node-rwo" in source else 1
+    assert gpus["SourceModel"] == share and gpus["TargetModel"] == share and gpus["Explainer"] == 0
+    # Replacements start before the replicas they replace stop: an args change keeps one replica serving.
+    assert all(d.max_surge_percent == 100 for d in app.deployments)
     from patchscope.serve.config import ServiceConfig
 
     settings = ServiceConfig.model_validate(app.args)
@@ -128,16 +171,26 @@ def test_the_head_exposes_grpc_as_serve_grpc_and_replicas_mount_models_read_only
         w["template"]["spec"] for w in cluster["workerGroupSpecs"]
     ]:
         (models,) = [v for v in pod["volumes"] if v["name"] == "models"]
-        assert models["persistentVolumeClaim"]["readOnly"] is True
-    pods = [cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]]
-    for pod in pods:  # the proxy buffers whole messages: payload limit + 1 MiB on every Ray process
+        if "emptydir" in source:
+            assert "emptyDir" in models
+        else:
+            assert models["persistentVolumeClaim"]["readOnly"] is True
+        assert all(m["readOnly"] for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models")
+    specs = [cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]]
+    for pod in specs:  # the proxy buffers whole messages: payload limit + 1 MiB on every Ray process
         env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
         limits = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["limits"]
         assert int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) == limits["max_activation_bytes"] + (1 << 20)
     (worker,) = cluster["workerGroupSpecs"]
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    (job,) = [d for d in docs if d["kind"] == "Job"]
-    assert "patchscope prepare" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    if "emptydir" in source:
+        assert not [d for d in docs if d["kind"] in {"Job", "PersistentVolumeClaim"}]
+        for pod in pods(service):
+            (init,) = pod["spec"]["initContainers"]
+            assert "patchscope prepare" in init["args"][0]
+    else:
+        (job,) = [d for d in docs if d["kind"] == "Job"]
+        assert "patchscope prepare" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
 
 
 def test_the_tls_edge_proxies_http2_to_the_serve_service_and_requires_client_certificates():
@@ -156,15 +209,158 @@ def test_the_tls_edge_proxies_http2_to_the_serve_service_and_requires_client_cer
     assert not any(kind == "Deployment" for kind, _ in {(d["kind"], 0) for d in render()}), "off by default"
 
 
-def test_chart_hooks_create_the_volume_before_the_prepare_job():
-    docs = {d["kind"]: d for d in render()}
-    pvc, job = (
-        docs["PersistentVolumeClaim"]["metadata"]["annotations"],
-        docs["Job"]["metadata"]["annotations"],
+MARKER = re.compile(r"/models/\.prepared/([\w-]+)")
+
+
+@pytest.mark.parametrize("source", [s for s in manifests() if "emptydir" not in s])
+def test_ray_pods_wait_for_the_marker_the_prepare_job_writes_last(source):
+    docs = manifests()[source]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert script.strip().splitlines()[-1].startswith("mkdir -p /models/.prepared && touch ")
+    (written,) = set(MARKER.findall(script))
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    for pod in pods(service):
+        (init,) = pod["spec"]["initContainers"]
+        assert "until [ -f /models/.prepared/" in init["args"][0] and set(
+            MARKER.findall(init["args"][0])
+        ) == {written}
+        assert all(m.get("readOnly") for m in init["volumeMounts"])
+
+
+def test_the_fit_reads_the_corpus_packaged_in_the_image_and_no_configmap_nears_the_limit():
+    for source, docs in manifests().items():
+        for doc in docs:
+            if doc["kind"] == "ConfigMap":
+                size = sum(len(v.encode()) for v in doc.get("data", {}).values())
+                assert size < 1 << 20, f"{source}: ConfigMap {doc['metadata']['name']} is {size} bytes"
+        for job in [d for d in docs if d["kind"] == "Job"]:
+            script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+            assert "data_root()" in script and '--corpus "$CORPUS"' in script
+            assert not [v for v in job["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+
+
+def test_nothing_is_a_hook_and_the_volume_outlives_the_release():
+    for source, values in VALUES.items():
+        for doc in render(values):
+            assert "helm.sh/hook" not in doc["metadata"].get("annotations", {}), (source, doc["kind"])
+    (pvc,) = [d for d in render() if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert not [
+        d for d in render({"storage": {"existingClaim": "mine"}}) if d["kind"] == "PersistentVolumeClaim"
+    ]
+    (service,) = [d for d in render({"storage": {"existingClaim": "mine"}}) if d["kind"] == "RayService"]
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for p in pods(service)
+        for v in p["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"mine"}
+
+
+def test_a_changed_preparation_is_a_new_job_and_an_unchanged_one_keeps_its_name():
+    def job_name(values):
+        (job,) = [d for d in render(values) if d["kind"] == "Job"]
+        return job["metadata"]["name"]
+
+    assert job_name(None) == job_name({"explainer": {"replicas": 3}})
+    assert job_name(None) != job_name({"targets": ["gemma3-270m"]})
+
+
+@pytest.mark.parametrize("values", [None, *[v for v in VALUES.values() if v]], ids=lambda v: str(v)[:40])
+def test_helm_lint_strict_passes_with_the_values_schema(values):
+    import helm_python as helm
+
+    assert (DEPLOY / "helm" / "patchscope" / "values.schema.json").exists()
+    report = helm.lint(
+        str(DEPLOY / "helm" / "patchscope"), values, strict=True, kube_version=f"v{K8S_VERSION}"
     )
-    assert "pre-install" in pvc["helm.sh/hook"] and pvc["helm.sh/resource-policy"] == "keep"
-    assert "pre-install" in job["helm.sh/hook"] and int(pvc["helm.sh/hook-weight"]) < int(
-        job["helm.sh/hook-weight"]
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"sorces": ["smollm2-135m"]},
+        {"storage": {"mode": "nfs", "size": "1Gi"}},
+        {"gcsFaultTolerance": {"enabled": True}},
+    ],
+)
+def test_the_values_schema_rejects_typos_and_missing_settings(values):
+    import helm_python as helm
+
+    report = helm.lint(str(DEPLOY / "helm" / "patchscope"), values, strict=True)
+    assert report["errors"], values
+
+
+def test_the_network_policy_admits_clients_ray_peers_the_operator_and_scrapes():
+    docs = render(EVERYTHING_ON)
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    selector = policy["spec"]["podSelector"]
+    for pod in pods(service):
+        labels = pod["metadata"]["labels"]
+        assert selector["matchLabels"].items() <= labels.items()
+        assert labels["app.kubernetes.io/component"] in selector["matchExpressions"][0]["values"]
+    rules = policy["spec"]["ingress"]
+    ports = [{p["port"] for p in r.get("ports", [])} for r in rules]
+    assert ports[0] == set() and rules[0]["from"][0]["podSelector"]["matchLabels"] == selector["matchLabels"]
+    assert {9000, 8000} == ports[1] and any(
+        p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "tls-edge"
+        for p in rules[1]["from"]
+    )
+    assert {8265, 52365} <= ports[2] and ports[3] == {8080}
+    assert not [d for d in render() if d["kind"] in {"NetworkPolicy", "PodMonitor"}], "off by default"
+
+
+def test_the_pod_monitor_selects_the_ray_pods_and_names_their_metrics_port():
+    docs = render(EVERYTHING_ON)
+    (monitor,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    for pod in pods(service):
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        names = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert names[endpoint["port"]] == 8080
+
+
+def test_every_option_reaches_the_pods_and_the_service():
+    (service,) = [d for d in render(EVERYTHING_ON) if d["kind"] == "RayService"]
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["gcsFaultToleranceOptions"]["redisAddress"] == "redis:6379"
+    assert (
+        "gcsFaultToleranceOptions"
+        not in next(d for d in render() if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    )
+    for pod in pods(service):
+        spec = pod["spec"]
+        assert (
+            spec["imagePullSecrets"] == [{"name": "regcred"}] and spec["serviceAccountName"] == "patchscope"
+        )
+        assert spec["securityContext"]["fsGroup"] == 100
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["quotas"] == {"requests_per_minute": 600, "concurrent_streams": 8}
+    rwo = [d for d in render(example("single-node-rwo")) if d["kind"] in {"RayService", "Job"}]
+    for doc in rwo:
+        templates = pods(doc) if doc["kind"] == "RayService" else [doc["spec"]["template"]]
+        for pod in templates:
+            (term,) = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "ray-head"
+
+
+def test_source_model_scales_like_target_model():
+    (service,) = [
+        d
+        for d in render({"source": {"minReplicas": 1, "maxReplicas": 3, "gpusPerReplica": 0.5}})
+        if d["kind"] == "RayService"
+    ]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    (source,) = [d for d in app["deployments"] if d["name"] == "SourceModel"]
+    assert (
+        source["autoscaling_config"]["max_replicas"] == 3 and source["ray_actor_options"]["num_gpus"] == 0.5
     )
 
 
@@ -182,3 +378,29 @@ def test_dockerfiles_pass_hadolint(dockerfile):
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfiles_install_dependencies_before_the_source_and_own_models(dockerfile):
+    lines = [line.strip() for line in (DEPLOY / "docker" / dockerfile).read_text().splitlines()]
+    deps = next(i for i, line in enumerate(lines) if "requirements.py >" in line)
+    copies = [line for line in lines[:deps] if line.startswith("COPY")]
+    assert copies and all(
+        any(name in line for name in ("constraints.txt", "pyproject.toml", "requirements.py"))
+        for line in copies
+    ), copies
+    later = [line for line in lines[deps:] if line.startswith("COPY")]
+    assert any("services" in line for line in later) and any("README.md" in line for line in later)
+    assert "RUN mkdir -p /models && chown ray:users /models" in lines
+    users = [line for line in lines if line.startswith("USER")]
+    assert users[-1] == "USER 1000:100"
+    if dockerfile == "Dockerfile.cpu":
+        assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in lines
+        assert any('--index-url "$TORCH_INDEX" torch==' in line for line in lines)
+
+
+def test_documented_docker_runs_publish_on_localhost_only():
+    for path in [DEPLOY / "README.md", DEPLOY / "docker" / "Dockerfile.cpu"]:
+        for run in re.findall(r"docker run[^\n]*", path.read_text()):
+            published = re.findall(r"-p\s+(\S+)", run)
+            assert published and all(p.startswith("127.0.0.1:") for p in published), (path.name, run)
