@@ -63,10 +63,31 @@ def encode_tensor(tensor: torch.Tensor, dtype: int = pb.D_TYPE_F32, name: str = 
     return b"".join((struct.pack("<Q", len(header)), header, buffer))
 
 
+# One tensor's header is ~100 bytes; metadata may add some. Bounding it bounds the parser's work.
+MAX_HEADER_BYTES = 64 << 10
+MAX_RANK = 8
+MAX_INT_DIGITS = 20  # any int64; longer integers are refused before Python converts them
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _json_constant(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # bool is an int subclass: `true` in a shape is not a size
+
+
 def decode_tensor(field: str, data: bytes, *, max_bytes: int, name: str = TENSOR_NAME) -> torch.Tensor:
     """The one tensor `name` of a safetensors file, as float32, validated; nothing in `data` is trusted.
 
-    The header is parsed by hand (bounded, JSON only) so that malformed input gets a precise message.
+    The header is parsed by hand (bounded in bytes, depth and integer digits; JSON only) so that malformed
+    input gets a precise message.
     """
     if len(data) > max_bytes:
         raise InvalidArgument(field, "payload too large", limit=f"<= {max_bytes} bytes", value=len(data))
@@ -75,9 +96,17 @@ def decode_tensor(field: str, data: bytes, *, max_bytes: int, name: str = TENSOR
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
         raise InvalidArgument(field, "not a safetensors file: header length past the end of the data")
+    if header_len > MAX_HEADER_BYTES:
+        raise InvalidArgument(
+            f"{field}.header", "too large", limit=f"<= {MAX_HEADER_BYTES} bytes", value=header_len
+        )
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(
+            bytes(data[8 : 8 + header_len]), parse_int=_json_int, parse_constant=_json_constant
+        )
+    except RecursionError:  # nesting deeper than the interpreter's stack: never a safetensors header
+        raise InvalidArgument(field, "not a safetensors file: header nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the hooks' refusals
         raise InvalidArgument(field, f"not a safetensors file: header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise InvalidArgument(field, "not a safetensors file: header is not a JSON object")
@@ -90,9 +119,13 @@ def decode_tensor(field: str, data: bytes, *, max_bytes: int, name: str = TENSOR
     st_dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if st_dtype not in ACCEPTED:
         raise InvalidArgument(f"{field}.dtype", "unsupported dtype", limit="F32, BF16 or F16", value=st_dtype)
-    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+    if not (isinstance(shape, list) and all(_is_int(n) and n >= 0 for n in shape)):
         raise InvalidArgument(f"{field}.shape", "must be a list of non-negative integers", value=shape)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(
+            f"{field}.shape", "too many dimensions", limit=f"<= {MAX_RANK}", value=len(shape)
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) for n in offsets)):
         raise InvalidArgument(f"{field}.data_offsets", "must be two integers", value=offsets)
     torch_dtype = ACCEPTED[st_dtype]
     begin, end = offsets

@@ -118,3 +118,33 @@ def test_generation_options_round_trip_and_zero_means_default():
 def test_finite_values_whose_sum_overflows_are_accepted():
     x = torch.full((4, 8), 3.0e38)
     assert torch.equal(decode_tensor("s", encode_tensor(x), max_bytes=1 << 20), x)
+
+
+def raw_header(text: str, body: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(text)) + text.encode() + body
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # Each of these was INTERNAL (RecursionError, ValueError, TypeError) before the decoder bounded them.
+        (raw_header("[" * 100_000 + "]" * 100_000), "nested too deeply|too large"),
+        (raw_header('{"states":' * 5000 + "{}" + "}" * 5000), "nested too deeply"),
+        (
+            raw_header('{"states": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 4]}}'),
+            "integer of 5000 digits",
+        ),
+        (
+            raw_header('{"states": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + "4" * 30 + "]}}"),
+            "integer of 30 digits",
+        ),
+        (header({"dtype": "F32", "shape": [True, True], "data_offsets": [0, 4]}, b"\0" * 4), "non-negative"),
+        (header({"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}, b"\0" * 4), "two integers"),
+        (header({"dtype": "F32", "shape": [1] * 70, "data_offsets": [0, 4]}, b"\0" * 4), "dimensions"),
+        (raw_header('{"states": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}'), "NaN is not"),
+        (raw_header(" " * (70 << 10)), "header: too large"),
+    ],
+)
+def test_hostile_headers_are_invalid_arguments_not_internal_errors(data, message):
+    with pytest.raises(InvalidArgument, match=message):
+        decode_tensor("safetensors", data, max_bytes=1 << 20)

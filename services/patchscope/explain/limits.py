@@ -6,6 +6,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patchscope.engine.generation import MAX_NEW_TOKENS
 
+# Sampling divides the logits by the temperature: below this it overflows to Inf (NaN probabilities), and
+# its distribution is greedy decoding in all but name; 0 asks for greedy decoding itself.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+
 
 class Limits(BaseModel):
     """Over a limit is INVALID_ARGUMENT naming the field and the limit (RESOURCE_EXHAUSTED for queues)."""
@@ -16,8 +21,13 @@ class Limits(BaseModel):
     max_prompt_tokens: int = Field(2048, ge=1)
     # Templates are prompts too: a long one is a long prefill on the target's only worker thread.
     max_template_chars: int = Field(4096, ge=1)
+    # UTF-8 bytes of a template: a bound on its tokens without the target's tokenizer, since every token
+    # of a byte-level BPE or byte-fallback SentencePiece vocabulary covers at least one byte (tokens <=
+    # bytes + BOS + the filler's tokens).
+    max_template_bytes: int = Field(4096, ge=1)
     max_sites: int = Field(512, ge=1)
-    # Layers of one ExtractHiddenStates call (duplicates count): each is a [positions, hidden] tensor.
+    # Layers of one ExtractHiddenStates call, or of one Explain, checked before they are resolved; an
+    # extraction must name each layer once (each is a [positions, hidden] tensor on the wire).
     max_layers: int = Field(256, ge=1)
     # float32 bytes of one ExtractHiddenStates answer (layers × positions × hidden × 4).
     max_extract_bytes: int = Field(256 << 20, ge=1)
@@ -26,5 +36,14 @@ class Limits(BaseModel):
     max_activation_bytes: int = Field(16 << 20, ge=1)
     # Characters of one provenance token: each is echoed in every event of its site.
     max_token_chars: int = Field(256, ge=1)
+    # UTF-8 bytes of all provenance tokens of one ExplainActivations together (their count is bounded by
+    # the sites).
+    max_provenance_bytes: int = Field(64 << 10, ge=1)
+    # A mapping id names a file `<id>.safetensors` in the registry: 243 bytes keeps that name within the
+    # 255 bytes file systems allow.
+    max_mapping_id_bytes: int = Field(200, ge=1, le=243)
+    # Serve's queue at each deployment (`max_queued_requests`): a call beyond it is RESOURCE_EXHAUSTED at
+    # once with retry advice instead of waiting without bound.
+    max_queued_requests: int = Field(512, ge=1)
     # Rows waiting for the target model; more is RESOURCE_EXHAUSTED with retry advice.
     max_queued_rows: int = Field(4096, ge=1)

@@ -108,3 +108,4 @@ LOCAL_LIMITS = Limits(
     max_sites=4096,
     max_new_tokens=512,
 )
+    max_template_bytes=1 << 18,

@@ -8,6 +8,7 @@ the service (registry on a volume) and the CLI (registry on disk) and tests use 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,7 +25,7 @@ from patchscope.engine.validation import (
     check_positive,
     check_prompt,
 )
-from patchscope.explain.limits import Limits
+from patchscope.explain.limits import MAX_TEMPERATURE, MIN_TEMPERATURE, Limits
 from patchscope.explain.request import AUTO, ActivationsRequest, ExplainRequest, Site, TargetSpec
 
 
@@ -112,6 +113,44 @@ class _Verbalise:
     top_k: int
 
 
+def check_count(field: str, values: Sequence, maximum: int, what: str) -> None:
+    """A list's length, checked before its entries are looked at (a long list costs the ingress time)."""
+    if len(values) > maximum:
+        raise InvalidArgument(field, f"too many {what}", limit=f"<= {maximum}", value=len(values))
+
+
+def _check_decoding(generation: GenerationConfig) -> None:
+    """Finite and in range, or sampling would make NaN probabilities on the target."""
+    temperature = generation.temperature
+    if not (
+        isinstance(temperature, float | int)
+        and math.isfinite(temperature)
+        and (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)
+    ):
+        raise InvalidArgument(
+            "target.generation.temperature",
+            "out of range",
+            limit=f"0 (greedy) or {MIN_TEMPERATURE}..{MAX_TEMPERATURE:g}",
+            value=temperature,
+        )
+
+
+def _check_mapping_id(mapping: str, limits: Limits) -> None:
+    """A mapping id names a registry file: bounded, printable, no path separators."""
+    size = len(mapping.encode("utf-8", "surrogatepass"))
+    if size > limits.max_mapping_id_bytes:
+        raise InvalidArgument(
+            "target.mapping", "too long", limit=f"<= {limits.max_mapping_id_bytes} bytes", value=size
+        )
+    if not mapping.isprintable() or any(c in mapping for c in "/\\"):
+        raise InvalidArgument(
+            "target.mapping",
+            "must be printable, without path separators",
+            limit="'auto' or a mapping id",
+            value=mapping[:64],
+        )
+
+
 def _verbalise(spec: TargetSpec, limits: Limits) -> _Verbalise:
     preset = get_preset(spec.preset)
     template = resolve_template(preset, spec.template)
@@ -122,6 +161,18 @@ def _verbalise(spec: TargetSpec, limits: Limits) -> _Verbalise:
             limit=f"<= {limits.max_template_chars} characters",
             value=len(template),
         )
+    # The target's tokens, bounded without its tokenizer: each token covers at least one UTF-8 byte.
+    size = len(template.encode("utf-8", "surrogatepass"))
+    if size > limits.max_template_bytes:
+        raise InvalidArgument(
+            "target.template",
+            "too many tokens",
+            limit=f"<= {limits.max_template_bytes} UTF-8 bytes (each token is at least one)",
+            value=size,
+        )
+    _check_mapping_id(spec.mapping, limits)
+    check_count("target.layers", spec.layers, limits.max_layers, "layers")
+    _check_decoding(spec.generation)
     spec.generation.validate()
     if spec.generation.max_new_tokens > limits.max_new_tokens:
         raise InvalidArgument(
@@ -185,6 +236,8 @@ def plan_explain(
     check_prompt_size("prompt", request.prompt, limits)
     check_token_count("prompt", len(tokens), limits)
     how = _verbalise(request.target, limits)
+    check_count("layers", request.layers, limits.max_layers, "layers")
+    check_count("positions", request.positions, limits.max_sites, "positions")
     layers = check_layers("layers", list(request.layers), source.facts)
     positions = check_positions("positions", list(request.positions) or [-1], len(tokens))
     _check_sites(len(layers) * len(positions), limits, "layers × positions")
@@ -236,6 +289,12 @@ def plan_activations(
     n = states.shape[0]
     _check_sites(n, limits, "safetensors.shape[0]")
     how = _verbalise(request.target, limits)
+    for field, values in (
+        ("provenance.layers", request.layers),
+        ("provenance.positions", request.positions),
+        ("provenance.tokens", request.tokens),
+    ):
+        check_count(field, values, limits.max_sites, "entries")
     layers = _per_row("provenance.layers", request.layers, n, required=True)
     layers = check_layers("provenance.layers", layers, source.facts)
     positions = _per_row("provenance.positions", request.positions, n, default=-1)
@@ -260,6 +319,15 @@ def plan_activations(
                 limit=f"<= {limits.max_token_chars} characters",
                 value=len(token),
             )
+    # Counted once per distinct string: one token for all rows is echoed n times but sent once.
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in request.tokens)
+    if size > limits.max_provenance_bytes:
+        raise InvalidArgument(
+            "provenance.tokens",
+            "too large",
+            limit=f"<= {limits.max_provenance_bytes} UTF-8 bytes in all",
+            value=size,
+        )
     if request.target.layers:
         target_layers = check_layers("target.layers", list(request.target.layers), target.facts)
         target_layers = _per_row("target.layers", target_layers, n, required=True)
@@ -291,9 +359,14 @@ def plan_extract(
     """The resolved layers and positions of an ExtractHiddenStates call, within the limits."""
     check_prompt_size("prompt", prompt, limits)
     check_token_count("prompt", len(tokens), limits)
-    if len(layers) > limits.max_layers:
-        raise InvalidArgument("layers", "too many layers", limit=f"<= {limits.max_layers}", value=len(layers))
+    check_count("layers", layers, limits.max_layers, "layers")
+    check_count("positions", positions, limits.max_prompt_tokens, "positions")
     resolved_layers = check_layers("layers", list(layers), source.facts)
+    repeated = sorted({layer for layer in resolved_layers if resolved_layers.count(layer) > 1})
+    if repeated:  # each layer is a whole tensor on the wire: a repeat is the same bytes again
+        raise InvalidArgument(
+            "layers", "names a layer more than once", limit="distinct layers", value=repeated[:8]
+        )
     resolved_positions = check_positions("positions", list(positions) or [-1], len(tokens))
     size = len(resolved_layers) * len(resolved_positions) * source.facts.hidden_size * 4
     if size > limits.max_extract_bytes:
