@@ -105,7 +105,7 @@ LOCAL_LIMITS = Limits(
     max_prompt_chars=1 << 20,
     max_prompt_tokens=1 << 16,
     max_template_chars=1 << 16,
+    max_template_bytes=1 << 18,
     max_sites=4096,
     max_new_tokens=512,
 )
-    max_template_bytes=1 << 18,
