@@ -3,9 +3,10 @@
 (a) the reference notebooks' per-site loop: one source pass and one hooked `generate` per layer,
 (b) one batched `generate` with a patch hook per row,
 (c) the same batch unpatched (the floor any patching method sits on),
-(d) the engine (`explain`): one source pass, prefix cache, lean decode loop and, on an fp32 CPU (its
-    default), oneDNN-packed linears and the lean forward (engine/models/lean.py); (d') the same without
-    the cache; (d'') with transformers' forward; (d''') on the peers' stock load,
+(d) the engine (`explain`): one source pass, prefix cache, lean decode loop and its default options
+    (engine/options.py; `--gemm auto` packs the linears for oneDNN on an fp32 CPU), with the lean forward
+    (engine/models/lean.py) on a CPU; (d') the same without the cache; (d'') with transformers' forward;
+    (d''') on the peers' stock load,
 (e) nnsight's per-site loop: one source trace and one intervened `generate` per layer,
 (f) nnsight batched: one source trace, then one `generate` with one invoke per layer.
 (e) and (f) need nnsight (`pip install nnsight==0.8.1`, or the `bench` extra) and are skipped without it;
@@ -34,13 +35,27 @@ from types import ModuleType
 
 import torch
 
-from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_model
-from patchscope.engine.explain import Explanation
+from patchscope.engine import GenerationConfig, load_model
 from patchscope.engine.models import LoadedModel
+from patchscope.engine.options import DEFAULTS, GEMMS, EngineOptions
 from patchscope.engine.presets import PRESETS
+from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.template import tokenize_prompt, tokenize_template
+from patchscope.explain import ExplainRequest, Explanation, LocalBackend, TargetSpec, explain
 
 PROMPT = "Barack Obama"
+
+
+def sweep(runtime: TargetRuntime, new: int) -> Explanation:
+    """The engine's same-model sweep of every layer of PROMPT on `runtime`."""
+    model = runtime.model
+    request = ExplainRequest(
+        source=model.id,
+        prompt=PROMPT,
+        layers=tuple(range(model.layout.num_layers)),
+        target=TargetSpec(model.id, generation=GenerationConfig(max_new_tokens=new)),
+    )
+    return explain(LocalBackend.of(model, runtime), request)
 
 
 def sync(device: torch.device) -> None:
@@ -82,13 +97,13 @@ def hooked_generate(
 
 
 def build(
-    m: LoadedModel, engine_model: LoadedModel, packed_only: LoadedModel, new: int
+    m: LoadedModel, engine: TargetRuntime, engine_transformers: TargetRuntime, stock: TargetRuntime, new: int
 ) -> dict[str, Callable[[], object]]:
-    """The sweep's cases: the peers on `m`, the engine on `engine_model`.
+    """The sweep's cases: the peers on `m`, the engine on `engine`.
 
     `m` is a stock load (ATen linears and transformers' forward, as a transformers user has them); the
-    engine runs on its own default load, on `packed_only` (its kernels, transformers' forward) and on `m`,
-    to show what the lean forward and the kernels are each worth.
+    engine runs with its options, on `engine_transformers` (its kernels, transformers' forward) and on
+    `stock` (`m` with transformers' forward), to show what the lean forward and the kernels are each worth.
     """
     layers = list(range(m.layout.num_layers))
     preset = PRESETS["identity"]
@@ -126,30 +141,28 @@ def build(
             pad_token_id=m.tokenizer.eos_token_id,
         )
 
-    request = ExplainRequest(prompt=PROMPT, layers=layers, generation=GenerationConfig(max_new_tokens=new))
-
-    def engine():
-        return explain(engine_model, engine_model, request)
+    def engine_default():
+        return sweep(engine, new)
 
     def engine_no_cache():
-        engine_model.prefix_cache.clear()
-        engine_model.prefix_cache.capacity = 0
+        engine.prefix_cache.clear()
+        engine.prefix_cache.capacity = 0
         try:
-            return explain(engine_model, engine_model, request)
+            return sweep(engine, new)
         finally:
-            engine_model.prefix_cache.capacity = 32
+            engine.prefix_cache.capacity = 32
 
     def engine_transformers_forward():
-        return explain(packed_only, packed_only, request)
+        return sweep(engine_transformers, new)
 
     def engine_stock():
-        return explain(m, m, request)
+        return sweep(stock, new)
 
     return {
         "(a) per-site loop": per_site_loop,
         "(b) batched generate + hooks": batched_generate,
         "(c) unpatched batch (floor)": unpatched_batch,
-        ENGINE: engine,
+        ENGINE: engine_default,
         "(d') engine, no prefix cache": engine_no_cache,
         "(d'') engine, transformers forward": engine_transformers_forward,
         "(d''') engine, stock load": engine_stock,
@@ -250,14 +263,21 @@ def main() -> None:
         action="store_true",
         help="skip timing (e), nnsight's per-site loop (its first 3 layers are still checked)",
     )
+    parser.add_argument(
+        "--gemm", default=DEFAULTS.gemm, choices=GEMMS, help="the engine's linear kernels (the peers': ATen)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    m = load_model(args.model, dtype=args.dtype, device=args.device, gemm="aten", forward="transformers")
-    engine_model = load_model(args.model, dtype=args.dtype, device=args.device)
-    packed_only = load_model(args.model, dtype=args.dtype, device=args.device, forward="transformers")
-    cases = build(m, engine_model, packed_only, args.new_tokens)
+    load = functools.partial(load_model, args.model, dtype=args.dtype, device=args.device)
+    m = load(options=EngineOptions(gemm="aten"))
+    options = EngineOptions(gemm=args.gemm)
+    engine = TargetRuntime.build(load(options=options), options)
+    transformers_forward = EngineOptions(gemm=args.gemm, forward="transformers")
+    engine_transformers = TargetRuntime.build(engine.model, transformers_forward)
+    stock = TargetRuntime.build(m, EngineOptions(gemm="aten", forward="transformers"))
+    cases = build(m, engine, engine_transformers, stock, args.new_tokens)
     if args.skip_loop:
         cases.pop("(a) per-site loop")
     nnsight = import_nnsight()
@@ -280,13 +300,8 @@ def main() -> None:
     )
 
     with torch.inference_mode():
-        request = ExplainRequest(
-            prompt=PROMPT,
-            layers=list(range(m.layout.num_layers)),
-            generation=GenerationConfig(max_new_tokens=args.new_tokens),
-        )
         if nnsight_cases:  # a peer only counts if it explains the same thing: check before timing
-            expected = explain(engine_model, engine_model, request)
+            expected = sweep(engine, args.new_tokens)
             checked = {
                 "batched": nnsight_cases[NNSIGHT_BATCHED](),
                 # the loop is checked on its first layers even when its timing is skipped
@@ -323,7 +338,7 @@ def main() -> None:
                 times[ENGINE].append(after)
                 ratios[name].append(took / ((before + after) / 2))
                 before = after
-        breakdown = explain(engine_model, engine_model, request)
+        breakdown = sweep(engine, args.new_tokens)
         reference = cases["(b) batched generate + hooks"]()
 
     med = {name: statistics.median(ts) for name, ts in times.items()}

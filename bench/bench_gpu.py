@@ -38,11 +38,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bench_engine import hooked_generate, sync  # bench/ is the script's own directory
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, patched_generate
-from patchscope.engine.generation import Timings
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.models.layout import discover
+from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.static_decode import StaticDecoder
 from patchscope.engine.template import tokenize_template
+from patchscope.engine.timings import Timings
 
 SHAPES = {
     "tinyllama": dict(
@@ -148,18 +149,20 @@ def main() -> None:
         flush=True,
     )
 
+    runtime = TargetRuntime(m)  # transformers' forward: the GPU's default
+
     def generate(decoder: StaticDecoder | None, prefix_cache: bool = True, timings: Timings | None = None):
-        m.static_decoder = decoder
+        runtime.static_decoder = decoder
         try:
-            out = patched_generate(m, rows, config, use_prefix_cache=prefix_cache, timings=timings)
+            out = patched_generate(runtime, rows, config, use_prefix_cache=prefix_cache, timings=timings)
         finally:
-            m.static_decoder = None
+            runtime.static_decoder = None
         return [r.token_ids for r in out]
 
     # Eager references first, then each static decoder's first call (its compile), then the checks.
     reference = generate(None, prefix_cache=False)
     unpatched = patched_generate(
-        m, [PatchedRow(template, "w7", ())] * len(rows), config, use_prefix_cache=False
+        runtime, [PatchedRow(template, "w7", ())] * len(rows), config, use_prefix_cache=False
     )
     changed = sum(a != b.token_ids for a, b in zip(reference, unpatched, strict=True))
     print(f"the patch changes the continuation of {changed} of {len(rows)} rows", flush=True)

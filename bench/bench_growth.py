@@ -12,8 +12,10 @@ import statistics
 import time
 from pathlib import Path
 
-from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_model
+from patchscope.engine import GenerationConfig, load_model
+from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.template import tokenize_prompt
+from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
 
 BASE = "The river runs past the old mill where the baker sells bread every morning"
 
@@ -28,12 +30,16 @@ def prompt_of(model, tokens: int) -> str:
     return text
 
 
-def timed(model, request: ExplainRequest, repeats: int) -> float:
+def timed(runtime: TargetRuntime, prompt: str, layers, new: int, repeats: int, positions=(-1,)) -> float:
+    """Median seconds of a same-model sweep of `prompt` (the prefix cache cleared before each)."""
+    model = runtime.model
+    target = TargetSpec(model.id, generation=GenerationConfig(max_new_tokens=new))
+    request = ExplainRequest(model.id, prompt, tuple(layers), target, tuple(positions))
     times = []
     for _ in range(repeats):
-        model.prefix_cache.clear()
+        runtime.prefix_cache.clear()
         started = time.perf_counter()
-        explain(model, model, request)
+        explain(LocalBackend.of(model, runtime), request)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -44,26 +50,21 @@ def main() -> None:
     parser.add_argument("--out", default="docs")
     args = parser.parse_args()
     model = load_model("smollm2-135m")
+    runtime = TargetRuntime.build(model)
     layers = list(range(model.facts.num_layers))
     curves: dict[str, list[tuple[int, float]]] = {"sites": [], "prompt tokens": [], "new tokens": []}
 
     long_prompt = prompt_of(model, 40)
     for num_layers, num_positions in ((1, 1), (8, 1), (16, 4), (16, 32)):  # 1, 8, 64, 512 sites
-        request = ExplainRequest(
-            prompt=long_prompt,
-            layers=layers[:num_layers],
-            positions=list(range(1, num_positions + 1)),
-            generation=GenerationConfig(max_new_tokens=10),
-        )
-        curves["sites"].append((num_layers * num_positions, timed(model, request, args.repeats)))
+        positions = range(1, num_positions + 1)
+        took = timed(runtime, long_prompt, layers[:num_layers], 10, args.repeats, positions)
+        curves["sites"].append((num_layers * num_positions, took))
     for tokens in (8, 64, 256, 512):
-        request = ExplainRequest(
-            prompt=prompt_of(model, tokens), layers=[6], generation=GenerationConfig(max_new_tokens=10)
+        curves["prompt tokens"].append(
+            (tokens, timed(runtime, prompt_of(model, tokens), [6], 10, args.repeats))
         )
-        curves["prompt tokens"].append((tokens, timed(model, request, args.repeats)))
     for new in (1, 8, 32, 64):
-        request = ExplainRequest(prompt=BASE, layers=layers, generation=GenerationConfig(max_new_tokens=new))
-        curves["new tokens"].append((new, timed(model, request, args.repeats)))
+        curves["new tokens"].append((new, timed(runtime, BASE, layers, new, args.repeats)))
 
     import matplotlib
 

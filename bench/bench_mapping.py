@@ -27,6 +27,7 @@ import torch
 from patchscope.data import data_root
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, load_model, patched_generate
 from patchscope.engine.presets import PRESETS, identity_answer
+from patchscope.engine.runtime import TargetRuntime
 from patchscope.eval.common import wilson
 from patchscope.mapping.artefact import MappingInfo
 from patchscope.mapping.pipeline import fit_mappings
@@ -97,10 +98,11 @@ def identity_rate(source, target, pairs, mapping, words: list[str], chunk: int =
             truth.append((k, word))
     hits = [0] * len(pairs)
     config = GenerationConfig(max_new_tokens=4)
+    runtime = TargetRuntime.build(target)
     for start in range(0, len(rows), chunk):
         for (k, word), out in zip(
             truth[start : start + chunk],
-            patched_generate(target, rows[start : start + chunk], config),
+            patched_generate(runtime, rows[start : start + chunk], config),
             strict=True,
         ):
             hits[k] += identity_answer(out.text).lower() == word

@@ -3,7 +3,7 @@
 Sweeps of every layer of a few prompts on smollm2-135m, identity preset, 10 new tokens, greedy:
   eager fp32      the reference: the engine on ATen's fp32 linears and transformers' forward,
   oneDNN fp32     the same weights pre-packed for oneDNN (another summation order),
-  lean fp32       the engine's CPU default: oneDNN and the lean forward (engine/models/lean.py),
+  lean fp32       the engine's CPU default (engine/options.py): ATen and the lean forward (models/lean.py),
   static fp32     the static decoder (static cache, the decode loop `bench_gpu.py` compiles and captures,
                   run eagerly here: the GPU check measures the compiled forms' speed),
   eager bf16      the engine with the model in bf16 (what a GPU deployment runs),
@@ -18,7 +18,10 @@ import time
 
 import torch
 
-from patchscope.engine import ExplainRequest, GenerationConfig, StaticDecoder, explain, load_model
+from patchscope.engine import GenerationConfig, StaticDecoder, load_model
+from patchscope.engine.options import EngineOptions
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
 
 PROMPTS = [
     "Barack Obama",
@@ -29,13 +32,15 @@ PROMPTS = [
 ]
 
 
-def sweep(model, prompt: str, new_tokens: int) -> list[str]:
+def sweep(runtime: TargetRuntime, prompt: str, new_tokens: int) -> list[str]:
+    model = runtime.model
     request = ExplainRequest(
+        source=model.id,
         prompt=prompt,
-        layers=list(range(model.layout.num_layers)),
-        generation=GenerationConfig(max_new_tokens=new_tokens),
+        layers=tuple(range(model.layout.num_layers)),
+        target=TargetSpec(model.id, generation=GenerationConfig(max_new_tokens=new_tokens)),
     )
-    return [r.explanation for r in explain(model, model, request).results]
+    return [r.explanation for r in explain(LocalBackend.of(model, runtime), request).results]
 
 
 def main() -> None:
@@ -46,37 +51,32 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=10)
     args = parser.parse_args()
     torch.manual_seed(0)
-    fp32 = load_model(args.model, gemm="aten", forward="transformers")
-    packed = load_model(args.model, forward="transformers")
-    lean = load_model(args.model)
-    bf16 = load_model(args.model, dtype="bfloat16", forward="transformers")
+    transformers_forward = EngineOptions(forward="transformers")
+    fp32 = load_model(args.model)  # the default kernels, ATen
+    packed = load_model(args.model, options=EngineOptions(gemm="onednn"))
+    bf16 = load_model(args.model, dtype="bfloat16")
+    eager = TargetRuntime.build(fp32, transformers_forward)
+    static = TargetRuntime.build(fp32, transformers_forward)
+    static.static_decoder = StaticDecoder(fp32, None)
+    runtimes = {
+        "eager fp32": eager,
+        "oneDNN fp32": TargetRuntime.build(packed, transformers_forward),
+        "lean fp32": TargetRuntime.build(fp32),  # the default options
+        "static fp32": static,
+        "eager bf16": TargetRuntime.build(bf16, transformers_forward),
+    }
     tokenizer = fp32.tokenizer
 
     def first_token(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids[:1]
 
-    results: dict[str, list[list[str]]] = {
-        "eager fp32": [],
-        "oneDNN fp32": [],
-        "lean fp32": [],
-        "static fp32": [],
-        "eager bf16": [],
-    }
+    results: dict[str, list[list[str]]] = {label: [] for label in runtimes}
     seconds = dict.fromkeys(results, 0.0)
-    decoder = StaticDecoder(fp32, None)
     for prompt in PROMPTS:
-        for label, model, static in [
-            ("eager fp32", fp32, None),
-            ("oneDNN fp32", packed, None),
-            ("lean fp32", lean, None),
-            ("static fp32", fp32, decoder),
-            ("eager bf16", bf16, None),
-        ]:
-            model.static_decoder = static
+        for label, runtime in runtimes.items():
             started = time.perf_counter()
-            results[label].append(sweep(model, prompt, args.new_tokens))
+            results[label].append(sweep(runtime, prompt, args.new_tokens))
             seconds[label] += time.perf_counter() - started
-            model.static_decoder = None
     reference = [e for sweep_ in results["eager fp32"] for e in sweep_]
     print(
         f"{args.model}: {len(PROMPTS)} prompts × {fp32.layout.num_layers} layers = {len(reference)} "

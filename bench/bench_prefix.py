@@ -18,6 +18,7 @@ from patchscope.data import data_root
 from patchscope.engine import GenerationConfig, load_model
 from patchscope.engine.generation import PatchedRow, RowPatch, patched_generate
 from patchscope.engine.hooks import extract
+from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.template import tokenize_template
 
 DATA = data_root()
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     model = load_model("smollm2-135m")
+    runtime = TargetRuntime.build(model)
     text = (DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20000].replace("@-@", "-")
     hidden = extract(model, "Barack Obama", list(range(1, 11)), [-1])
     config = GenerationConfig(max_new_tokens=10)
@@ -54,9 +56,9 @@ def main() -> None:
 
         def run(cache: bool, cold: bool, rows: list[PatchedRow] = rows) -> float:
             if cold:
-                model.prefix_cache.clear()
+                runtime.prefix_cache.clear()
             started = time.perf_counter()
-            patched_generate(model, rows, config, use_prefix_cache=cache)
+            patched_generate(runtime, rows, config, use_prefix_cache=cache)
             return time.perf_counter() - started
 
         off, cold, warm = [], [], []

@@ -20,16 +20,20 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import torch
 
-from patchscope.engine import ExplainRequest, GenerationConfig, explain, load_model
+from patchscope.engine import GenerationConfig, load_model
 from patchscope.engine.hooks import extract
+from patchscope.engine.options import DEFAULTS, GEMMS, EngineOptions
+from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.template import tokenize_prompt
+from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
 from patchscope.mapping.registry import MappingRegistry
-from patchscope.mapping.resolve import resolve_mappings
+from patchscope.mapping.resolve import registry_resolver
 from patchscope.serve.local import free_port, read_config, start
 from patchscope.wire import encode_tensor, pb, pb_grpc
 
@@ -99,9 +103,7 @@ def run_concurrent(stub, clients: int, rounds: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--gemm", default="aten", choices=["auto", "onednn", "aten"], help="linear kernels, both sides"
-    )
+    parser.add_argument("--gemm", default=DEFAULTS.gemm, choices=GEMMS, help="linear kernels, both sides")
     args = parser.parse_args()
     torch.set_num_threads(2)
     commit = subprocess.run(
@@ -112,15 +114,22 @@ def main() -> None:
         f"{os.cpu_count()} CPUs · 2 torch threads each side · gemm {args.gemm}"
     )
 
-    source, target = load_model("smollm2-135m", gemm=args.gemm), load_model("gemma3-270m", gemm=args.gemm)
-    registry = MappingRegistry()
-    mapping = resolve_mappings(registry, source, target, list(zip(LAYERS, TARGET_LAYERS, strict=True)))
+    options = EngineOptions(gemm=args.gemm)
+    source = load_model("smollm2-135m", options=options)
+    target = load_model("gemma3-270m", options=options)
+    backend = LocalBackend([source], [TargetRuntime.build(target, options)])
+    resolve = registry_resolver(MappingRegistry())
     engine_request = ExplainRequest(
+        source=source.id,
         prompt=PROMPTS[0],
-        layers=LAYERS,
-        target_layers=TARGET_LAYERS,
-        generation=GenerationConfig(max_new_tokens=NEW_TOKENS),
+        layers=tuple(LAYERS),
+        target=TargetSpec(
+            target.id, layers=tuple(TARGET_LAYERS), generation=GenerationConfig(max_new_tokens=NEW_TOKENS)
+        ),
     )
+
+    def in_process() -> None:
+        explain(backend, engine_request, resolve)
 
     results: dict[str, float] = {}
     for batching in (True, False):
@@ -133,7 +142,7 @@ def main() -> None:
                 stub = pb_grpc.PatchscopeStub(channel)
                 list(stub.Explain(explain_request(PROMPTS[0]), timeout=600))  # warm
                 if batching:
-                    results |= one_request(stub, source, target, engine_request, mapping, args.repeats)
+                    results |= one_request(stub, in_process, args.repeats)
                     results |= extraction(stub, source, args.repeats)
                 key = "batched" if batching else "unbatched"
                 for clients, rounds in CONCURRENCY:
@@ -146,9 +155,9 @@ def main() -> None:
     report(results, args, source.facts.num_layers)
 
 
-def one_request(stub, source, target, engine_request, mapping, repeats: int) -> dict[str, float]:
+def one_request(stub, in_process: Callable[[], None], repeats: int) -> dict[str, float]:
     """(a) the same request through the service and in process, interleaved."""
-    explain(source, target, engine_request, mapping)
+    in_process()
     svc, eng, first = [], [], []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -156,7 +165,7 @@ def one_request(stub, source, target, engine_request, mapping, repeats: int) -> 
             if event.WhichOneof("event") == "token" and len(first) < len(svc) + 1:
                 first.append(time.perf_counter() - started)
         svc.append(time.perf_counter() - started)
-        eng.append(timed(lambda: explain(source, target, engine_request, mapping)))
+        eng.append(timed(in_process))
     return {
         "service_s": statistics.median(svc),
         "engine_s": statistics.median(eng),

@@ -206,12 +206,16 @@ def _run_batch(
     for step in range(config.max_new_tokens):
         next_ids = _next_tokens(logits, config, generator)  # [len(live)]
         next_list, done = next_ids.tolist(), torch.isin(next_ids, stop).tolist()  # one device sync per step
+        # Counted before each yield, so a row's finished event carries its decoding time, and the time the
+        # caller spends between steps is not counted as decoding.
+        timings.decode_s += time.perf_counter() - started
         yield Step(
             rows=[rows[k] for k in live],
             token_ids=next_list,
             finished=done,
             logits=logits if keep_logits else None,
         )
+        started = time.perf_counter()
         # Finished rows and rows whose caller went away leave the batch: later steps cost only the rest.
         keep = [
             j for j, k in enumerate(live) if not done[j] and not (dropped is not None and dropped(rows[k]))
