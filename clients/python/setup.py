@@ -1,13 +1,15 @@
 """Generate the protobuf code from the repository's proto/ before the package is built.
 
 The generated modules are never edited by hand and never committed: `make proto` writes them for
-development, and this hook writes them when the distribution is built (`pip install ./clients/python`).
+development, and these hooks write them when a distribution is built: the wheel (`build_py`) and the sdist
+(`sdist`), so a wheel built later from the sdist, away from proto/, carries them too.
 """
 
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parent.parent / "proto" / "patchscope" / "v1"
@@ -38,4 +40,12 @@ class BuildWithProto(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildWithProto})
+class SdistWithProto(sdist):
+    """sdist that writes the generated protobuf modules first (package data, so they travel inside it)."""
+
+    def run(self) -> None:
+        generate()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildWithProto, "sdist": SdistWithProto})

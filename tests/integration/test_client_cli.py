@@ -26,6 +26,12 @@ def run_cli(capsys, *args: str) -> str:
     return capsys.readouterr().out
 
 
+def ndjson(text: str) -> list[dict]:
+    """The objects of `--json` output, in site order where they are sites (they arrive as they finish)."""
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return sorted(records, key=lambda r: r.get("site", 0))
+
+
 def test_explain_json_matches_the_server_cli_and_writes_pictures(tiny_service, capsys, tmp_path):
     html, png = tmp_path / "sweep.html", tmp_path / "sweep.png"
     out = run_cli(
@@ -50,9 +56,10 @@ def test_explain_json_matches_the_server_cli_and_writes_pictures(tiny_service, c
         "--png",
         str(png),
     )
-    rows = json.loads(out)
-    assert len(rows) == 12
-    assert set(rows[0]) == {
+    rows = [json.loads(line) for line in out.splitlines()]  # NDJSON: one finished site a line
+    assert len(rows) == 12 and sorted(r["site"] for r in rows) == list(range(12))
+    assert all(r["reproduction"] for r in rows)
+    assert set(rows[0]) - {"site", "reproduction"} == {
         "source_layer",
         "target_layer",
         "position",
@@ -143,7 +150,7 @@ def test_extract_then_explain_activations_from_the_file(tiny_service, capsys, tm
     data = states.read_bytes()
     assert tensors.decode(data).shape == (4, 64)
     assert json.loads(tensors.metadata(data)["layers"]) == [1, 1, 3, 3]
-    from_file = json.loads(
+    from_file = ndjson(
         run_cli(
             capsys,
             "--address",
@@ -159,7 +166,7 @@ def test_extract_then_explain_activations_from_the_file(tiny_service, capsys, tm
             "--json",
         )
     )
-    from_prompt = json.loads(
+    from_prompt = ndjson(
         run_cli(
             capsys,
             "--address",
@@ -183,7 +190,7 @@ def test_extract_then_explain_activations_from_the_file(tiny_service, capsys, tm
     assert [r["source_token"] for r in from_file] == [r["source_token"] for r in from_prompt]
 
 
-def test_errors_are_one_line_and_exit_2(tiny_service, capsys):
+def test_errors_are_one_line_and_a_rejection_exits_3(tiny_service, capsys):
     code = main(
         [
             "--address",
@@ -199,7 +206,7 @@ def test_errors_are_one_line_and_exit_2(tiny_service, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("patchscope-client: error: Explain failed with NOT_FOUND")
+    assert code == 3 and err.startswith("patchscope-client: error: Explain failed with NOT_FOUND")
     assert err.count("\n") == 1
 
 
@@ -236,4 +243,4 @@ def test_the_client_installs_and_works_in_a_venv_without_torch(tiny_service, tmp
         text=True,
         timeout=120,
     )
-    assert cli.returncode == 0 and {m["id"] for m in json.loads(cli.stdout)} == {"tiny-llama", "tiny-qwen2"}
+    assert cli.returncode == 0 and {m["id"] for m in ndjson(cli.stdout)} == {"tiny-llama", "tiny-qwen2"}

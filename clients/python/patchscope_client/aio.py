@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -27,11 +26,14 @@ class AsyncPatchscopeClient:
         *,
         token: str | None = None,
         tls: bool | bytes | grpc.ChannelCredentials | None = None,
+        client_cert: tuple[bytes, bytes] | None = None,
         timeout: float = 120.0,
         retries: int = 4,
         backoff_s: float = 0.25,
     ) -> None:
-        self._channel = open_channel(grpc.aio, address, tls)
+        self._channel = open_channel(
+            grpc.aio, address, tls, client_cert=client_cert, retries=retries, backoff_s=backoff_s
+        )
         self._stub = pb_grpc.PatchscopeStub(self._channel)
         self._metadata = bearer(token)
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
@@ -47,16 +49,11 @@ class AsyncPatchscopeClient:
         await self.close()
 
     async def _retrying(self, method: str, call: Callable[[], Awaitable[T]]) -> T:
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            try:
-                return await call()
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise from_rpc_error(method, error) from None
-            await asyncio.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
+        """Await `call`; gRPC retries it per the channel's service config, this names the failure."""
+        try:
+            return await call()
+        except grpc.RpcError as error:
+            raise from_rpc_error(method, error) from None
 
     async def _handshake(self) -> None:
         if self._server_version is None:

@@ -4,7 +4,14 @@
         --target gemma3-270m --layers 0-12 [--json] [--html sweep.html] [--png sweep.png]
 
 A live display follows the stream (sites started, tokens so far); then a table of layer → answer and
-explanation with the mapping's R². `--json` prints the objects of `patchscope explain --json`.
+explanation with the mapping's R². `--json` prints NDJSON: one object per line as it arrives (for explain,
+one per finished site, with the keys of `patchscope explain --json`, its `site` index and the
+`reproduction` record). Connection options go before or after the subcommand.
+
+Exit codes: 0 success; 2 a usage error (bad flags, an unreadable file, a value the client rejects);
+3 the server rejected the request (invalid argument, not found, quota or limit, authentication, an API
+version this client cannot speak); 4 the server could not be reached in time (unavailable, deadline);
+5 the server failed (internal error); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,10 +27,19 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from patchscope_client import tensors
+from patchscope_client import __version__, tensors
 from patchscope_client.client import PatchscopeClient
-from patchscope_client.errors import PatchscopeError
+from patchscope_client.errors import (
+    CallError,
+    DeadlineExceeded,
+    IncompatibleServer,
+    PatchscopeError,
+    ServerError,
+    Unavailable,
+)
 from patchscope_client.types import Finished, ResultTable, Token, collect
+
+EXIT_USAGE, EXIT_REJECTED, EXIT_UNREACHABLE, EXIT_SERVER, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
 
 
 def int_list(spec: str) -> list[int]:
@@ -45,7 +61,27 @@ def _client(args: argparse.Namespace) -> PatchscopeClient:
         tls = Path(args.tls_ca).read_bytes()
     elif args.tls:
         tls = True
-    return PatchscopeClient(args.address, token=args.token, tls=tls, timeout=args.timeout)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together (mTLS)")
+    cert = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
+    return PatchscopeClient(args.address, token=args.token, tls=tls, client_cert=cert, timeout=args.timeout)
+
+
+def ndjson(record: object) -> None:
+    print(json.dumps(record, ensure_ascii=False), flush=True)
+
+
+def stream_json(events) -> ResultTable:
+    """Print each finished site as one NDJSON line as it arrives; return the collected table."""
+    seen, started = [], {}
+    for event in events:
+        seen.append(event)
+        if isinstance(event, Finished):
+            row = collect([started[event.site.index], event] if event.site.index in started else [event])
+            ndjson({**row.rows[0].to_json(), "site": event.site.index, "reproduction": event.reproduction})
+        elif not isinstance(event, Token):
+            started[event.site.index] = event
+    return collect(seen)
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -140,12 +176,10 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
             positions=int_list(args.positions),
             **_options(args),
         )
-        table = follow(events, console, quiet=args.json or not console.is_terminal)
+        table = stream_json(events) if args.json else follow(events, console, quiet=not console.is_terminal)
     title = f"{args.source} → {args.target}: {args.prompt!r} ({args.preset})"
     write_pictures(table, args, title)
-    if args.json:
-        print(json.dumps(table.to_json(), indent=2, ensure_ascii=False))
-    else:
+    if not args.json:
         print_table(table, console)
     return 0
 
@@ -154,7 +188,8 @@ def cmd_models(args: argparse.Namespace, console: Console) -> int:
     with _client(args) as client:
         models = client.models()
     if args.json:
-        print(json.dumps([m.__dict__ for m in models], indent=2))
+        for m in models:
+            ndjson(m.__dict__)
         return 0
     table = Table()
     for column in ("id", "role", "layers", "hidden", "vocab", "parameters", "dtype", "ready"):
@@ -179,7 +214,8 @@ def cmd_mappings(args: argparse.Namespace, console: Console) -> int:
     with _client(args) as client:
         mappings = client.mappings(args.source or "", args.target or "")
     if args.json:
-        print(json.dumps([m.__dict__ for m in mappings], indent=2))
+        for m in mappings:
+            ndjson(m.__dict__)
         return 0
     table = Table()
     for column in ("id", "pair", "method", "R²", "R² per dim", "cosine", "pairs"):
@@ -237,11 +273,9 @@ def cmd_explain_activations(args: argparse.Namespace, console: Console) -> int:
             fingerprint=meta.get("fingerprint", ""),
             **_options(args),
         )
-        table = follow(events, console, quiet=args.json or not console.is_terminal)
+        table = stream_json(events) if args.json else follow(events, console, quiet=not console.is_terminal)
     write_pictures(table, args, f"{args.file} via {args.source} → {args.target}")
-    if args.json:
-        print(json.dumps(table.to_json(), indent=2, ensure_ascii=False))
-    else:
+    if not args.json:
         print_table(table, console)
     return 0
 
@@ -252,63 +286,113 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None, help="custom target prompt; {} marks the placeholder")
     p.add_argument("--target-layers", default=None, help="one layer, or one per source layer")
     p.add_argument("--mapping", default="auto", help="'auto' or a mapping id")
-    p.add_argument("--max-new-tokens", type=int, default=10)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print one JSON object per site")
+    p.add_argument("--max-new-tokens", type=int, default=10, help="tokens generated per site (default 10)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible with temperature > 0)")
+    p.add_argument("--top-k", type=int, default=5, help="(token, probability) pairs kept for logit-lens")
+    _json_flag(p, "one JSON object per finished site, as it arrives (NDJSON), with its reproduction record")
     p.add_argument("--html", default=None, help="write the sweep as a self-contained HTML grid")
     p.add_argument("--png", default=None, help="write the sweep as a PNG grid (needs [png])")
+
+
+def _json_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what}")
+
+
+def _connection_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """On the main parser with defaults, on each subcommand with defaults suppressed: either place works."""
+
+    def d(value):
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument(
+        "--address",
+        default=d(os.environ.get("PATCHSCOPE_ADDRESS", "127.0.0.1:9000")),
+        help="host:port of the service (or $PATCHSCOPE_ADDRESS; default 127.0.0.1:9000)",
+    )
+    p.add_argument(
+        "--token", default=d(os.environ.get("PATCHSCOPE_TOKEN")), help="bearer token (or $PATCHSCOPE_TOKEN)"
+    )
+    p.add_argument(
+        "--tls", action="store_true", default=d(False), help="TLS with the system's root certificates"
+    )
+    p.add_argument("--tls-ca", default=d(None), help="TLS with this PEM root certificate")
+    p.add_argument(
+        "--tls-cert", default=d(None), help="PEM client certificate chain for mTLS (with --tls-key)"
+    )
+    p.add_argument("--tls-key", default=d(None), help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--timeout", type=float, default=d(300.0), help="deadline of each call, retries included (s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="patchscope-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--address", default=os.environ.get("PATCHSCOPE_ADDRESS", "127.0.0.1:9000"))
-    parser.add_argument(
-        "--token", default=os.environ.get("PATCHSCOPE_TOKEN"), help="bearer token (or $PATCHSCOPE_TOKEN)"
-    )
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
-    parser.add_argument("--tls-ca", default=None, help="TLS with this PEM root certificate")
-    parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each call in seconds")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"patchscope-client {__version__}")
+    _connection_flags(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do (each takes --help)")
+    _add = sub.add_parser
+
+    def add_parser(*args, **kwargs):
+        command = _add(*args, **kwargs)
+        _connection_flags(command, defaults=False)
+        return command
+
+    sub.add_parser = add_parser
 
     ex = sub.add_parser("explain", help="explain a prompt's states at layers × positions")
-    ex.add_argument("prompt")
-    ex.add_argument("--source", required=True)
-    ex.add_argument("--layers", required=True, help="0-12, 1,3,5")
+    ex.add_argument("prompt", help="the source prompt")
+    ex.add_argument("--source", required=True, help="source model id")
+    ex.add_argument("--layers", required=True, help="source layers: 0-12, 1,3,5")
     ex.add_argument("--positions", default="-1", help="source positions, BOS counted (default -1)")
     _generation_flags(ex)
     ex.set_defaults(func=cmd_explain)
 
     models = sub.add_parser("models", help="hosted models")
-    models.add_argument("--json", action="store_true")
+    _json_flag(models, "one JSON object per model (NDJSON)")
     models.set_defaults(func=cmd_models)
 
     maps = sub.add_parser("mappings", help="registered mappings with held-out metrics")
-    maps.add_argument("--source", default=None)
-    maps.add_argument("--target", default=None)
-    maps.add_argument("--json", action="store_true")
+    maps.add_argument("--source", default=None, help="only mappings from this source model")
+    maps.add_argument("--target", default=None, help="only mappings into this target model")
+    _json_flag(maps, "one JSON object per mapping (NDJSON)")
     maps.set_defaults(func=cmd_mappings)
 
     ext = sub.add_parser("extract", help="save a prompt's states as one safetensors file")
-    ext.add_argument("prompt")
-    ext.add_argument("--model", required=True)
-    ext.add_argument("--layers", required=True)
-    ext.add_argument("--positions", default="-1")
-    ext.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ext.add_argument("--out", required=True)
+    ext.add_argument("prompt", help="the prompt to run")
+    ext.add_argument("--model", required=True, help="hosted source model id")
+    ext.add_argument("--layers", required=True, help="layers: 0-12, 1,3,5")
+    ext.add_argument("--positions", default="-1", help="positions, BOS counted (default -1)")
+    ext.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="wire dtype of the states",
+    )
+    ext.add_argument("--out", required=True, help="safetensors file to write")
     ext.set_defaults(func=cmd_extract)
 
     act = sub.add_parser("explain-activations", help="explain states from a safetensors file (see extract)")
-    act.add_argument("file")
+    act.add_argument("file", help="safetensors file written by extract (or with the same metadata)")
     act.add_argument("--source", required=True, help="hosted model with the states' architecture")
     act.add_argument("--layers", default=None, help="each row's layer (default: the file's metadata)")
     _generation_flags(act)
     act.set_defaults(func=cmd_explain_activations)
     return parser
+
+
+def exit_code(error: BaseException) -> int:
+    """The documented exit code of a failure (module docstring)."""
+    if isinstance(error, Unavailable | DeadlineExceeded):
+        return EXIT_UNREACHABLE
+    if isinstance(error, ServerError):
+        return EXIT_SERVER
+    if isinstance(error, CallError | IncompatibleServer):
+        return EXIT_REJECTED
+    return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,7 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args, console)
     except (PatchscopeError, ValueError, OSError) as error:
         print(f"patchscope-client: error: {error}", file=sys.stderr)
-        return 2
+        return exit_code(error)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

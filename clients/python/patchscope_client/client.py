@@ -1,15 +1,17 @@
 """`PatchscopeClient`: the synchronous client.
 
-Every call has a deadline (`timeout`, per call or the client's default). Idempotent calls (models,
-mappings, extract) retry with exponential backoff on UNAVAILABLE, a stream only before its first message;
-`explain` is never retried, since a repeat would generate again. The first call checks the server's API
+Every call has a deadline (`timeout`, per call or the client's default), one for all its attempts.
+Idempotent calls (models, mappings, extract) are retried on UNAVAILABLE by gRPC itself, from the channel's
+service config (`retry_policy`): exponential backoff with gRPC's jitter, the server's pushback
+(`grpc-retry-pushback-ms`) honoured, a stream only before its first message. `explain` is never retried,
+since a repeat would generate again. The first call checks the server's API
 version once and fails with one sentence when it cannot serve this client. Leaving an `explain` loop
 early cancels the call, and the server stops generating for it within one step.
 """
 
 from __future__ import annotations
 
-import time
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -27,24 +29,68 @@ MAX_MESSAGE = 64 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.enable_retries", 1),
+    # A server that comes back is found within ~a retry's backoff, not after gRPC's 1-120 s reconnect wait.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+SERVICE = "patchscope.v1.Patchscope"
+IDEMPOTENT = ("ListModels", "ListMappings", "ExtractHiddenStates")
 
 
-def credentials(tls: bool | bytes | grpc.ChannelCredentials | None) -> grpc.ChannelCredentials | None:
-    """`True`: the system's roots; bytes: a PEM root certificate; or credentials made by the caller."""
-    if tls is None or tls is False:
+def retry_policy(retries: int, backoff_s: float) -> str:
+    """The service config retrying the idempotent methods on UNAVAILABLE (gRPC caps attempts at 5)."""
+    config = {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE, "method": m} for m in IDEMPOTENT],
+                "retryPolicy": {
+                    "maxAttempts": max(2, min(retries + 1, 5)),
+                    "initialBackoff": f"{backoff_s:.3f}s",
+                    "maxBackoff": f"{max(backoff_s, 5.0):.3f}s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+    return json.dumps(config)
+
+
+def credentials(
+    tls: bool | bytes | grpc.ChannelCredentials | None, client_cert: tuple[bytes, bytes] | None = None
+) -> grpc.ChannelCredentials | None:
+    """`True`: the system's roots; bytes: a PEM root certificate; or credentials made by the caller.
+
+    `client_cert` (PEM certificate chain, PEM private key) presents a client certificate (mTLS).
+    """
+    if (tls is None or tls is False) and client_cert is None:
         return None
     if isinstance(tls, grpc.ChannelCredentials):
         return tls
-    return grpc.ssl_channel_credentials(root_certificates=None if tls is True else tls)
+    chain, key = client_cert or (None, None)
+    roots = None if tls in (None, True) else tls
+    return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
 
-def open_channel(channels, address: str, tls: bool | bytes | grpc.ChannelCredentials | None):
-    """A channel from `grpc` or `grpc.aio` (`channels`), with TLS when asked for and our message limits."""
-    creds = credentials(tls)
+def open_channel(
+    channels,
+    address: str,
+    tls: bool | bytes | grpc.ChannelCredentials | None,
+    *,
+    client_cert: tuple[bytes, bytes] | None = None,
+    retries: int = 4,
+    backoff_s: float = 0.25,
+):
+    """A channel from `grpc` or `grpc.aio` (`channels`): TLS when asked for, our limits, the retry policy."""
+    options = [*CHANNEL_OPTIONS, ("grpc.service_config", retry_policy(retries, backoff_s))]
+    if retries <= 0:
+        options = [*CHANNEL_OPTIONS[:-4], ("grpc.enable_retries", 0)]
+    creds = credentials(tls, client_cert)
     if creds:
-        return channels.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-    return channels.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return channels.secure_channel(address, creds, options=options)
+    return channels.insecure_channel(address, options=options)
 
 
 def bearer(token: str | None) -> list[tuple[str, str]]:
@@ -68,11 +114,14 @@ class PatchscopeClient:
         *,
         token: str | None = None,
         tls: bool | bytes | grpc.ChannelCredentials | None = None,
+        client_cert: tuple[bytes, bytes] | None = None,
         timeout: float = 120.0,
         retries: int = 4,
         backoff_s: float = 0.25,
     ) -> None:
-        self._channel = open_channel(grpc, address, tls)
+        self._channel = open_channel(
+            grpc, address, tls, client_cert=client_cert, retries=retries, backoff_s=backoff_s
+        )
         self._stub = pb_grpc.PatchscopeStub(self._channel)
         self._metadata = bearer(token)
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
@@ -91,16 +140,11 @@ class PatchscopeClient:
     # ---- plumbing ----------------------------------------------------------------------------------
 
     def _retrying(self, method: str, call: Callable[[], T]) -> T:
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            try:
-                return call()
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise from_rpc_error(method, error) from None
-            time.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
+        """Run `call`; gRPC retries it per the channel's service config, this names the failure."""
+        try:
+            return call()
+        except grpc.RpcError as error:
+            raise from_rpc_error(method, error) from None
 
     def _handshake(self) -> None:
         if self._server_version is None:
