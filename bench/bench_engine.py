@@ -46,12 +46,12 @@ from patchscope.explain import ExplainRequest, Explanation, LocalBackend, Target
 PROMPT = "Barack Obama"
 
 
-def sweep(runtime: TargetRuntime, new: int) -> Explanation:
-    """The engine's same-model sweep of every layer of PROMPT on `runtime`."""
+def sweep(runtime: TargetRuntime, new: int, prompt: str = PROMPT) -> Explanation:
+    """The engine's same-model sweep of every layer of `prompt` on `runtime`, identity preset."""
     model = runtime.model
     request = ExplainRequest(
         source=model.id,
-        prompt=PROMPT,
+        prompt=prompt,
         layers=tuple(range(model.layout.num_layers)),
         target=TargetSpec(model.id, generation=GenerationConfig(max_new_tokens=new)),
     )

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from patchscope.engine import GenerationConfig, StaticDecoder, load_model
+from bench_engine import sweep  # bench/ is the script's own directory
+from patchscope.engine import StaticDecoder, load_model
 from patchscope.engine.options import EngineOptions
 from patchscope.engine.runtime import TargetRuntime
-from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
 
 PROMPTS = [
     "Barack Obama",
@@ -30,17 +30,6 @@ PROMPTS = [
     "The capital of Japan is Tokyo",
     "Shakespeare wrote Hamlet",
 ]
-
-
-def sweep(runtime: TargetRuntime, prompt: str, new_tokens: int) -> list[str]:
-    model = runtime.model
-    request = ExplainRequest(
-        source=model.id,
-        prompt=prompt,
-        layers=tuple(range(model.layout.num_layers)),
-        target=TargetSpec(model.id, generation=GenerationConfig(max_new_tokens=new_tokens)),
-    )
-    return [r.explanation for r in explain(LocalBackend.of(model, runtime), request).results]
 
 
 def main() -> None:
@@ -75,7 +64,8 @@ def main() -> None:
     for prompt in PROMPTS:
         for label, runtime in runtimes.items():
             started = time.perf_counter()
-            results[label].append(sweep(runtime, prompt, args.new_tokens))
+            explanations = [r.explanation for r in sweep(runtime, args.new_tokens, prompt).results]
+            results[label].append(explanations)
             seconds[label] += time.perf_counter() - started
     reference = [e for sweep_ in results["eager fp32"] for e in sweep_]
     print(

@@ -83,7 +83,7 @@ def test_rows_stop_at_the_same_token_as_on_the_eager_path(llama, monkeypatch):
     rows = sweep(llama)
     expected = generate(llama, rows, None)
     stop = expected[0][2]  # a token row 0 generates third: make it a stop token
-    monkeypatch.setattr(generation_module, "_stop_ids", lambda _target: {stop})
+    monkeypatch.setattr(generation_module, "stop_ids", lambda _target: {stop})
     eager = generate(llama, rows, None)
     assert eager[0] == expected[0][:2]  # the stop token ends the row and is not reported
     assert generate(llama, rows, StaticDecoder(llama, None)) == eager

@@ -123,7 +123,8 @@ def _forward(
     return layout.unembed_normed(normed).float()
 
 
-def _stop_ids(target: LoadedModel) -> set[int]:
+def stop_ids(target: LoadedModel) -> set[int]:
+    """The token ids that end a row: the tokenizer's EOS and any the generation config adds."""
     ids = {target.tokenizer.eos_token_id}
     eos = getattr(target.model.generation_config, "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
@@ -201,7 +202,7 @@ def _run_batch(
     if config.temperature > 0.0:
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    stop = torch.tensor(sorted(_stop_ids(target.model)), device=device)
+    stop = torch.tensor(sorted(stop_ids(target.model)), device=device)
     live = list(range(batch))  # rows still decoding, in the KV cache's batch order
     for step in range(config.max_new_tokens):
         next_ids = _next_tokens(logits, config, generator)  # [len(live)]
@@ -252,7 +253,7 @@ def _run_static_batch(
     out = decoder.generate(tokens.ids, patches, len(rows), config.max_new_tokens, on_prefilled).tolist()
     timings.prefill_s += prefilled - started
     timings.decode_s += time.perf_counter() - prefilled
-    stop = _stop_ids(target.model)
+    stop = stop_ids(target.model)
     live = list(range(len(rows)))  # rows not yet finished, as the eager path reports them
     for step in range(config.max_new_tokens):
         token_ids = [out[k][step] for k in live]
