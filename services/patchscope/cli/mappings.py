@@ -91,6 +91,7 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
             vocab_words=args.vocab_words,
             kl_weight=args.kl_weight,
             exclude_words=exclude,
+            seed=args.seed,
         )
     print(f"pairs of states: {report.pairs}; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s")
     print(f"{'mapping':<48}{'R²':>7}{'R²/dim':>8}{'cos':>7}{'MSE':>10}")
@@ -129,6 +130,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=20000,
         help="add up to N short training texts, each ending in a word both tokenizers have as one token "
         "(default 20000: every such word of the default pair; 0 = corpus only); see the README",
+    )
+    fit.add_argument(
+        "--seed", type=int, default=0, help="document split seed (recorded; eval tests only on other documents)"
     )
     fit.add_argument("--exclude-words", default=None, help="file of words the vocabulary texts must not use")
     fit.add_argument(

@@ -1,12 +1,24 @@
 """Experiment 2 (paper §4.2): attribute extraction from the subject's state, against a linear probe.
 
-For each LRE relation, a sample counts only if the model answers it when prompted in plain text
-(`template.format(subject)` → the object appears in the greedy continuation), as in the paper. The source
-prompt is the subject alone; its last token's state at layer ℓ is patched into the relation's template
-at the placeholder (layer ℓ, same model) and the target generates; correct when the object appears.
+The paper's protocol, as far as these models allow:
 
-Baseline: a linear probe on the same states (one-vs-rest ridge classifier over the relation's objects,
-5-fold cross-validated; an object never seen in the training folds counts as wrong).
+- A sample counts only if the model answers it in plain text (the relation's prompt with the subject →
+  the object appears in the greedy continuation), as in the paper.
+- **Source**: the subject in a neutral context (`SOURCE_CONTEXT`), its last token, so the state is never
+  at position 0 (an attention sink; SmolLM2 has no BOS).
+- **Target**: the relation's first LRE template with the placeholder `x`; a template that begins with the
+  placeholder gets the lead `TEMPLATE_LEAD`, for the same reason. Patched at ℓ* from the source's ℓ, for
+  every (ℓ, ℓ*) of a stated grid; greedy, `max_new_tokens` tokens.
+- **Score**: the object appears as whole words (`common.mentions`); objects of one character are not
+  scored, and relations whose objects mostly are (the letter relations) are dropped and listed.
+- **The paper's figure**: for each source layer ℓ, the share of samples for which *some* ℓ* works; then
+  the mean over ℓ. The diagonal ℓ* = ℓ and the any-(ℓ, ℓ*) oracle are reported beside it.
+- **Baselines that can fail**: a multinomial logistic-regression probe per layer (3-fold CV on up to
+  `probe_samples` samples of the relation, read on the evaluated ones), a majority-class guess on the same
+  folds, the no-patch control (the template with `x` and nothing patched), and the text-only baseline
+  (the plain prompt, 1 on the evaluated set by construction: the filter).
+- Per task, a paired sign test of the per-sample Patchscope score against the probe's, with Bonferroni
+  correction over the tasks with at least `MIN_TEST_SAMPLES` samples.
 """
 
 from __future__ import annotations
@@ -23,40 +35,92 @@ from patchscope.engine.models import LoadedModel
 from patchscope.eval.common import (
     Progress,
     Relation,
-    contains,
+    bootstrap_ci,
+    hits_string,
+    layer_grid,
+    logistic_probe,
+    majority_baseline,
+    mentions,
     no_progress,
     patched_texts,
     placeholder_template,
     plain_texts,
+    proportion,
     pyplot,
     save_figure,
+    sign_test,
     subsample,
+    trivial_object,
+    unpatched_texts,
+)
+
+SOURCE_CONTEXT = "Here is {}"
+TEMPLATE_LEAD = "Fact:"
+MIN_TEST_SAMPLES = 10
+# The twelve tasks of the paper's §4.2, as LRE names; those absent from the data are reported as absent.
+PAPER_TASKS = (
+    "company_ceo",
+    "country_currency",
+    "food_from_country",
+    "person_plays_pro_sport",
+    "product_by_company",
+    "star_constellation",
+    "fruit_inside_color",
+    "fruit_outside_color",
+    "object_superclass",
+    "substance_phase",
+    "task_done_by_tool",
+    "word_sentiment",
 )
 
 
-def probe_accuracy(states: torch.Tensor, labels: Sequence[str], folds: int = 5, ridge: float = 1.0) -> float:
-    """Cross-validated accuracy of a one-vs-rest ridge classifier (states [N, d] → label)."""
-    n = len(labels)
-    if n < 2:
-        return 0.0
-    x = torch.nn.functional.normalize(states.double(), dim=-1)
-    correct = 0
-    for fold in range(min(folds, n)):
-        test = [i for i in range(n) if i % folds == fold]
-        train = [i for i in range(n) if i % folds != fold]
-        classes = sorted({labels[i] for i in train})
-        if not classes or not test:
-            continue
-        y = torch.zeros(len(train), len(classes), dtype=torch.float64)
-        for row, i in enumerate(train):
-            y[row, classes.index(labels[i])] = 1.0
-        xt = torch.cat([x[train], torch.ones(len(train), 1, dtype=torch.float64)], dim=1)
-        gram = xt.T @ xt + ridge * torch.eye(xt.shape[1], dtype=torch.float64)
-        weight = torch.linalg.solve(gram, xt.T @ y)
-        xs = torch.cat([x[test], torch.ones(len(test), 1, dtype=torch.float64)], dim=1)
-        predicted = (xs @ weight).argmax(dim=-1).tolist()
-        correct += sum(classes[p] == labels[i] for p, i in zip(predicted, test, strict=True))
-    return correct / n
+def target_template(template: str) -> str:
+    """The LRE template, led by `TEMPLATE_LEAD` when it begins with the placeholder (never position 0)."""
+    return f"{TEMPLATE_LEAD} {template}" if template.startswith("{}") else template
+
+
+def first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def summarise(samples: list[dict], layers: Sequence[int], seed: int) -> dict:
+    """Every aggregate figure of a set of evaluated samples, each with n and an interval."""
+    n = len(samples)
+    if not n:
+        return {"n": 0}
+    l = len(layers)
+
+    def grid(s: dict) -> list[list[bool]]:
+        h = s["hits"]
+        return [[h[a * l + b] == "1" for b in range(l)] for a in range(l)]
+
+    grids = [grid(s) for s in samples]
+    paper = [_mean([any(row) for row in g]) for g in grids]
+    diagonal = [_mean([g[a][a] for a in range(l)]) for g in grids]
+    probe = [_mean([c == "1" for c in s["probe"]]) for s in samples]
+    out = {
+        "n": n,
+        "paper_mean_over_l_of_any_l_star": {"mean": _mean(paper), "ci": bootstrap_ci(paper, seed=seed)},
+        "diagonal_mean_over_l": {"mean": _mean(diagonal), "ci": bootstrap_ci(diagonal, seed=seed)},
+        "probe_mean_over_l": {"mean": _mean(probe), "ci": bootstrap_ci(probe, seed=seed)},
+        "any_pair_oracle": proportion(sum(any(map(any, g)) for g in grids), n),
+        "majority_class": proportion(sum(s["majority"] for s in samples), n),
+        "no_patch_control": proportion(sum(s["control_hit"] for s in samples), n),
+        "by_source_layer": {
+            str(layer): {
+                "any_target_layer": proportion(sum(any(g[a]) for g in grids), n),
+                "same_layer": proportion(sum(g[a][a] for g in grids), n),
+                "probe": proportion(sum(s["probe"][a] == "1" for s in samples), n),
+            }
+            for a, layer in enumerate(layers)
+        },
+        "vs_probe": sign_test(paper, probe),
+    }
+    return out
 
 
 def run(
@@ -64,117 +128,144 @@ def run(
     relations: Sequence[Relation],
     *,
     layers: Sequence[int] | None = None,
-    max_samples: int | None = 30,
+    layer_step: int = 4,
+    max_samples: int | None = 20,
+    probe_samples: int = 60,
     max_new_tokens: int = 8,
     seed: int = 0,
     progress: Progress = no_progress,
 ) -> dict:
-    """Accuracy per relation and layer for the patchscope and the probe; best fixed layer and the oracle."""
+    """The attribute experiment over `relations`; see the module docstring for the protocol."""
     started = time.perf_counter()
-    layers = list(range(model.facts.num_layers)) if layers is None else list(layers)
-    per_relation = []
-    all_hits: list[list[bool]] = []  # per evaluated sample, per layer
-    probe_hits: dict[int, list[float]] = {layer: [] for layer in layers}
+    layers = layer_grid(model.facts.num_layers, layer_step) if layers is None else list(layers)
+    l = len(layers)
+    per_relation, dropped = [], []
     for index, relation in enumerate(relations):
-        samples = subsample(relation.samples, max_samples, seed)
-        prompts = [relation.template.format(s.subject) for s in samples]
-        plain = plain_texts(model, prompts, max_new_tokens)
-        known_plain = [(s, text) for s, text in zip(samples, plain, strict=True) if contains(text, s.object)]
-        known = [s for s, _ in known_plain]
+        progress("relations", index, len(relations))
+        usable = [s for s in relation.samples if not trivial_object(s.object)]
+        if len(usable) < len(relation.samples) / 2:
+            dropped.append(
+                {"relation": relation.name, "reason": "objects of one character (any text matches)"}
+            )
+            continue
+        pool = subsample(usable, max(probe_samples, max_samples or 0) or None, seed)
+        tried = subsample(pool, max_samples, seed)
+        template = target_template(relation.template)
+        plain = plain_texts(model, [template.format(s.subject) for s in tried], max_new_tokens)
+        known = [k for k, (s, t) in enumerate(zip(tried, plain, strict=True)) if mentions(t, s.object)]
         entry: dict = {
             "relation": relation.name,
             "kind": relation.kind,
-            "template": relation.template,
-            "tried": len(samples),
+            "paper_task": relation.name in PAPER_TASKS,
+            "template": template,
+            "tried": len(tried),
             "known": len(known),
+            "text_only": proportion(len(known), len(tried)),
+            "samples": [],
         }
-        progress("relations", index + 1, len(relations))
+        per_relation.append(entry)
         if not known:
-            entry.update(accuracy={}, probe={}, samples=[])
-            per_relation.append(entry)
             continue
-        hidden = [extract(model, s.subject, layers, [-1]).states[:, 0] for s in known]  # each [l, d]
-        states = torch.stack(hidden, dim=1)  # [l, n, d]
-        template, filler = placeholder_template(relation.template)
+        # States of the whole pool (the probe trains on it); the evaluated samples are a part of it.
+        states = torch.stack(
+            [extract(model, SOURCE_CONTEXT.format(s.subject), layers, [-1]).states[:, 0] for s in pool]
+        )  # [P, l, d]
+        where = {id(s): i for i, s in enumerate(pool)}
+        evaluated = [tried[k] for k in known]
+        rows_of = [where[id(s)] for s in evaluated]
+        engine_template, filler = placeholder_template(template)
         rows = [
-            PatchedRow(template, filler, (RowPatch(layer=layer, vector=states[li, si]),))
-            for li, layer in enumerate(layers)
-            for si in range(len(known))
+            PatchedRow(engine_template, filler, (RowPatch(layer=b, vector=states[p, a]),))
+            for p in rows_of
+            for a in range(l)
+            for b in layers
         ]
         texts = patched_texts(model, rows, max_new_tokens, phase=f"patchscope {relation.name}")
-        hits = [
-            [contains(texts[li * len(known) + si], s.object) for li in range(len(layers))]
-            for si, s in enumerate(known)
-        ]
-        all_hits += hits
-        labels = [s.object for s in known]
-        probe = {layer: probe_accuracy(states[li], labels) for li, layer in enumerate(layers)}
-        for layer, value in probe.items():
-            probe_hits[layer].append(value * len(known))
-        entry.update(
-            accuracy={str(layer): sum(h[li] for h in hits) / len(known) for li, layer in enumerate(layers)},
-            probe={str(layer): value for layer, value in probe.items()},
-            any_layer=sum(any(h) for h in hits) / len(known),
-            samples=[
+        (control,) = unpatched_texts(model, engine_template, filler, max_new_tokens)
+        labels = [s.object for s in pool]
+        probe = [logistic_probe(states[:, a], labels, folds=3, seed=seed) for a in range(l)]  # [l][P]
+        majority = majority_baseline(labels, folds=3, seed=seed)
+        per_sample = l * l
+        for j, (k, s) in enumerate(zip(known, evaluated, strict=True)):
+            outputs = texts[j * per_sample : (j + 1) * per_sample]
+            entry["samples"].append(
                 {
                     "subject": s.subject,
                     "object": s.object,
-                    "plain": plain_text,
-                    "patchscope": {
-                        str(layer): texts[li * len(known) + si] for li, layer in enumerate(layers)
-                    },
+                    "plain": plain[k],
+                    "control": control,
+                    "control_hit": mentions(control, s.object),
+                    "hits": hits_string([mentions(t, s.object) for t in outputs]),  # ℓ-major, ℓ* minor
+                    "same_as_unpatched": hits_string([first_line(t) == first_line(control) for t in outputs]),
+                    "probe": hits_string([probe[a][rows_of[j]] for a in range(l)]),
+                    "majority": majority[rows_of[j]],
+                    "outputs": outputs,
                 }
-                for si, (s, plain_text) in enumerate(known_plain)
-            ],
-        )
-        per_relation.append(entry)
-    evaluated = len(all_hits)
-    by_layer = {
-        str(layer): (sum(h[li] for h in all_hits) / evaluated if evaluated else 0.0)
-        for li, layer in enumerate(layers)
-    }
-    probe_by_layer = {
-        str(layer): (sum(probe_hits[layer]) / evaluated if evaluated else 0.0) for layer in layers
-    }
-    best_layer = max(layers, key=lambda layer: by_layer[str(layer)]) if evaluated else None
-    best_probe = max(layers, key=lambda layer: probe_by_layer[str(layer)]) if evaluated else None
+            )
+        entry["probe_pool"] = len(pool)
+        entry["summary"] = summarise(entry["samples"], layers, seed)
+    progress("relations", len(relations), len(relations))
+
+    testable = [r for r in per_relation if r["known"] >= MIN_TEST_SAMPLES]
+    for r in per_relation:
+        if r in testable:
+            r["summary"]["vs_probe"]["p_bonferroni"] = min(1.0, r["summary"]["vs_probe"]["p"] * len(testable))
+    everything = [s for r in per_relation for s in r["samples"]]
+    same = [c == "1" for s in everything for c in s["same_as_unpatched"]]
     return {
         "experiment": "attributes",
         "model": model.id,
         "layers": layers,
+        "layer_step": layer_step,
+        "source_context": SOURCE_CONTEXT,
+        "template_lead": TEMPLATE_LEAD,
         "max_samples_per_relation": max_samples,
+        "probe_samples_per_relation": probe_samples,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "tried": sum(r["tried"] for r in per_relation),
-        "evaluated": evaluated,
-        "accuracy_by_layer": by_layer,
-        "probe_by_layer": probe_by_layer,
-        "best_layer": best_layer,
-        "best_layer_accuracy": by_layer[str(best_layer)] if best_layer is not None else 0.0,
-        "best_probe_layer": best_probe,
-        "best_probe_accuracy": probe_by_layer[str(best_probe)] if best_probe is not None else 0.0,
-        "any_layer_oracle": (sum(any(h) for h in all_hits) / evaluated) if evaluated else 0.0,
+        "evaluated": len(everything),
+        "dropped_relations": dropped,
+        "paper_tasks_absent": sorted(set(PAPER_TASKS) - {r.name for r in relations}),
+        "bonferroni_tasks": len(testable),
+        "all": summarise(everything, layers, seed),
+        "paper_tasks": summarise(
+            [s for r in per_relation if r["paper_task"] for s in r["samples"]], layers, seed
+        ),
+        "other_tasks": summarise(
+            [s for r in per_relation if not r["paper_task"] for s in r["samples"]], layers, seed
+        ),
+        "same_as_unpatched": proportion(sum(same), len(same)),
         "seconds": round(time.perf_counter() - started, 1),
         "relations": per_relation,
     }
 
 
 def plot(result: dict, path: Path) -> Path:
-    """Accuracy per layer over all evaluated samples: patchscope, probe, and the any-layer oracle."""
+    """Per source layer: some ℓ* works (the paper's curve), ℓ* = ℓ, the probe; controls as lines."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
     layers = result["layers"]
-    ax.plot(layers, [result["accuracy_by_layer"][str(k)] for k in layers], "^-", ms=3, label="Patchscope")
-    ax.plot(
-        layers, [result["probe_by_layer"][str(k)] for k in layers], "s-", ms=3, label="linear probe (5-fold)"
-    )
-    ax.axhline(result["any_layer_oracle"], ls="--", color="grey", label="any layer (oracle)")
-    ax.set_xlabel(f"layer ({result['model']})")
+    summary = result["all"]
+    if summary["n"]:
+        by = summary["by_source_layer"]
+        for key, marker, label in (
+            ("any_target_layer", "^-", "Patchscope, some ℓ* (paper)"),
+            ("same_layer", "v-", "Patchscope, ℓ* = ℓ"),
+            ("probe", "s-", "logistic probe (3-fold)"),
+        ):
+            p = [by[str(k)][key]["p"] for k in layers]
+            low = [p[i] - by[str(k)][key]["ci"][0] for i, k in enumerate(layers)]
+            high = [by[str(k)][key]["ci"][1] - p[i] for i, k in enumerate(layers)]
+            ax.errorbar(layers, p, yerr=[low, high], fmt=marker, ms=3, capsize=2, label=label)
+        ax.axhline(summary["majority_class"]["p"], ls=":", color="black", label="majority class")
+        ax.axhline(summary["no_patch_control"]["p"], ls="--", color="grey", label="no-patch control")
+    ax.set_xlabel(f"source layer ℓ ({result['model']})")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"attribute extraction: {result['evaluated']} samples the model knows", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.set_title(f"attribute extraction: {result['evaluated']} samples the model knows (95% CI)", fontsize=10)
     save_figure(fig, path)
     plt.close(fig)
     return path

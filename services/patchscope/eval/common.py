@@ -6,6 +6,8 @@ import codecs
 import json
 import math
 import random
+import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +124,8 @@ class Relation:
     kind: str
     template: str
     samples: tuple[Sample, ...]
+    range_name: str = ""  # what the objects are ("country"), from the file's properties
+    domain_name: str = ""  # what the subjects are
 
 
 def _unescape(text: str) -> str:
@@ -131,19 +135,37 @@ def _unescape(text: str) -> str:
     return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
 
 
-def read_relations(root: Path, names: Sequence[str] | None = None) -> list[Relation]:
-    """The LRE relations under `root` (`<kind>/<name>.json`), sorted by kind and name."""
+def read_relations(root: Path | Sequence[Path], names: Sequence[str] | None = None) -> list[Relation]:
+    """The LRE relations under `root` (`<kind>/<name>.json`; several folders: all of them), sorted."""
+    roots = [root] if isinstance(root, Path) else list(root)
+    for folder in roots:
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"LRE folder {folder} does not exist: pass --lre DIR (<kind>/<name>.json)"
+            )
     relations = []
-    for path in sorted(root.glob("*/*.json")):
+    for path in sorted(p for folder in roots for p in folder.glob("*/*.json")):
         if names and path.stem not in names:
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
         samples = tuple(Sample(_unescape(s["subject"]), _unescape(s["object"])) for s in data["samples"])
-        relations.append(Relation(path.stem, path.parent.name, data["prompt_templates"][0], samples))
+        props = data.get("properties", {})
+        relations.append(
+            Relation(
+                path.stem,
+                path.parent.name,
+                data["prompt_templates"][0],
+                samples,
+                props.get("range_name", ""),
+                props.get("domain_name", ""),
+            )
+        )
     if names:
         missing = sorted(set(names) - {r.name for r in relations})
         if missing:
-            raise FileNotFoundError(f"no LRE relation named {', '.join(missing)} under {root}")
+            raise FileNotFoundError(
+                f"no LRE relation named {', '.join(missing)} under {', '.join(map(str, roots))}"
+            )
     return relations
 
 
@@ -191,3 +213,181 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# ---- scoring rules, baselines and statistics shared by the experiments ----------------------------------
+
+
+def mentions(text: str, answer: str) -> bool:
+    """The object appears in `text` as whole words (case-insensitive): "a" does not match "What".
+
+    The paper's rule is a plain substring test; on short objects that passes on almost any text, so the
+    experiments use this word-boundary version and exclude one-character objects altogether.
+    """
+    answer = answer.strip()
+    if not answer:
+        return False
+    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def trivial_object(answer: str) -> bool:
+    """Objects a text matches by accident (single letters, digits): such samples are not scored."""
+    return len(answer.strip()) <= 1
+
+
+def proportion(k: int, n: int) -> dict:
+    """A share with its n and 95% Wilson interval, as every figure on the results page carries them."""
+    low, high = wilson(k, n)
+    return {"k": int(k), "n": int(n), "p": (k / n) if n else 0.0, "ci": [round(low, 4), round(high, 4)]}
+
+
+def bootstrap_ci(values: Sequence[float], *, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (resampling items)."""
+    if not values:
+        return (0.0, 0.0)
+    x = torch.tensor(list(values), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(len(x), (draws, len(x)), generator=generator)  # [draws, n]
+    means = x[index].mean(dim=1)
+    return (float(means.quantile(0.025)), float(means.quantile(0.975)))
+
+
+def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Exact two-sided sign test of paired per-item scores (ties dropped): is `a` different from `b`?"""
+    wins = sum(x > y for x, y in zip(a, b, strict=True))
+    losses = sum(x < y for x, y in zip(a, b, strict=True))
+    n = wins + losses
+    if n == 0:
+        return {"wins": 0, "losses": 0, "p": 1.0}
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return {"wins": wins, "losses": losses, "p": min(1.0, 2 * tail)}
+
+
+def cv_folds(n: int, folds: int, seed: int) -> list[list[int]]:
+    """A seeded partition of range(n) into `folds` test folds (fewer when n is smaller)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = max(1, min(folds, n))
+    return [sorted(order[f::k]) for f in range(k)]
+
+
+def majority_baseline(labels: Sequence[str], *, folds: int = 3, seed: int = 0) -> list[bool]:
+    """Per item: does the training folds' most common label equal this item's (the same folds as the probe)?"""
+    out = [False] * len(labels)
+    for test in cv_folds(len(labels), folds, seed):
+        train = [labels[i] for i in range(len(labels)) if i not in set(test)]
+        if not train:
+            continue
+        guess = Counter(train).most_common(1)[0][0]
+        for i in test:
+            out[i] = labels[i] == guess
+    return out
+
+
+def logistic_probe(
+    states: torch.Tensor,
+    labels: Sequence[str],
+    *,
+    folds: int = 3,
+    seed: int = 0,
+    l2: float = 1e-2,
+    steps: int = 200,
+) -> list[bool]:
+    """Per item: is a multinomial logistic regression's held-out prediction right? (states [N, d])
+
+    Standardised features, L2-regularised, fitted by L-BFGS on the other folds; an object absent from the
+    training folds cannot be predicted and counts as wrong (the majority baseline has the same handicap).
+    """
+    n = len(labels)
+    out = [False] * n
+    x_all = states.double()
+    for test in cv_folds(n, folds, seed):
+        held = set(test)
+        train = [i for i in range(n) if i not in held]
+        classes = sorted({labels[i] for i in train})
+        if not train or not test:
+            continue
+        if len(classes) == 1:
+            for i in test:
+                out[i] = labels[i] == classes[0]
+            continue
+        x = x_all[train]
+        mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False) + 1e-6
+        x = (x - mean) / std  # [n_train, d]
+        y = torch.tensor([classes.index(labels[i]) for i in train])
+        weight = torch.zeros(x.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * (weight**2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimiser.step(closure)
+        with torch.no_grad():
+            predicted = (((x_all[test] - mean) / std) @ weight + bias).argmax(dim=-1).tolist()
+        for i, p in zip(test, predicted, strict=True):
+            out[i] = classes[p] == labels[i]
+    return out
+
+
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokenisation: lower case, runs of [a-z0-9], no stemming."""
+    return _ROUGE_TOKEN.findall(text.lower())
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of tokens), as rouge-score's `rougeL` computes it."""
+    c, r = rouge_tokens(candidate), rouge_tokens(reference)
+    if not c or not r:
+        return 0.0
+    previous = [0] * (len(r) + 1)
+    for token in c:
+        current = [0]
+        for j, other in enumerate(r):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(c), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def unpatched_texts(
+    model: LoadedModel, template: str, filler: str, max_new_tokens: int, count: int = 1
+) -> list[str]:
+    """The no-patch control: the template with its filler and nothing patched, `count` copies.
+
+    Greedy decoding makes every copy the same; callers compare each explanation with it.
+    """
+    (text,) = patched_texts(
+        model, [PatchedRow(template, filler, ())], max_new_tokens, phase="no-patch control"
+    )
+    return [text] * count
+
+
+def equal_share(answers: Sequence[str], control: Sequence[str]) -> dict:
+    """How many answers equal their no-patch control (compared case-insensitively, stripped)."""
+    same = sum(a.strip().lower() == c.strip().lower() for a, c in zip(answers, control, strict=True))
+    return proportion(same, len(answers))
+
+
+def layer_grid(num_layers: int, step: int) -> list[int]:
+    """Every `step`-th layer from 0, and always the last one."""
+    layers = list(range(0, num_layers, max(1, step)))
+    if layers[-1] != num_layers - 1:
+        layers.append(num_layers - 1)
+    return layers
+
+
+def hits_string(hits: Sequence[bool]) -> str:
+    """Per-item outcomes stored compactly in the JSON ("0110…"), so figures and tests can be recomputed."""
+    return "".join("1" if h else "0" for h in hits)

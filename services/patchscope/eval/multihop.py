@@ -1,23 +1,30 @@
 """Experiment 4 (paper §5): two-hop questions, and the CoT Patchscope that answers them in two passes.
 
-A two-hop query composes two LRE relations whose first object is the second's subject (the Eiffel Tower
-→ France → Paris). The compositions are listed in `COMPOSITIONS` with a hand-written one-sentence prompt
-for each; the samples are every pair the data joins (case-insensitive match of the first object with a
-subject of the second relation). Only queries whose two hops the model answers on their own are kept, as
-in the paper. Three ways to answer:
+Compositions are read from the data: any two LRE relations where the first's range is the second's domain
+(their LRE properties) and objects of the first are subjects of the second (case-insensitive) compose, for
+every sample the data joins (the Eiffel Tower → France → Paris).
+The query τ is split as in the paper into π1, a phrase that names the bridge (`the {range} of {subject}`,
+the range name from the first relation's LRE properties: "the country of the Eiffel Tower"), and π2, the
+second relation's template with π1 in its placeholder ("The capital city of [π1] is"). Only queries whose
+two hops the model answers on their own are kept, as in the paper. Methods, all greedy, `max_new_tokens`:
 
-- **vanilla**: the one-sentence composed prompt, greedy;
-- **chain of thought (prompted)**: hop 1 prompted, its generated answer (first line, up to a period)
-  placed into hop 2's prompt — the step-by-step chain, made explicit for a model this small;
-- **CoT Patchscope**: hop 1's prompt is the source; the state of its last token at layer ℓ is patched
-  into hop 2's template at the placeholder at ℓ*; correct when the second object appears.
+- **vanilla**: τ itself;
+- **"Let's think step by step"**: the paper's baseline, literally (`COT_PROMPT`), reported even if a
+  model this small cannot use it;
+- **two-step chain**: hop 1 prompted, its answer placed into hop 2's prompt (an upper reference: the
+  filter already checked both prompts);
+- **CoT Patchscope**: S = π1 and T = π2 with the placeholder `x`; the state of π1's last token at ℓ is
+  patched at the placeholder (π1's place in π2) at ℓ*, for every (ℓ, ℓ*) of a stated grid;
+- **controls**: T with `x` and nothing patched, and a constant answer per composition (its most common
+  answer), either of which a Patchscope figure must beat to show anything.
 
-The Patchscope is reported at the best fixed (ℓ, ℓ*) pair and as an oracle over all pairs tried.
+Every pair's generation is stored per query, so the best pair and the oracle can be audited.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,43 +37,43 @@ from patchscope.engine.models import LoadedModel
 from patchscope.eval.common import (
     Progress,
     Relation,
-    contains,
+    hits_string,
+    layer_grid,
+    mentions,
     no_progress,
     patched_texts,
     placeholder_template,
     plain_texts,
+    proportion,
     pyplot,
     save_figure,
     subsample,
+    trivial_object,
+    unpatched_texts,
 )
+
+COT_PROMPT = "Let's think step by step. {}"
+MIN_QUERIES = 1  # a composition with fewer joined samples is not listed
 
 
 @dataclass(frozen=True)
 class Composition:
-    """Two relations chained through the first one's object, and the one-prompt question for them."""
+    """Two relations chained through the first one's object."""
 
-    first: str  # relation of hop 1 (subject -> bridge)
-    second: str  # relation of hop 2 (bridge -> answer)
-    prompt: str  # the composed question as one prompt, `{}` = the subject
+    first: Relation  # hop 1 (subject -> bridge)
+    second: Relation  # hop 2 (bridge -> answer)
+    range_name: str  # what hop 1's object is ("country"), from the LRE properties
 
+    @property
+    def name(self) -> str:
+        return f"{self.first.name} -> {self.second.name}"
 
-COMPOSITIONS = (
-    Composition(
-        "landmark_in_country", "country_capital_city", "The capital city of the country where {} is, is"
-    ),
-    Composition("landmark_in_country", "country_language", "People in the country where {} is speak"),
-    Composition(
-        "landmark_in_country", "country_largest_city", "The largest city in the country where {} is, is"
-    ),
-    Composition("product_by_company", "company_ceo", "The CEO of the company that created {} is"),
-    Composition(
-        "product_by_company", "company_hq", "The company that created {} is headquartered in the city of"
-    ),
-    Composition(
-        "company_hq", "landmark_on_continent", "The city where {} is headquartered is on the continent of"
-    ),
-    Composition("person_father", "person_mother", "{}'s father's mother is named"),
-)
+    def pi1(self, subject: str) -> str:
+        return f"the {self.range_name} of {subject}"
+
+    def query(self, subject: str) -> str:
+        text = self.second.template.format(self.pi1(subject))
+        return text[0].upper() + text[1:]
 
 
 @dataclass(frozen=True)
@@ -79,19 +86,32 @@ class TwoHop:
     answer: str
 
 
+def bridge_noun(relation: Relation) -> str:
+    """The noun of π1: the range name ("country"), or for a relation within one kind (person → person) the
+    relation's own last word ("father"), which says more than "the person of"."""
+    if relation.range_name and relation.range_name != relation.domain_name:
+        return relation.range_name
+    return relation.name.rsplit("_", 1)[-1]
+
+
 def join(relations: Sequence[Relation]) -> dict[Composition, list[TwoHop]]:
-    """Every two-hop query the data supports, per composition."""
-    by_name = {r.name: r for r in relations}
+    """Every two-hop query the data supports, per composition (pairs of distinct relations)."""
     out: dict[Composition, list[TwoHop]] = {}
-    for comp in COMPOSITIONS:
-        if comp.first not in by_name or comp.second not in by_name:
-            continue
-        second = {s.subject.lower(): s for s in by_name[comp.second].samples}
-        out[comp] = [
-            TwoHop(comp, s.subject, s.object, second[s.object.lower()].object)
-            for s in by_name[comp.first].samples
-            if s.object.lower() in second
-        ]
+    for first in relations:
+        for second in relations:
+            if first.name == second.name or (
+                first.range_name and second.domain_name and first.range_name != second.domain_name
+            ):
+                continue  # the bridge must be of the kind hop 2 takes (LRE range = domain), else "Turkey bird"
+            by_subject = {s.subject.lower(): s for s in second.samples}
+            queries = [
+                (s.subject, s.object, by_subject[s.object.lower()].object)
+                for s in first.samples
+                if s.object.lower() in by_subject and not trivial_object(by_subject[s.object.lower()].object)
+            ]
+            if len(queries) >= MIN_QUERIES:
+                comp = Composition(first, second, bridge_noun(first))
+                out[comp] = [TwoHop(comp, *q) for q in queries]
     return out
 
 
@@ -109,129 +129,145 @@ def literal(template: str) -> str:
     return engine_template.replace("{}", filler, 1)
 
 
+def _share(texts: Sequence[str], queries: Sequence[TwoHop]) -> dict:
+    return proportion(sum(mentions(t, q.answer) for t, q in zip(texts, queries, strict=True)), len(queries))
+
+
 def run(
     model: LoadedModel,
     relations: Sequence[Relation],
     *,
-    layer_step: int = 3,
+    layer_step: int = 4,
     max_samples: int | None = 40,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = 20,
     seed: int = 0,
     progress: Progress = no_progress,
 ) -> dict:
-    """Vanilla vs prompted chain of thought vs CoT Patchscope on the queries the model can do hop by hop."""
+    """Vanilla vs step-by-step vs chain vs CoT Patchscope on the queries the model can do hop by hop."""
     started = time.perf_counter()
-    by_name = {r.name: r for r in relations}
-    layers = list(range(0, model.facts.num_layers, layer_step))
+    layers = layer_grid(model.facts.num_layers, layer_step)
     grid = [(a, b) for a in layers for b in layers]
     joined = join(relations)
-    found = {f"{c.first} -> {c.second}": len(v) for c, v in joined.items()}
+    found = {c.name: len(v) for c, v in joined.items()}
     queries = [q for comp in joined for q in subsample(joined[comp], max_samples, seed)]
     tried = len(queries)
-
-    hop1 = plain_texts(
-        model, [by_name[q.composition.first].template.format(q.subject) for q in queries], max_new_tokens
-    )
-    progress("hops", 1, 4)
-    hop2 = plain_texts(
-        model, [by_name[q.composition.second].template.format(q.bridge) for q in queries], max_new_tokens
-    )
-    progress("hops", 2, 4)
-    kept = [k for k, q in enumerate(queries) if contains(hop1[k], q.bridge) and contains(hop2[k], q.answer)]
-    queries = [queries[k] for k in kept]
-    hop1 = [hop1[k] for k in kept]
-    vanilla = plain_texts(model, [q.composition.prompt.format(q.subject) for q in queries], max_new_tokens)
-    progress("hops", 3, 4)
-    chained = plain_texts(
-        model,
-        [
-            by_name[q.composition.second].template.format(first_answer(h))
-            for q, h in zip(queries, hop1, strict=False)
-        ],
-        max_new_tokens,
-    )
-    progress("hops", 4, 4)
-
-    rows, owners = [], []
-    for k, q in enumerate(queries):
-        first_prompt = by_name[q.composition.first].template.format(q.subject)
-        states = extract(model, first_prompt, layers, [-1]).states[:, 0]  # [l, d]
-        template, filler = placeholder_template(by_name[q.composition.second].template)
-        for a, b in grid:
-            rows.append(PatchedRow(template, filler, (RowPatch(layer=b, vector=states[layers.index(a)]),)))
-            owners.append((k, a, b))
-    texts = patched_texts(model, rows, max_new_tokens, progress=progress, phase="CoT Patchscope")
-    # The control: hop 2's template with its literal placeholder, nothing patched. A patch that leaves
-    # the model reading "x" scores this; only accuracy above it comes from the state.
-    unpatched = plain_texts(
-        model,
-        [literal(by_name[q.composition.second].template) for q in queries],
-        max_new_tokens,
-    )
-    hits = torch.zeros(len(queries), len(grid), dtype=torch.bool)
-    for (k, a, b), text in zip(owners, texts, strict=True):
-        hits[k, grid.index((a, b))] = contains(text, queries[k].answer)
-
-    n = len(queries)
-    pair_accuracy = hits.float().mean(dim=0) if n else torch.zeros(len(grid))
-    best = int(pair_accuracy.argmax()) if n else 0
-    return {
+    result: dict = {
         "experiment": "multi-hop",
         "model": model.id,
         "found": found,
         "tried": tried,
-        "evaluated": n,
         "layers": layers,
+        "layer_step": layer_step,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
-        "vanilla": sum(contains(t, q.answer) for t, q in zip(vanilla, queries, strict=False)) / n
-        if n
-        else 0.0,
-        "chain_of_thought": sum(contains(t, q.answer) for t, q in zip(chained, queries, strict=False)) / n
-        if n
-        else 0.0,
-        "unpatched_template": sum(contains(t, q.answer) for t, q in zip(unpatched, queries, strict=True)) / n
-        if n
-        else 0.0,
-        "patchscope_best_pair": list(grid[best]),
-        "patchscope_best_pair_accuracy": float(pair_accuracy[best]) if n else 0.0,
-        "patchscope_oracle": float(hits.any(dim=1).float().mean()) if n else 0.0,
-        "pair_accuracy": {
-            f"{a}:{b}": float(v) for (a, b), v in zip(grid, pair_accuracy.tolist(), strict=False)
-        },
-        "seconds": round(time.perf_counter() - started, 1),
-        "queries": [
+        "cot_prompt": COT_PROMPT,
+    }
+    if queries:
+        hop1 = plain_texts(
+            model, [q.composition.first.template.format(q.subject) for q in queries], max_new_tokens
+        )
+        hop2 = plain_texts(
+            model, [q.composition.second.template.format(q.bridge) for q in queries], max_new_tokens
+        )
+        kept = [
+            k for k, q in enumerate(queries) if mentions(hop1[k], q.bridge) and mentions(hop2[k], q.answer)
+        ]
+        queries, hop1 = [queries[k] for k in kept], [hop1[k] for k in kept]
+    n = len(queries)
+    result["evaluated"] = n
+    result["evaluated_by_composition"] = dict(Counter(q.composition.name for q in queries))
+    if not n:
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        result["queries"] = []
+        return result
+    progress("hops", 1, 4)
+    vanilla = plain_texts(model, [q.composition.query(q.subject) for q in queries], max_new_tokens)
+    step_by_step = plain_texts(
+        model, [COT_PROMPT.format(q.composition.query(q.subject)) for q in queries], max_new_tokens
+    )
+    progress("hops", 2, 4)
+    chained = plain_texts(
+        model,
+        [q.composition.second.template.format(first_answer(h)) for q, h in zip(queries, hop1, strict=True)],
+        max_new_tokens,
+    )
+    progress("hops", 3, 4)
+    controls = {}
+    for comp in {q.composition for q in queries}:
+        template, filler = placeholder_template(comp.second.template)
+        (controls[comp.name],) = unpatched_texts(model, template, filler, max_new_tokens)
+    progress("hops", 4, 4)
+
+    rows = []
+    for q in queries:
+        states = extract(model, q.composition.pi1(q.subject), layers, [-1]).states[:, 0]  # [l, d]
+        template, filler = placeholder_template(q.composition.second.template)
+        for a, b in grid:
+            rows.append(PatchedRow(template, filler, (RowPatch(layer=b, vector=states[layers.index(a)]),)))
+    texts = patched_texts(model, rows, max_new_tokens, progress=progress, phase="CoT Patchscope")
+    hits = torch.zeros(n, len(grid), dtype=torch.bool)
+    for r, text in enumerate(texts):
+        k, g = divmod(r, len(grid))
+        hits[k, g] = mentions(text, queries[k].answer)
+    pair_accuracy = hits.float().mean(dim=0)
+    best = int(pair_accuracy.argmax())
+    modal = {
+        name: Counter(q.answer.lower() for q in queries if q.composition.name == name).most_common(1)[0][0]
+        for name in result["evaluated_by_composition"]
+    }
+    result.update(
+        vanilla=_share(vanilla, queries),
+        step_by_step=_share(step_by_step, queries),
+        chain=_share(chained, queries),
+        no_patch_control=_share([controls[q.composition.name] for q in queries], queries),
+        constant_answer=proportion(sum(q.answer.lower() == modal[q.composition.name] for q in queries), n),
+        patchscope_best_pair=list(grid[best]),
+        patchscope_best_pair_accuracy=proportion(int(hits[:, best].sum()), n),
+        patchscope_oracle=proportion(int(hits.any(dim=1).sum()), n),
+        pair_accuracy={f"{a}:{b}": float(v) for (a, b), v in zip(grid, pair_accuracy.tolist(), strict=True)},
+        best_pair_distinct_outputs=len({texts[k * len(grid) + best].strip() for k in range(n)}),
+        controls=controls,
+        seconds=round(time.perf_counter() - started, 1),
+        queries=[
             {
-                "composition": f"{q.composition.first} -> {q.composition.second}",
+                "composition": q.composition.name,
                 "subject": q.subject,
                 "bridge": q.bridge,
                 "answer": q.answer,
-                "vanilla": v,
-                "chain_of_thought": c,
-                "patchscope_best_pair": texts[k * len(grid) + best],
+                "pi1": q.composition.pi1(q.subject),
+                "query": q.composition.query(q.subject),
+                "vanilla": vanilla[k],
+                "step_by_step": step_by_step[k],
+                "chain": chained[k],
+                "hits": hits_string(hits[k].tolist()),
+                "patchscope": texts[k * len(grid) : (k + 1) * len(grid)],  # in `grid` order
             }
-            for k, (q, v, c) in enumerate(zip(queries, vanilla, chained, strict=False))
+            for k, q in enumerate(queries)
         ],
-    }
+    )
+    return result
 
 
 def plot(result: dict, path: Path) -> Path:
     """Accuracy of the CoT Patchscope per (ℓ, ℓ*) as a heat map, with the baselines in the title."""
     plt = pyplot()
     layers = result["layers"]
-    grid = [[result["pair_accuracy"][f"{a}:{b}"] for b in layers] for a in layers]
-    fig, ax = plt.subplots(figsize=(5.6, 4.6))
-    image = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=max(0.05, max(map(max, grid))))
-    ax.set_xticks(range(len(layers)), layers)
-    ax.set_yticks(range(len(layers)), layers)
-    ax.set_xlabel("target layer ℓ* (hop 2 template)")
-    ax.set_ylabel("source layer ℓ (hop 1 prompt)")
-    fig.colorbar(image, ax=ax, label="accuracy")
-    ax.set_title(
-        f"CoT Patchscope, {result['evaluated']} queries; vanilla {result['vanilla']:.2f}, "
-        f"CoT {result['chain_of_thought']:.2f}",
-        fontsize=9,
-    )
+    fig, ax = plt.subplots(figsize=(5.8, 4.8))
+    if result["evaluated"]:
+        grid = [[result["pair_accuracy"][f"{a}:{b}"] for b in layers] for a in layers]
+        image = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=max(0.05, max(map(max, grid))))
+        fig.colorbar(image, ax=ax, label="accuracy")
+        title = (
+            f"CoT Patchscope, {result['evaluated']} queries; vanilla {result['vanilla']['p']:.2f}, "
+            f"no-patch {result['no_patch_control']['p']:.2f}"
+        )
+    else:
+        title = "CoT Patchscope: no query evaluated"
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("target layer ℓ* (T = π2)")
+    ax.set_ylabel("source layer ℓ (S = π1)")
+    ax.set_title(title, fontsize=9)
     save_figure(fig, path)
     plt.close(fig)
     return path

@@ -14,6 +14,7 @@ import torch
 from patchscope.engine.errors import IncompatibleModels, InvalidArgument
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.validation import check_layers
+from patchscope.mapping import behavioural as bh
 from patchscope.mapping.artefact import MappingInfo, mapping_id
 from patchscope.mapping.collect import PairedStates, collect_pairs, shared_words
 from patchscope.mapping.corpus import (
@@ -35,7 +36,8 @@ from patchscope.mapping.fit import (
 from patchscope.mapping.metrics import evaluate
 from patchscope.mapping.registry import MappingRegistry
 
-METHODS = ("affine", "learned", "identity", "tuned-lens")
+METHODS = ("affine", "learned", "identity", "tuned-lens", "behavioural", "behavioural-mlp")
+BEHAVIOURAL = ("behavioural", "behavioural-mlp")
 SPLIT_SHARES = {"train": 0.75, "validation": 0.08, "test": 0.17}
 
 
@@ -55,6 +57,9 @@ class Progress:
     def start(self, phase: str, total: int) -> None: ...
 
     def advance(self, phase: str, done: int) -> None: ...
+
+    def note(self, phase: str, text: str) -> None:
+        """A line about a phase (e.g. the validation KL of a behavioural fit)."""
 
 
 def depth_proportional(layer: int, source_layers: int, target_layers: int) -> int:
@@ -97,11 +102,17 @@ def fit_mappings(
     vocab_words: int = 0,
     exclude_words: set[str] | None = None,
     kl_weight: float = 0.0,
+    behavioural_options: bh.BehaviouralOptions | None = None,
+    behaviour_eval: bool | None = None,
+    relations: list | None = None,
 ) -> FitReport:
     """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`.
 
     `kl_weight` > 0 (learned only) adds the KL term on the target's head over the shared single-token
-    words (`head_lens`).
+    words (`head_lens`). The behavioural methods start from the affine fit and train on the target's
+    behaviour (`behavioural.py`) over `relations` (default: the packaged LRE relations) and shared words.
+    `behaviour_eval` (default: on for the behavioural methods only) measures and records the held-out
+    behaviour metrics that `auto` prefers to R²; it costs a few hundred patched generations per map.
     """
     progress = progress or Progress()
     if method not in METHODS:
@@ -114,6 +125,16 @@ def fit_mappings(
         raise InvalidArgument("pairs", "must name at least one layer pair")
     if kl_weight < 0 or (kl_weight > 0 and method != "learned"):
         raise InvalidArgument("kl_weight", "a non-negative weight, for method learned only", value=kl_weight)
+    behavioural = method in BEHAVIOURAL
+    options = behavioural_options or bh.BehaviouralOptions(hidden=256 if method == "behavioural-mlp" else 0)
+    if behavioural and (options.hidden > 0) != (method == "behavioural-mlp"):
+        raise InvalidArgument(
+            "hidden", "behavioural-mlp needs a hidden width > 0, behavioural none", value=options.hidden
+        )
+    if behaviour_eval is None:
+        behaviour_eval = behavioural
+    if behaviour_eval and method in ("identity", "tuned-lens"):
+        behaviour_eval = False  # same-model maps: the reference is the state itself
 
     split = split_documents(read_documents(corpus), seed=seed)
     budget = {
@@ -151,8 +172,17 @@ def fit_mappings(
         by_source.setdefault(a, []).append(b)
     done = 0
     corpus_fp = file_fingerprint(corpus)
+    data = metric_set = None
+    if behavioural or behaviour_eval:
+        relations = relations if relations is not None else bh.default_relations()
+        data = bh.build_data(source, target, relations, seed=seed, exclude_words=exclude_words)
+    if behaviour_eval:
+        assert data is not None
+        progress.note("fit", "behaviour metrics: finding the held-out samples the target knows")
+        metric_set = bh.metric_set(target, data)
+    forwards_by_layer: dict[int, dict[str, bh.TemplateForward]] = {}
     for a, targets in by_source.items():
-        basis = RidgeBasis.of(train.source[a]) if method in ("affine", "learned", "tuned-lens") else None
+        basis = RidgeBasis.of(train.source[a]) if method != "identity" else None
         for b in targets:
             if method == "identity":
                 fitted = identity_map(source.facts.hidden_size)
@@ -170,16 +200,94 @@ def fit_mappings(
                         kl=kl,
                         **(learned_options or {}),
                     )
+                if behavioural:
+                    assert data is not None
+                    if b not in forwards_by_layer:
+                        forwards_by_layer[b] = {
+                            name: bh.TemplateForward(target, t, b) for name, t in data.templates.items()
+                        }
+                    fitted = _fit_behavioural(
+                        source, target, a, b, fitted, data, forwards_by_layer[b], options, seed, progress
+                    )
                 fitted.method = method
             if vocab_words > 0:
                 fitted.hyperparameters["vocab_words"] = vocab_words
-            info = _info(source, target, a, b, fitted, train, val, test, corpus, corpus_fp)
+            # Which documents were fitted on: eval refuses to test a map on them (eval/next_token.py).
+            fitted.hyperparameters["split_seed"] = seed
+            if exclude_words:
+                fitted.hyperparameters["excluded_words"] = len(exclude_words)
+            behaviour = bh.BehaviourMetrics()
+            if behaviour_eval:
+                assert data is not None and metric_set is not None
+                phase = f"behaviour {a}:{b}"
+                progress.note(phase, "measuring identity and attribute explanations on held-out data")
+                tensors = fitted.tensors()
+                behaviour = bh.behaviour_metrics(
+                    source, target, a, b, lambda x, t=tensors: apply(t, x), data, metric_set
+                )
+                progress.note(phase, describe(behaviour))
+            info = _info(source, target, a, b, fitted, train, val, test, corpus, corpus_fp, behaviour)
             registry.save(info, fitted.tensors())
             report.infos.append(info)
             done += 1
             progress.advance("fit", done)
     report.solve_s = time.perf_counter() - started
     return report
+
+
+def _fit_behavioural(
+    source: LoadedModel,
+    target: LoadedModel,
+    a: int,
+    b: int,
+    start: FittedMap,
+    data: bh.BehaviourData,
+    forwards: dict[str, bh.TemplateForward],
+    options: bh.BehaviouralOptions,
+    seed: int,
+    progress: Progress,
+) -> FittedMap:
+    phase = f"behavioural {a}:{b}"
+    progress.note(phase, "reference behaviour of the target with its own states")
+    prepared = {
+        part: bh.prepare(
+            source, target, data.rows[part], forwards, a, b, positions=options.positions, top_k=options.top_k
+        )
+        for part in ("train", "validation")
+    }
+    progress.start(phase, options.max_steps)
+
+    def on_step(step: int, total: int, kl: float | None) -> None:
+        progress.advance(phase, step)
+        if kl is not None:
+            progress.note(phase, f"step {step}/{total}: validation KL {kl:.4f}")
+
+    fitted = bh.fit_behavioural(
+        start,
+        target,
+        forwards,
+        prepared["train"],
+        prepared["validation"],
+        options,
+        seed=seed,
+        on_step=on_step,
+    )
+    h = fitted.hyperparameters
+    progress.note(
+        phase,
+        f"validation KL {h['val_kl_start']} -> {h['val_kl']} (best step {h['best_step']}, "
+        f"norm gain {h['norm_gain']}), {fitted.seconds:.0f}s",
+    )
+    return fitted
+
+
+def describe(m: bh.BehaviourMetrics) -> str:
+    """One line of behaviour metrics, as the CLI and the logs print them."""
+    return (
+        f"identity {m.identity_rate:.1%} (n={m.identity_n}), attribute {m.attribute_accuracy:.1%} "
+        f"vs same-model {m.attribute_reference:.1%} (n={m.attribute_n}), "
+        f"equal to unpatched {m.unpatched_share:.1%}"
+    )
 
 
 def head_lens(target: LoadedModel, words: list[str], weight: float) -> KLTerm:
@@ -213,7 +321,9 @@ def _info(
     test: PairedStates,
     corpus: Path,
     corpus_fp: str,
+    behaviour: bh.BehaviourMetrics | None = None,
 ) -> MappingInfo:
+    behaviour = behaviour or bh.BehaviourMetrics()
     with torch.no_grad():
         mapped = apply(fitted.tensors(), test.source[a])
         metrics = evaluate(mapped, test.target[b])
@@ -247,4 +357,10 @@ def _info(
         mapped_norm_mean=float(mapped.norm(dim=-1).mean()),
         fit_seconds=fitted.seconds,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        identity_rate=behaviour.identity_rate,
+        identity_n=behaviour.identity_n,
+        attribute_accuracy=behaviour.attribute_accuracy,
+        attribute_reference=behaviour.attribute_reference,
+        attribute_n=behaviour.attribute_n,
+        unpatched_share=behaviour.unpatched_share,
     )

@@ -1,0 +1,252 @@
+"""Experiment 5 (paper §4.3): entity description, scored by ROUGE-L against a reference description.
+
+Entities and references are built offline from the data the project ships:
+
+- **corpus** entities: WikiText article titles (titles with `<unk>` dropped, a trailing parenthetical
+  such as "(Slayer song)" removed) whose first kept sentence says what the title is ("X is/was …"); the
+  reference is that sentence's predicate;
+- **LRE** entities: subjects of the relations, the reference written from the relation's data: the
+  domain name, the template's words and the object ("landmark is in the country of France").
+
+Source: the entity in the neutral context `attributes.SOURCE_CONTEXT`, its last token's state at ℓ.
+Target: the paper's few-shot description prompt (`presets["description"]`), patched at ℓ* = ℓ (same
+model) or through the registry's map of each (ℓ, ℓ*) pair (cross-model), greedy, `max_new_tokens`.
+The description is the continuation up to its first comma or line end (the prompt's own separator).
+
+Beside the Patchscope: the no-patch control (the prompt with `x`, nothing patched), the text-only
+baseline (the entity's name written in the prompt, nothing patched) and the share of descriptions equal
+to the control. Popular vs rare, by a stated proxy: an entity is *popular* when the source tokenizer
+spells its name in at most `POPULAR_TOKENS` tokens (byte-pair merges follow pretraining frequency).
+ROUGE-L is the F-measure of `common.rouge_l`, with a bootstrap interval over entities.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from patchscope.engine.generation import PatchedRow, RowPatch
+from patchscope.engine.hooks import extract
+from patchscope.engine.models import LoadedModel
+from patchscope.engine.presets import get_preset
+from patchscope.eval.attributes import SOURCE_CONTEXT
+from patchscope.eval.common import (
+    Progress,
+    Relation,
+    bootstrap_ci,
+    layer_grid,
+    no_progress,
+    patched_texts,
+    proportion,
+    pyplot,
+    rouge_l,
+    save_figure,
+    subsample,
+    unpatched_texts,
+)
+from patchscope.mapping.corpus import detokenise, read_documents
+
+POPULAR_TOKENS = 2
+_COPULA = re.compile(r"\b(?:is|was|are|were)\b\s+(.*)$")
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One entity: its name, a reference description, and where both came from."""
+
+    name: str
+    reference: str
+    origin: str  # "corpus" or an LRE relation name
+
+
+def corpus_entities(corpus: Path) -> list[Entity]:
+    """Article titles with the predicate of their first sentence that says what the title is."""
+    out = []
+    for document in read_documents(corpus):
+        if "<unk>" in document.title:
+            continue
+        name = re.sub(r"\s*\([^)]*\)\s*$", "", detokenise(document.title)).strip()
+        head = name.split()[0].lower() if name.split() else ""
+        for paragraph in document.paragraphs[:1]:
+            sentence = re.split(r"(?<=[.!?])\s+", paragraph)[0]
+            match = _COPULA.search(sentence)
+            if head and head in sentence.lower()[: len(sentence) // 2 + len(head)] and match:
+                out.append(Entity(name, match.group(1).rstrip("."), "corpus"))
+    return out
+
+
+def lre_entities(relations: Sequence[Relation], per_relation: int, seed: int) -> list[Entity]:
+    """Subjects of each relation, described by the relation's own data (domain, template, object)."""
+    out = []
+    for relation in relations:
+        domain = relation.domain_name or "entity"
+        for sample in subsample(relation.samples, per_relation, seed):
+            reference = f"{relation.template.format(domain).strip()} {sample.object}"
+            out.append(Entity(sample.subject, reference, relation.name))
+    return out
+
+
+def description_of(text: str) -> str:
+    """The description a continuation gives: after a leading colon, up to the first comma or line end."""
+    text = text.split("\n", 1)[0].lstrip(" :")
+    return text.split(",", 1)[0].strip()
+
+
+def _score(descriptions: Sequence[str], entities: Sequence[Entity], seed: int) -> dict:
+    scores = [rouge_l(d, e.reference) for d, e in zip(descriptions, entities, strict=True)]
+    mean = sum(scores) / len(scores) if scores else 0.0
+    return {
+        "rouge_l": mean,
+        "ci": list(bootstrap_ci(scores, seed=seed)),
+        "n": len(scores),
+        "per_item": scores,
+    }
+
+
+def run(
+    source: LoadedModel,
+    target: LoadedModel,
+    entities: Sequence[Entity],
+    *,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    layer_step: int = 3,
+    mapping=None,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    progress: Progress = no_progress,
+) -> dict:
+    """ROUGE-L of the description Patchscope per layer pair, beside the text-only and no-patch baselines.
+
+    Same model: `pairs` default to ℓ* = ℓ on every `layer_step`-th layer. Cross-model: `mapping` (a
+    `MappingSet`) must cover `pairs`.
+    """
+    started = time.perf_counter()
+    same = source.fingerprint == target.fingerprint
+    if pairs is None:
+        if not same:
+            raise ValueError("a cross-model description run needs its layer pairs and their mappings")
+        pairs = [(a, a) for a in layer_grid(source.facts.num_layers, layer_step)]
+    source_layers = sorted({a for a, _ in pairs})
+    preset = get_preset("description")
+    popular = [
+        len(source.tokenizer(" " + e.name, add_special_tokens=False).input_ids) <= POPULAR_TOKENS
+        for e in entities
+    ]
+
+    rows = []
+    for k, entity in enumerate(entities):
+        states = extract(source, SOURCE_CONTEXT.format(entity.name), source_layers, [-1]).states[
+            :, 0
+        ]  # [l, d]
+        for a, b in pairs:
+            vector = states[source_layers.index(a)]
+            if mapping is not None:
+                vector = mapping(vector[None], a, b)[0]
+            rows.append(PatchedRow(preset.template, preset.filler, (RowPatch(layer=b, vector=vector),)))
+        progress("source states", k + 1, len(entities))
+    texts = patched_texts(target, rows, max_new_tokens, progress=progress, phase="description Patchscope")
+    (control,) = unpatched_texts(target, preset.template, preset.filler, max_new_tokens)
+    text_only = patched_texts(
+        target,
+        [PatchedRow(preset.template, " " + e.name, ()) for e in entities],
+        max_new_tokens,
+        phase="text only",
+    )
+    control_description = description_of(control)
+
+    def split(values: list[str], keep) -> tuple[list[str], list[Entity]]:
+        chosen = [k for k in range(len(entities)) if keep(k)]
+        return [values[k] for k in chosen], [entities[k] for k in chosen]
+
+    groups = {
+        "all": lambda k: True,
+        "popular": lambda k: popular[k],
+        "rare": lambda k: not popular[k],
+        "corpus": lambda k: entities[k].origin == "corpus",
+        "lre": lambda k: entities[k].origin != "corpus",
+    }
+    pairs_out = []
+    for p, (a, b) in enumerate(pairs):
+        descriptions = [description_of(texts[k * len(pairs) + p]) for k in range(len(entities))]
+        same_share = sum(d.lower() == control_description.lower() for d in descriptions)
+        pairs_out.append(
+            {
+                "source_layer": a,
+                "target_layer": b,
+                **{name: _score(*split(descriptions, keep), seed) for name, keep in groups.items()},
+                "same_as_unpatched": proportion(same_share, len(entities)),
+                "descriptions": descriptions,
+            }
+        )
+    text_descriptions = [description_of(t) for t in text_only]
+    baselines = {
+        "text_only": {name: _score(*split(text_descriptions, keep), seed) for name, keep in groups.items()},
+        "no_patch_control": {
+            name: _score(*split([control_description] * len(entities), keep), seed)
+            for name, keep in groups.items()
+        },
+    }
+    best = max(pairs_out, key=lambda e: e["all"]["rouge_l"]) if pairs_out else None
+    return {
+        "experiment": "description",
+        "source": source.id,
+        "target": target.id,
+        "same_model": same,
+        "source_context": SOURCE_CONTEXT,
+        "template": preset.template,
+        "max_new_tokens": max_new_tokens,
+        "popular_tokens": POPULAR_TOKENS,
+        "seed": seed,
+        "entities": [
+            {"name": e.name, "reference": e.reference, "origin": e.origin, "popular": popular[k]}
+            for k, e in enumerate(entities)
+        ],
+        "counts": {name: sum(1 for k in range(len(entities)) if keep(k)) for name, keep in groups.items()},
+        "control": control,
+        "text_only_descriptions": text_descriptions,
+        **baselines,
+        "pairs": pairs_out,
+        "best_pair": None if best is None else [best["source_layer"], best["target_layer"]],
+        "mean_over_pairs": sum(e["all"]["rouge_l"] for e in pairs_out) / len(pairs_out) if pairs_out else 0.0,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def plot(result: dict, path: Path) -> Path:
+    """ROUGE-L per layer pair (all, popular, rare), with the text-only and no-patch baselines as lines."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
+    labels = [
+        f"{p['source_layer']}→{p['target_layer']}" if not result["same_model"] else str(p["source_layer"])
+        for p in result["pairs"]
+    ]
+    x = list(range(len(labels)))
+    for group, marker in (("all", "^-"), ("popular", "o--"), ("rare", "s--")):
+        values = [p[group]["rouge_l"] for p in result["pairs"]]
+        low = [v - p[group]["ci"][0] for v, p in zip(values, result["pairs"], strict=True)]
+        high = [p[group]["ci"][1] - v for v, p in zip(values, result["pairs"], strict=True)]
+        ax.errorbar(
+            x,
+            values,
+            yerr=[low, high],
+            fmt=marker,
+            ms=3,
+            capsize=2,
+            label=f"Patchscope, {group} (n={result['counts'][group]})",
+        )
+    ax.axhline(
+        result["text_only"]["all"]["rouge_l"], color="black", ls=":", label="text-only (name in prompt)"
+    )
+    ax.axhline(result["no_patch_control"]["all"]["rouge_l"], color="grey", ls="--", label="no-patch control")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_xlabel("layer" if result["same_model"] else "ℓ → ℓ*")
+    ax.set_ylabel("ROUGE-L")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"entity description: {result['source']} → {result['target']}", fontsize=10)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
