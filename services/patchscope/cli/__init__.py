@@ -14,12 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from patchscope.cli import batch, explain, mappings, models, serve
     from patchscope.cli import eval as eval_group
-    from patchscope.cli import explain, mappings, models, serve
 
     parser = argparse.ArgumentParser(prog="patchscope", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (serve, models, explain, mappings, eval_group):
+    for group in (serve, models, explain, mappings, eval_group, batch):
         group.add_parsers(sub)
     return parser
 
