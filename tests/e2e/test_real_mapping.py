@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 from tests.conftest import data_dir
 
-from patchscope.engine import ExplainRequest, explain
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
-from patchscope.mapping.resolve import resolve_mappings
+from patchscope.mapping.resolve import registry_resolver
 
 pytestmark = pytest.mark.realmodel
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,10 +21,11 @@ def test_small_affine_map_on_the_default_pair_explains_obama(smollm2, gemma3, tm
     report = fit_mappings(smollm2, gemma3, [(2, 1)], "affine", corpus, registry, max_words=3000)
     (info,) = report.infos
     assert info.pairs_train > 1000 and info.r2 > 0.5, info
-    mapping = resolve_mappings(registry, smollm2, gemma3, [(2, 1)])
-    (result,) = explain(
-        smollm2, gemma3, ExplainRequest(prompt="Barack Obama", layers=[2], target_layers=[1]), mapping
-    ).results
+    request = ExplainRequest(
+        source=smollm2.id, prompt="Barack Obama", layers=(2,), target=TargetSpec(model=gemma3.id, layers=(1,))
+    )
+    backend = LocalBackend.of(smollm2, TargetRuntime.build(gemma3))
+    (result,) = explain(backend, request, registry_resolver(registry)).results
     assert result.answer.lower() == "obama", result.explanation
     assert result.mapping_id == "smollm2-135m.gemma3-270m.2-1.affine" and result.mapping_r2 == info.r2
 

@@ -8,12 +8,13 @@ from tests.conftest import data_dir
 from tests.integration.conftest import service_config
 from tests.integration.test_service import collect
 
-from patchscope.engine import ExplainRequest, GenerationConfig, explain
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.explain import LocalBackend, explain
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
-from patchscope.mapping.resolve import resolve_mappings
+from patchscope.mapping.resolve import registry_resolver
 from patchscope.serve.local import free_port, start
-from patchscope.wire import pb, pb_grpc
+from patchscope.wire import explain_from_proto, pb, pb_grpc
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.ray]
 
@@ -50,18 +51,8 @@ def test_explain_on_the_default_pair_equals_the_in_process_engine(stub, smollm2,
         target=pb.TargetSpec(model="gemma3-270m", generation=pb.GenerationOptions(max_new_tokens=8)),
     )
     finished = collect(stub.Explain(request, timeout=300))
-    mapping = resolve_mappings(registry, smollm2, gemma3, [(2, 1), (6, 4)])
-    expected = explain(
-        smollm2,
-        gemma3,
-        ExplainRequest(
-            prompt="Barack Obama",
-            layers=[2, 6],
-            target_layers=[1, 4],
-            generation=GenerationConfig(max_new_tokens=8),
-        ),
-        mapping,
-    ).results
+    backend = LocalBackend.of(smollm2, TargetRuntime.build(gemma3))
+    expected = explain(backend, explain_from_proto(request), registry_resolver(registry)).results
     assert [finished[i].finished.explanation for i in range(2)] == [r.explanation for r in expected]
     assert finished[0].finished.answer.lower() == "obama", finished[0].finished.explanation
     repro = finished[0].finished.reproduction

@@ -53,18 +53,17 @@ def collect(events) -> dict[int, pb.ExplainEvent]:
     return finished
 
 
-def engine_results(tiny_models, source, target, request: pb.ExplainRequest, mapping=None):
-    from patchscope.engine import ExplainRequest, GenerationConfig, explain
+def engine_results(tiny_models, source, target, request: pb.ExplainRequest, registry=None):
+    """The same request through the in-process pipeline (the service's must equal it)."""
+    from patchscope.engine.runtime import TargetRuntime
+    from patchscope.explain import LocalBackend, explain
+    from patchscope.explain.plan import no_mappings
+    from patchscope.mapping.resolve import registry_resolver
+    from patchscope.wire import explain_from_proto
 
-    req = ExplainRequest(
-        prompt=request.prompt,
-        layers=list(request.layers),
-        positions=list(request.positions),
-        target_layers=list(request.target.layers) or None,
-        preset=request.target.preset or "identity",
-        generation=GenerationConfig(max_new_tokens=request.target.generation.max_new_tokens),
-    )
-    return explain(tiny_models[source], tiny_models[target], req, mapping).results
+    backend = LocalBackend.of(tiny_models[source], TargetRuntime.build(tiny_models[target]))
+    resolve = no_mappings if registry is None else registry_resolver(registry)
+    return explain(backend, explain_from_proto(request), resolve).results
 
 
 # ---- unary -------------------------------------------------------------------------------------------
@@ -139,8 +138,6 @@ def test_explain_same_model_streams_the_engines_explanations(stub, tiny_models):
 
 
 def test_explain_cross_model_goes_through_the_registered_mapping(stub, tiny_models, mapping_registry):
-    from patchscope.mapping.resolve import resolve_mappings
-
     request = explain_request(target="tiny-qwen2")
     events = list(stub.Explain(request, timeout=120))
     started = [e for e in events if e.WhichOneof("event") == "started"]
@@ -149,10 +146,7 @@ def test_explain_cross_model_goes_through_the_registered_mapping(stub, tiny_mode
     }
     assert all(e.started.HasField("mapping_r2") and e.started.mapped_norm > 0 for e in started)
     assert all(e.started.target_layer_norm > 0 for e in started)
-    mapping = resolve_mappings(
-        mapping_registry, tiny_models["llama"], tiny_models["qwen2"], [(1, 1), (2, 2), (3, 3)]
-    )
-    expected = engine_results(tiny_models, "llama", "qwen2", request, mapping)
+    expected = engine_results(tiny_models, "llama", "qwen2", request, mapping_registry)
     finished = collect(events)
     assert [finished[i].finished.explanation for i in range(6)] == [r.explanation for r in expected]
     assert [finished[i].finished.reproduction.mapping_id for i in range(6)] == [

@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.conftest import data_dir, train_tokenizer
 
-from patchscope.engine import ExplainRequest, InvalidArgument, explain
+from patchscope.engine import InvalidArgument
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
 from patchscope.mapping import artefact as artefact_module
 from patchscope.mapping.align import encode, pair_positions, word_end_offsets
 from patchscope.mapping.artefact import MappingCorrupt, MappingIncompatible, load_mapping, read_info
@@ -17,7 +19,7 @@ from patchscope.mapping.corpus import read_documents, split_documents
 from patchscope.mapping.fit import KLTerm, RidgeBasis, apply, fit_affine, fit_learned
 from patchscope.mapping.pipeline import depth_proportional, fit_mappings
 from patchscope.mapping.registry import MappingNotFound, MappingRegistry
-from patchscope.mapping.resolve import resolve_mappings
+from patchscope.mapping.resolve import registry_resolver, resolve_mappings
 
 WIKITEXT = data_dir() / "wikitext-2" / "valid.txt"
 
@@ -232,9 +234,11 @@ def test_ids_cannot_name_paths(tmp_path):
 def test_explain_through_resolved_mappings_reports_id_and_r2(fitted_registry, tiny_models):
     registry, report = fitted_registry
     source, target = tiny_models["llama"], tiny_models["qwen2"]
-    mapping = resolve_mappings(registry, source, target, [(1, 2), (3, 2)])
-    request = ExplainRequest(prompt="The lobster", layers=[1, 3], target_layers=[2])
-    results = explain(source, target, request, mapping).results
+    request = ExplainRequest(
+        source=source.id, prompt="The lobster", layers=(1, 3), target=TargetSpec(model=target.id, layers=(2,))
+    )
+    backend = LocalBackend.of(source, TargetRuntime.build(target))
+    results = explain(backend, request, registry_resolver(registry)).results
     by_id = {i.id: i.r2 for i in report.infos}
     assert [r.mapping_id for r in results] == [
         "tiny-llama.tiny-qwen2.1-2.affine",

@@ -7,8 +7,23 @@ import torch
 
 from patchscope.cli import main
 from patchscope.cli.args import parse_int_list
-from patchscope.engine import ExplainRequest, IncompatibleModels, explain, extract
+from patchscope.engine import IncompatibleModels, extract
 from patchscope.engine.presets import PRESETS, first_line_answer, identity_answer
+from patchscope.engine.runtime import TargetRuntime
+from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
+
+
+def sweep(source, target, prompt: str, source_layers, **spec):
+    """One same- or cross-model request through the in-process pipeline."""
+    positions = tuple(spec.pop("positions", (-1,)))
+    request = ExplainRequest(
+        source=source.id,
+        prompt=prompt,
+        layers=tuple(source_layers),
+        positions=positions,
+        target=TargetSpec(model=target.id, **spec),
+    )
+    return explain(LocalBackend.of(source, TargetRuntime.build(target)), request)
 
 
 @pytest.mark.parametrize(
@@ -36,8 +51,7 @@ def test_every_preset_template_has_exactly_one_placeholder():
 
 
 def test_sweep_sites_are_layer_major_and_name_their_source_token(llama):
-    request = ExplainRequest(prompt="The lobster is red", layers=[0, 2], positions=[1, -1])
-    result = explain(llama, llama, request)
+    result = sweep(llama, llama, "The lobster is red", [0, 2], positions=[1, -1])
     sites = [(r.site.source_layer, r.site.target_layer, r.site.position) for r in result.results]
     last = len(extract(llama, "The lobster is red", [0]).token_ids) - 1
     assert sites == [(0, 0, 1), (0, 0, last), (2, 2, 1), (2, 2, last)]
@@ -48,16 +62,16 @@ def test_sweep_sites_are_layer_major_and_name_their_source_token(llama):
 
 
 def test_target_layers_one_for_all_or_one_per_source_layer(llama):
-    one = explain(llama, llama, ExplainRequest(prompt="a b c", layers=[0, 1, 2], target_layers=[3]))
+    one = sweep(llama, llama, "a b c", [0, 1, 2], layers=(3,))
     assert [r.site.target_layer for r in one.results] == [3, 3, 3]
-    each = explain(llama, llama, ExplainRequest(prompt="a b c", layers=[0, 1], target_layers=[2, -1]))
+    each = sweep(llama, llama, "a b c", [0, 1], layers=(2, -1))
     assert [r.site.target_layer for r in each.results] == [2, 3]
 
 
 @torch.inference_mode()
 def test_logit_lens_equals_final_norm_and_unembedding_of_the_state(tiny):
     prompt = "The lobster is a species"
-    result = explain(tiny, tiny, ExplainRequest(prompt=prompt, layers=[1], preset="logit-lens", top_k=3))
+    result = sweep(tiny, tiny, prompt, [1], preset="logit-lens", top_k=3)
     (site,) = result.results
     state = extract(tiny, prompt, [1]).states[0, 0]
     logits = tiny.model.get_submodule(tiny.layout.paths.unembed)(tiny.layout.final_norm(state))
@@ -70,7 +84,7 @@ def test_logit_lens_equals_final_norm_and_unembedding_of_the_state(tiny):
 
 def test_cross_model_without_mapping_is_refused(tiny_models):
     with pytest.raises(IncompatibleModels, match="needs a mapping"):
-        explain(tiny_models["llama"], tiny_models["qwen2"], ExplainRequest(prompt="a b", layers=[0]))
+        sweep(tiny_models["llama"], tiny_models["qwen2"], "a b", [0])
 
 
 @pytest.mark.parametrize(

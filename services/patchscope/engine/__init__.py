@@ -8,7 +8,6 @@ from patchscope.engine.errors import (
     PatchscopeError,
     UnsupportedArchitecture,
 )
-from patchscope.engine.explain import ExplainRequest, Explanation, Site, SiteResult, explain, plan_sites
 from patchscope.engine.generation import (
     GeneratedRow,
     GenerationConfig,
@@ -28,8 +27,6 @@ from patchscope.engine.static_decode import StaticDecoder
 __all__ = [
     "PRESETS",
     "EngineOptions",
-    "ExplainRequest",
-    "Explanation",
     "GeneratedRow",
     "GenerationConfig",
     "HiddenStates",
@@ -44,12 +41,9 @@ __all__ = [
     "PatchscopeError",
     "Preset",
     "RowPatch",
-    "Site",
-    "SiteResult",
     "StaticDecoder",
     "TargetRuntime",
     "UnsupportedArchitecture",
-    "explain",
     "extract",
     "get_preset",
     "iter_patched_generate",
@@ -57,5 +51,4 @@ __all__ = [
     "load_model",
     "patched_generate",
     "patching",
-    "plan_sites",
 ]

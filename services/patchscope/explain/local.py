@@ -22,7 +22,7 @@ from patchscope.engine.template import tokenize_prompt
 from patchscope.engine.timings import Timings
 from patchscope.explain.events import Explanation
 from patchscope.explain.limits import Limits
-from patchscope.explain.plan import MappingResolver, ModelInfo
+from patchscope.explain.plan import MappingResolver, ModelInfo, no_mappings
 from patchscope.explain.request import ActivationsRequest, ExplainRequest
 from patchscope.explain.run import Pipeline, collect
 
@@ -42,6 +42,11 @@ class LocalBackend:
     def __init__(self, sources: Iterable[LoadedModel], targets: Iterable[TargetRuntime]) -> None:
         self.sources = {m.id: m for m in sources}
         self.targets = {t.model.id: t for t in targets}
+
+    @classmethod
+    def of(cls, source: LoadedModel, target: TargetRuntime) -> LocalBackend:
+        """One source and one target (the same model may be both)."""
+        return cls([source], [target])
 
     def _source(self, model_id: str) -> LoadedModel:
         if model_id not in self.sources:
@@ -86,10 +91,14 @@ class LocalBackend:
 def explain(
     backend: LocalBackend,
     request: ExplainRequest | ActivationsRequest,
-    resolve: MappingResolver,
+    resolve: MappingResolver = no_mappings,
     limits: Limits | None = None,
 ) -> Explanation:
-    """Plan and run one request to the end in this process (the CLI's and the experiments' entry)."""
+    """Plan and run one request to the end in this process (the CLI's and the experiments' entry).
+
+    `resolve` finds the mappings of a cross-model request (`mapping.resolve.registry_resolver`); the
+    default plans same-model requests only. Runs its own event loop: call it outside a running one.
+    """
 
     async def run() -> Explanation:
         pipeline = Pipeline(backend, limits or LOCAL_LIMITS, resolve)

@@ -27,6 +27,7 @@ from patchscope.engine.validation import (
 )
 from patchscope.explain.limits import MAX_TEMPERATURE, MIN_TEMPERATURE, Limits
 from patchscope.explain.request import AUTO, ActivationsRequest, ExplainRequest, Site, TargetSpec
+from patchscope.mapping.pipeline import depth_proportional
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,6 @@ class Plan:
     @property
     def same_model(self) -> bool:
         return self.source.fingerprint == self.target.fingerprint
-
-
-def depth_proportional(layer: int, source_layers: int, target_layers: int) -> int:
-    """round(ℓ·(L*−1)/(L−1)): the target layer at the same relative depth (2→1, 6→4, 10→6 for 30→18)."""
-    return round(layer * (target_layers - 1) / max(1, source_layers - 1))
 
 
 def check_prompt_size(field: str, prompt: str, limits: Limits) -> None:

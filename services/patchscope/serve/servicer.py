@@ -62,7 +62,10 @@ class NoMetrics:
 
 
 def rpc(method: Callable) -> Callable:
-    """Authenticate, stamp the API version, take a quota slot, and turn errors into status codes."""
+    """Authenticate, stamp the API version, take a quota slot, and turn errors into status codes.
+
+    Serve's gRPC proxy passes the context by the keyword `grpc_context`, so the wrappers take that name.
+    """
 
     async def begin(self: Servicer, context) -> str | None:
         context.set_trailing_metadata([(METADATA_KEY, API_VERSION)])
@@ -87,16 +90,16 @@ def rpc(method: Callable) -> Callable:
     if method.__name__ in STREAMING:
 
         @functools.wraps(method)
-        async def stream(self: Servicer, request, context):
+        async def stream(self: Servicer, request, grpc_context):
             key = None
             try:
-                key = await begin(self, context)
+                key = await begin(self, grpc_context)
                 # aclosing: a caller that leaves closes the inner generators now, not at garbage collection.
-                async with contextlib.aclosing(method(self, request, context)) as messages:
+                async with contextlib.aclosing(method(self, request, grpc_context)) as messages:
                     async for message in messages:
                         yield message
             except Exception as error:
-                fail(error, context)
+                fail(error, grpc_context)
                 raise
             finally:
                 end(self, key)
@@ -104,13 +107,13 @@ def rpc(method: Callable) -> Callable:
         return stream
 
     @functools.wraps(method)
-    async def unary(self: Servicer, request, context):
+    async def unary(self: Servicer, request, grpc_context):
         key = None
         try:
-            key = await begin(self, context)
-            return await method(self, request, context)
+            key = await begin(self, grpc_context)
+            return await method(self, request, grpc_context)
         except Exception as error:
-            fail(error, context)
+            fail(error, grpc_context)
             raise
         finally:
             end(self, key)
