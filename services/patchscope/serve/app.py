@@ -29,4 +29,9 @@ def build_app(args: dict) -> Application:
     if not config.auth.required:
         logger.warning(AUTH_OFF_WARNING)
     data = config.model_dump()
-    return ExplainerDeployment.bind(SourceModel.bind(data), TargetModel.bind(data), data)
+    # A bounded queue at every deployment: beyond it a call is RESOURCE_EXHAUSTED at once (the config's
+    # `deployments:` entries may still set their own).
+    queue = {"max_queued_requests": config.limits.max_queued_requests}
+    return ExplainerDeployment.options(**queue).bind(
+        SourceModel.options(**queue).bind(data), TargetModel.options(**queue).bind(data), data
+    )

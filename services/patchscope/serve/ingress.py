@@ -9,7 +9,7 @@ from patchscope.serve.backend import ServeBackend
 from patchscope.serve.config import ServiceConfig
 from patchscope.serve.hosting import rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
-from patchscope.serve.quotas import keeper
+from patchscope.serve.quotas import QuotaClient
 from patchscope.serve.servicer import Servicer
 
 
@@ -20,7 +20,7 @@ class Explainer(Servicer):
         settings = ServiceConfig.model_validate(config)
         quotas = settings.quotas
         keeper_handle = (
-            keeper(quotas.requests_per_minute, quotas.concurrent_streams)
+            QuotaClient(quotas.requests_per_minute, quotas.concurrent_streams)
             if quotas.requests_per_minute or quotas.concurrent_streams
             else None
         )

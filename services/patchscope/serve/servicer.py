@@ -25,7 +25,6 @@ from patchscope.mapping.resolve import registry_resolver
 from patchscope.serve.auth import TokenCheck
 from patchscope.serve.backend import ServeBackend
 from patchscope.serve.config import ServiceConfig
-from patchscope.serve.quotas import QuotaExceeded
 from patchscope.serve.status import status_of
 from patchscope.wire import (
     LayerStates,
@@ -67,15 +66,12 @@ def rpc(method: Callable) -> Callable:
     Serve's gRPC proxy passes the context by the keyword `grpc_context`, so the wrappers take that name.
     """
 
-    async def begin(self: Servicer, context) -> str | None:
+    async def begin(self: Servicer, context) -> tuple[str, str] | None:
         context.set_trailing_metadata([(METADATA_KEY, API_VERSION)])
         key = self.auth.check(context.invocation_metadata(), method.__name__)
         if self.quotas is None:
             return None
-        reason = await self.quotas.acquire.remote(key)
-        if reason is not None:
-            raise QuotaExceeded(reason)
-        return key
+        return await self.quotas.acquire(key)  # a lease; QuotaExceeded or QuotaUnavailable
 
     def fail(error: BaseException, context) -> None:
         code, message = status_of(error)
@@ -83,9 +79,9 @@ def rpc(method: Callable) -> Callable:
         context.set_details(message)
         logger.info("rpc %s failed: %s", method.__name__, code.name)
 
-    def end(self: Servicer, key: str | None) -> None:
+    def end(self: Servicer, key: tuple[str, str] | None) -> None:
         if key is not None:
-            self.quotas.release.remote(key)
+            self.quotas.release(key)
 
     if method.__name__ in STREAMING:
 

@@ -24,7 +24,7 @@ from patchscope.engine.errors import (
 from patchscope.mapping.artefact import MappingCorrupt, MappingIncompatible
 from patchscope.mapping.registry import MappingNotFound
 from patchscope.serve.batching import QueueFull
-from patchscope.serve.quotas import QuotaExceeded
+from patchscope.serve.quotas import QuotaExceeded, QuotaUnavailable
 
 logger = logging.getLogger("patchscope.serve")
 
@@ -49,6 +49,7 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BackPressureError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QuotaUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (DeploymentUnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -70,10 +71,12 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     cause = unwrap(error)
     for kind, code in CODES:
         if isinstance(cause, kind):
+            if isinstance(cause, QuotaUnavailable):
+                return code, str(cause)
             if code == grpc.StatusCode.UNAVAILABLE:
                 return code, "a model replica is unavailable (restarting?); retry the request"
             if isinstance(cause, BackPressureError):
-                return code, f"{cause.message}; retry after a short backoff"
+                return code, f"{cause.message}; the service is at capacity, retry after a short backoff"
             return code, str(cause)
     logger.error("internal error: %s", type(cause).__name__, exc_info=cause)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(cause).__name__}); see the server log"
