@@ -6,16 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from patchscope.engine import (
-    ExplainRequest,
     GenerationConfig,
     InvalidArgument,
     PatchedRow,
     RowPatch,
-    explain,
     extract,
     patched_generate,
 )
 from patchscope.engine.validation import ModelFacts, check_layers
+from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
 
 FACTS = ModelFacts(model_id="m", num_layers=30, hidden_size=8, vocab_size=100)
 
@@ -81,17 +80,21 @@ def test_bad_generation_options_are_rejected(llama, llama_runtime):
         patched_generate(llama_runtime, [])
 
 
-def test_explain_validates_before_running_any_model(llama, monkeypatch):
+def test_explain_validates_before_running_any_model(llama, llama_runtime, monkeypatch):
     def forbidden(*_a, **_k):
         raise AssertionError("a model ran before validation finished")
 
+    def request(prompt: str = "Barack Obama", source_layers=(0,), **target) -> ExplainRequest:
+        return ExplainRequest(llama.id, prompt, source_layers, TargetSpec(llama.id, **target))
+
     monkeypatch.setattr(llama.model, "forward", forbidden)
-    for request, field in [
-        (ExplainRequest(prompt="Barack Obama", layers=[0], preset="nope"), "preset"),
-        (ExplainRequest(prompt="Barack Obama", layers=[0], template="no marker"), "template"),
-        (ExplainRequest(prompt="Barack Obama", layers=[0, 1], target_layers=[0, 1, 2]), "target_layers"),
-        (ExplainRequest(prompt="Barack Obama", layers=[0], top_k=0), "top_k"),
-        (ExplainRequest(prompt="", layers=[0]), "prompt"),
+    backend = LocalBackend.of(llama, llama_runtime)
+    for bad, field in [
+        (request(preset="nope"), "preset"),
+        (request(template="no marker"), "template"),
+        (request(source_layers=(0, 1), layers=(0, 1, 2)), "layers"),
+        (request(top_k=0), "top_k"),
+        (request(prompt=""), "prompt"),
     ]:
-        with pytest.raises(InvalidArgument, match=f"^{field}"):
-            explain(llama, llama, request)
+        with pytest.raises(InvalidArgument, match=rf"^(target\.)?{field}"):
+            explain(backend, bad)
