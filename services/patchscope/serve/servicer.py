@@ -128,7 +128,7 @@ class Servicer:
         self.registry = MappingRegistry(config.registry)
         self.pipeline = Pipeline(backend, config.limits, registry_resolver(self.registry))
         auth = config.auth
-        self.auth = TokenCheck(auth.tokens() if auth.required else [], auth.required)
+        self.auth = TokenCheck.from_config(auth)  # every line validated; the file re-read on change
         self.quotas = quotas
         self.metrics = metrics
 
