@@ -25,6 +25,7 @@ from patchscope.mapping.resolve import registry_resolver
 from patchscope.serve.auth import TokenCheck
 from patchscope.serve.backend import ServeBackend
 from patchscope.serve.config import ServiceConfig
+from patchscope.serve.quotas import QuotaExceeded
 from patchscope.serve.status import status_of
 from patchscope.wire import (
     LayerStates,
@@ -63,15 +64,19 @@ class NoMetrics:
 def rpc(method: Callable) -> Callable:
     """Authenticate, stamp the API version, take a quota slot, and turn errors into status codes.
 
-    Serve's gRPC proxy passes the context by the keyword `grpc_context`, so the wrappers take that name.
+    Serve's gRPC proxy passes the context only to a method whose signature names `grpc_context` (read
+    through `functools.wraps`), so every RPC and wrapper uses that name.
     """
 
-    async def begin(self: Servicer, context) -> tuple[str, str] | None:
+    async def begin(self: Servicer, context) -> str | None:
         context.set_trailing_metadata([(METADATA_KEY, API_VERSION)])
         key = self.auth.check(context.invocation_metadata(), method.__name__)
         if self.quotas is None:
             return None
-        return await self.quotas.acquire(key)  # a lease; QuotaExceeded or QuotaUnavailable
+        reason = await self.quotas.acquire.remote(key)
+        if reason is not None:
+            raise QuotaExceeded(reason)
+        return key
 
     def fail(error: BaseException, context) -> None:
         code, message = status_of(error)
@@ -79,9 +84,9 @@ def rpc(method: Callable) -> Callable:
         context.set_details(message)
         logger.info("rpc %s failed: %s", method.__name__, code.name)
 
-    def end(self: Servicer, key: tuple[str, str] | None) -> None:
+    def end(self: Servicer, key: str | None) -> None:
         if key is not None:
-            self.quotas.release(key)
+            self.quotas.release.remote(key)
 
     if method.__name__ in STREAMING:
 
@@ -128,7 +133,7 @@ class Servicer:
         self.registry = MappingRegistry(config.registry)
         self.pipeline = Pipeline(backend, config.limits, registry_resolver(self.registry))
         auth = config.auth
-        self.auth = TokenCheck.from_config(auth)  # every line validated; the file re-read on change
+        self.auth = TokenCheck(auth.tokens() if auth.required else [], auth.required)
         self.quotas = quotas
         self.metrics = metrics
 
@@ -137,7 +142,7 @@ class Servicer:
         return Stamp(request_id, time.time(), __version__, API_VERSION)
 
     @rpc
-    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         sources, targets = await self.backend.cards()
         models = [
             model_info_to_proto(card, model_id in sources, model_id in targets)
@@ -146,7 +151,7 @@ class Servicer:
         return pb.ListModelsResponse(api_version=API_VERSION, server_version=__version__, models=models)
 
     @rpc
-    async def ListMappings(self, request: pb.ListMappingsRequest, context) -> pb.ListMappingsResponse:
+    async def ListMappings(self, request: pb.ListMappingsRequest, grpc_context) -> pb.ListMappingsResponse:
         listing = self.registry.scan()  # rescanned on every call: a prepare job may have added files
         infos = [
             i
@@ -161,7 +166,7 @@ class Servicer:
 
     @rpc
     async def ExtractHiddenStates(
-        self, request: pb.ExtractHiddenStatesRequest, context
+        self, request: pb.ExtractHiddenStatesRequest, grpc_context
     ) -> AsyncIterator[pb.ExtractHiddenStatesResponse]:
         source = await self.backend.source_info(request.model)
         wire_dtype("dtype", request.dtype)  # an unknown dtype is refused before the source runs
@@ -185,8 +190,8 @@ class Servicer:
                 yield message
 
     @rpc
-    async def Explain(self, request: pb.ExplainRequest, context) -> AsyncIterator[pb.ExplainEvent]:
-        stamp = self._stamp(context)
+    async def Explain(self, request: pb.ExplainRequest, grpc_context) -> AsyncIterator[pb.ExplainEvent]:
+        stamp = self._stamp(grpc_context)
         plan = await self.pipeline.plan(explain_from_proto(request))
         async with contextlib.aclosing(self._stream(plan, stamp)) as events:
             async for event in events:
@@ -194,9 +199,9 @@ class Servicer:
 
     @rpc
     async def ExplainActivations(
-        self, request: pb.ExplainActivationsRequest, context
+        self, request: pb.ExplainActivationsRequest, grpc_context
     ) -> AsyncIterator[pb.ExplainEvent]:
-        stamp = self._stamp(context)
+        stamp = self._stamp(grpc_context)
         activations = activations_from_proto(request, max_bytes=self.config.limits.max_activation_bytes)
         plan = await self.pipeline.plan(activations)
         async with contextlib.aclosing(self._stream(plan, stamp, activations.states)) as events:
