@@ -9,6 +9,22 @@ import sys
 from patchscope.cli.args import progress
 from patchscope.serve.local import DEFAULT_SERVE_CONFIG
 
+ALL_INTERFACES = "0.0.0.0"
+LOOPBACK = "127.0.0.1"
+
+
+def plaintext_host(given: str | None, *, tls: bool, auth: bool) -> str:
+    """Where Serve's plaintext gRPC port listens, unless `--host` says.
+
+    Loopback when a TLS front takes the outside calls or when anyone could call without a token; every
+    interface otherwise (Serve's own default).
+    """
+    if given is not None:
+        if tls and given != LOOPBACK:
+            raise ValueError(f"--host {given} with --tls-cert: the plaintext port would bypass the TLS front")
+        return given
+    return LOOPBACK if tls or not auth else ALL_INTERFACES
+
 
 def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
@@ -29,26 +45,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServiceConfig.model_validate(config["applications"][0].get("args", {}))  # fail before Ray
     if not settings.auth.required:
         print(AUTH_OFF_WARNING, file=sys.stderr)
+    tls = bool(args.tls_cert or args.tls_key)
+    if tls and not (args.tls_cert and args.tls_key):
+        raise FileNotFoundError("--tls-cert and --tls-key go together")
+    host = plaintext_host(args.host, tls=tls, auth=settings.auth.required)
     service = start(
-        config, grpc_port=args.port, http_port=args.http_port, num_cpus=args.num_cpus, progress=progress
+        config,
+        grpc_port=args.port,
+        http_port=args.http_port,
+        num_cpus=args.num_cpus,
+        progress=progress,
+        grpc_host=None if host == ALL_INTERFACES else host,
     )
-    print(f"patchscope serving gRPC on {service.address} (Ctrl-C stops)", flush=True)
+    print(f"patchscope serving gRPC on {host}:{service.address.rsplit(':', 1)[1]} (Ctrl-C stops)", flush=True)
     front = None
-    if args.tls_cert or args.tls_key:
+    if tls:
         from pathlib import Path
 
         from patchscope.serve.tls import tls_front
 
-        if not (args.tls_cert and args.tls_key):
-            raise FileNotFoundError("--tls-cert and --tls-key go together")
         client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
-        front = tls_front(service.address, args.tls_port, Path(args.tls_cert), Path(args.tls_key), client_ca)
+        front = tls_front(
+            service.address, args.tls_port, Path(args.tls_cert), Path(args.tls_key), client_ca, args.tls_host
+        )
         mtls = " (mTLS: client certificates required)" if client_ca else ""
-        print(f"  TLS front on 0.0.0.0:{args.tls_port}{mtls}; keep the plaintext port private", flush=True)
+        print(
+            f"  TLS front on {args.tls_host}:{args.tls_port}{mtls}: the only listener off this machine",
+            flush=True,
+        )
     print(
-        "  note: Serve's gRPC proxy listens on all interfaces in plaintext and buffers each whole message "
-        f"(at most {proxy_message_limit(config)} bytes) before the ingress checks it; put a TLS front before "
-        "it on anything but a trusted network",
+        f"  note: Serve's gRPC proxy listens on {host} in plaintext and buffers each whole message "
+        f"(at most {proxy_message_limit(config)} bytes) before the ingress checks it"
+        + ("" if host != ALL_INTERFACES else "; put a TLS front before it on anything but a trusted network"),
         flush=True,
     )
     print(
@@ -81,4 +109,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     srv.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mTLS)")
     srv.add_argument("--tls-port", type=int, default=9443, help="port of the TLS front (default 9443)")
+    srv.add_argument("--tls-host", default=ALL_INTERFACES, help="address of the TLS front (default 0.0.0.0)")
+    srv.add_argument(
+        "--host",
+        default=None,
+        help="address of the plaintext gRPC port (default 127.0.0.1 with TLS or with auth off, else 0.0.0.0)",
+    )
     srv.set_defaults(func=cmd_serve)

@@ -29,6 +29,35 @@ RAY_ENV = {
 }
 
 
+# The standard gRPC health service, answered by the proxy itself (serve/health.py), beside the API.
+HEALTH_SERVICER = "patchscope.serve.health.add_health_servicer"
+# Where Serve's proxy binds its gRPC port (Serve itself always binds every interface): read by
+# `bind_grpc_host` in the proxy process, which inherits the environment of the Ray it was started with.
+GRPC_HOST_ENV = "PATCHSCOPE_GRPC_HOST"
+
+
+def bind_grpc_host() -> None:
+    """A `worker_process_setup_hook`: Serve's gRPC proxy binds on $PATCHSCOPE_GRPC_HOST, not on `[::]`.
+
+    Serve 2.60 has no host option for gRPC; the one place that binds is `default_impl.add_grpc_address`,
+    looked up when the proxy starts its server, so replacing it in each Ray worker before that is enough.
+    """
+    host = os.environ.get(GRPC_HOST_ENV)
+    if not host:
+        return
+    from ray.serve._private import default_impl
+
+    bind = default_impl.add_grpc_address
+    if getattr(bind, "patchscope_host", None) == host:
+        return
+
+    def add_grpc_address(server, address: str) -> None:
+        bind(server, f"{host}:{address.rsplit(':', 1)[1]}")
+
+    add_grpc_address.patchscope_host = host  # type: ignore[attr-defined]
+    default_impl.add_grpc_address = add_grpc_address
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,12 +134,19 @@ def start(
     num_cpus: float | None = None,
     timeout_s: float = 300.0,
     progress: Callable[[str], None] = lambda _: None,
+    grpc_host: str | None = None,
 ) -> LocalService:
     """Start Ray and deploy `config` (a Serve config as a dict); return when the application is RUNNING.
 
-    Raises RuntimeError with Serve's message when the deploy fails or does not finish within `timeout_s`.
+    `grpc_host` binds Serve's plaintext gRPC port there only ("127.0.0.1" behind a TLS front); the
+    default is Serve's own, every interface. Raises RuntimeError with Serve's message when the deploy
+    fails or does not finish within `timeout_s`.
     """
     os.environ.update(RAY_ENV)
+    if grpc_host:
+        os.environ[GRPC_HOST_ENV] = grpc_host
+    else:
+        os.environ.pop(GRPC_HOST_ENV, None)
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(proxy_message_limit(config))
     import ray
     from ray.serve._private import api as serve_api  # what `serve run CONFIG` uses
@@ -118,9 +154,11 @@ def start(
     from ray.serve.schema import ServeDeploySchema
 
     config = dict(config)
+    functions = list(config.get("grpc_options", {}).get("grpc_servicer_functions", []))
     config["grpc_options"] = {
         **config.get("grpc_options", {}),
         "port": grpc_port or config["grpc_options"]["port"],
+        "grpc_servicer_functions": functions + [HEALTH_SERVICER] * (HEALTH_SERVICER not in functions),
     }
     config["http_options"] = {**config.get("http_options", {})}
     if http_port is not None:
@@ -136,6 +174,9 @@ def start(
         _temp_dir=temp_dir,
         namespace="serve",
         log_to_driver=os.environ.get("PATCHSCOPE_RAY_LOGS", "0") == "1",
+        runtime_env={"worker_process_setup_hook": "patchscope.serve.local.bind_grpc_host"}
+        if grpc_host
+        else None,
     )
     progress("deploying")
     client = serve_api.serve_start(
@@ -145,7 +186,7 @@ def start(
     )
     client.deploy_apps(schema, _blocking=False)
     service = LocalService(
-        address=f"127.0.0.1:{schema.grpc_options.port}",
+        address=f"{grpc_host or '127.0.0.1'}:{schema.grpc_options.port}",
         http_port=schema.http_options.port,
         temp_dir=temp_dir,
         config=config,

@@ -25,7 +25,7 @@ from patchscope.mapping.resolve import registry_resolver
 from patchscope.serve.auth import TokenCheck
 from patchscope.serve.backend import ServeBackend
 from patchscope.serve.config import ServiceConfig
-from patchscope.serve.quotas import QuotaExceeded
+from patchscope.serve.health import hosted_ready, mark_ready
 from patchscope.serve.status import status_of
 from patchscope.wire import (
     LayerStates,
@@ -64,19 +64,15 @@ class NoMetrics:
 def rpc(method: Callable) -> Callable:
     """Authenticate, stamp the API version, take a quota slot, and turn errors into status codes.
 
-    Serve's gRPC proxy passes the context only to a method whose signature names `grpc_context` (read
-    through `functools.wraps`), so every RPC and wrapper uses that name.
+    Serve's gRPC proxy passes the context by the keyword `grpc_context`, so the wrappers take that name.
     """
 
-    async def begin(self: Servicer, context) -> str | None:
+    async def begin(self: Servicer, context) -> tuple[str, str] | None:
         context.set_trailing_metadata([(METADATA_KEY, API_VERSION)])
         key = self.auth.check(context.invocation_metadata(), method.__name__)
         if self.quotas is None:
             return None
-        reason = await self.quotas.acquire.remote(key)
-        if reason is not None:
-            raise QuotaExceeded(reason)
-        return key
+        return await self.quotas.acquire(key)  # a lease; QuotaExceeded or QuotaUnavailable
 
     def fail(error: BaseException, context) -> None:
         code, message = status_of(error)
@@ -84,9 +80,9 @@ def rpc(method: Callable) -> Callable:
         context.set_details(message)
         logger.info("rpc %s failed: %s", method.__name__, code.name)
 
-    def end(self: Servicer, key: str | None) -> None:
+    def end(self: Servicer, key: tuple[str, str] | None) -> None:
         if key is not None:
-            self.quotas.release.remote(key)
+            self.quotas.release(key)
 
     if method.__name__ in STREAMING:
 
@@ -133,7 +129,7 @@ class Servicer:
         self.registry = MappingRegistry(config.registry)
         self.pipeline = Pipeline(backend, config.limits, registry_resolver(self.registry))
         auth = config.auth
-        self.auth = TokenCheck(auth.tokens() if auth.required else [], auth.required)
+        self.auth = TokenCheck.from_config(auth)  # every line validated; the file re-read on change
         self.quotas = quotas
         self.metrics = metrics
 
@@ -142,16 +138,17 @@ class Servicer:
         return Stamp(request_id, time.time(), __version__, API_VERSION)
 
     @rpc
-    async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         sources, targets = await self.backend.cards()
         models = [
             model_info_to_proto(card, model_id in sources, model_id in targets)
             for model_id, card in {**sources, **targets}.items()
         ]
+        mark_ready(models, await hosted_ready(self.backend))  # asked now, not remembered from startup
         return pb.ListModelsResponse(api_version=API_VERSION, server_version=__version__, models=models)
 
     @rpc
-    async def ListMappings(self, request: pb.ListMappingsRequest, grpc_context) -> pb.ListMappingsResponse:
+    async def ListMappings(self, request: pb.ListMappingsRequest, context) -> pb.ListMappingsResponse:
         listing = self.registry.scan()  # rescanned on every call: a prepare job may have added files
         infos = [
             i
@@ -166,7 +163,7 @@ class Servicer:
 
     @rpc
     async def ExtractHiddenStates(
-        self, request: pb.ExtractHiddenStatesRequest, grpc_context
+        self, request: pb.ExtractHiddenStatesRequest, context
     ) -> AsyncIterator[pb.ExtractHiddenStatesResponse]:
         source = await self.backend.source_info(request.model)
         wire_dtype("dtype", request.dtype)  # an unknown dtype is refused before the source runs
@@ -190,8 +187,8 @@ class Servicer:
                 yield message
 
     @rpc
-    async def Explain(self, request: pb.ExplainRequest, grpc_context) -> AsyncIterator[pb.ExplainEvent]:
-        stamp = self._stamp(grpc_context)
+    async def Explain(self, request: pb.ExplainRequest, context) -> AsyncIterator[pb.ExplainEvent]:
+        stamp = self._stamp(context)
         plan = await self.pipeline.plan(explain_from_proto(request))
         async with contextlib.aclosing(self._stream(plan, stamp)) as events:
             async for event in events:
@@ -199,9 +196,9 @@ class Servicer:
 
     @rpc
     async def ExplainActivations(
-        self, request: pb.ExplainActivationsRequest, grpc_context
+        self, request: pb.ExplainActivationsRequest, context
     ) -> AsyncIterator[pb.ExplainEvent]:
-        stamp = self._stamp(grpc_context)
+        stamp = self._stamp(context)
         activations = activations_from_proto(request, max_bytes=self.config.limits.max_activation_bytes)
         plan = await self.pipeline.plan(activations)
         async with contextlib.aclosing(self._stream(plan, stamp, activations.states)) as events:

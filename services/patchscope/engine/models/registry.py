@@ -7,6 +7,7 @@ under `$PATCHSCOPE_HOME/models/<id>/`, which later loads in seconds.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -190,20 +191,27 @@ class ModelRegistry:
 
         target = self.cache_dir(model_id)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model_id}.") as scratch:
-            gguf = self._locate_gguf(spec.origin, scratch=Path(scratch), progress=progress)
-            progress(f"{model_id}: dequantising {gguf.name} into {target} (once; 10-100 s)")
-            staged = Path(scratch) / "converted"
-            fingerprint = convert_gguf(gguf, staged)
-            record = {
-                "model_id": model_id,
-                "gguf_sha256": self._expected_sha(spec.origin),
-                "fingerprint": fingerprint,
-            }
-            (staged / CACHE_META).write_text(json.dumps(record, indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staged, target)  # atomic: a half-written cache is never visible
+        # Two replicas preparing one model: the second waits for the first and reuses its cache instead of
+        # deleting it under the first one's loader (the lock is released if its holder dies).
+        with open(target.parent / f".{model_id}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            directory = self.weights_dir(model_id)
+            if directory is not None:
+                return directory
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model_id}.") as scratch:
+                gguf = self._locate_gguf(spec.origin, scratch=Path(scratch), progress=progress)
+                progress(f"{model_id}: dequantising {gguf.name} into {target} (once; 10-100 s)")
+                staged = Path(scratch) / "converted"
+                fingerprint = convert_gguf(gguf, staged)
+                record = {
+                    "model_id": model_id,
+                    "gguf_sha256": self._expected_sha(spec.origin),
+                    "fingerprint": fingerprint,
+                }
+                (staged / CACHE_META).write_text(json.dumps(record, indent=2))
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staged, target)  # atomic: a half-written cache is never visible
         progress(f"{model_id}: ready")
         return target
 
