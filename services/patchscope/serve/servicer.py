@@ -64,7 +64,8 @@ class NoMetrics:
 def rpc(method: Callable) -> Callable:
     """Authenticate, stamp the API version, take a quota slot, and turn errors into status codes.
 
-    Serve's gRPC proxy passes the context by the keyword `grpc_context`, so the wrappers take that name.
+    Serve's gRPC proxy passes the context only to a method whose signature names `grpc_context` (read
+    through `functools.wraps`), so every RPC and wrapper uses that name.
     """
 
     async def begin(self: Servicer, context) -> tuple[str, str] | None:
@@ -138,7 +139,7 @@ class Servicer:
         return Stamp(request_id, time.time(), __version__, API_VERSION)
 
     @rpc
-    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         sources, targets = await self.backend.cards()
         models = [
             model_info_to_proto(card, model_id in sources, model_id in targets)
@@ -148,7 +149,7 @@ class Servicer:
         return pb.ListModelsResponse(api_version=API_VERSION, server_version=__version__, models=models)
 
     @rpc
-    async def ListMappings(self, request: pb.ListMappingsRequest, context) -> pb.ListMappingsResponse:
+    async def ListMappings(self, request: pb.ListMappingsRequest, grpc_context) -> pb.ListMappingsResponse:
         listing = self.registry.scan()  # rescanned on every call: a prepare job may have added files
         infos = [
             i
@@ -163,7 +164,7 @@ class Servicer:
 
     @rpc
     async def ExtractHiddenStates(
-        self, request: pb.ExtractHiddenStatesRequest, context
+        self, request: pb.ExtractHiddenStatesRequest, grpc_context
     ) -> AsyncIterator[pb.ExtractHiddenStatesResponse]:
         source = await self.backend.source_info(request.model)
         wire_dtype("dtype", request.dtype)  # an unknown dtype is refused before the source runs
@@ -187,8 +188,8 @@ class Servicer:
                 yield message
 
     @rpc
-    async def Explain(self, request: pb.ExplainRequest, context) -> AsyncIterator[pb.ExplainEvent]:
-        stamp = self._stamp(context)
+    async def Explain(self, request: pb.ExplainRequest, grpc_context) -> AsyncIterator[pb.ExplainEvent]:
+        stamp = self._stamp(grpc_context)
         plan = await self.pipeline.plan(explain_from_proto(request))
         async with contextlib.aclosing(self._stream(plan, stamp)) as events:
             async for event in events:
@@ -196,9 +197,9 @@ class Servicer:
 
     @rpc
     async def ExplainActivations(
-        self, request: pb.ExplainActivationsRequest, context
+        self, request: pb.ExplainActivationsRequest, grpc_context
     ) -> AsyncIterator[pb.ExplainEvent]:
-        stamp = self._stamp(context)
+        stamp = self._stamp(grpc_context)
         activations = activations_from_proto(request, max_bytes=self.config.limits.max_activation_bytes)
         plan = await self.pipeline.plan(activations)
         async with contextlib.aclosing(self._stream(plan, stamp, activations.states)) as events:
