@@ -54,6 +54,11 @@ class BatchOptions(BaseModel):
     def _distinct(cls, ids: tuple[int, ...]) -> tuple[int, ...]:
         if len(set(ids)) != len(ids):
             raise ValueError(f"--vllm-layers names a layer twice: {list(ids)}")
+        if any(i < 1 for i in ids):
+            raise ValueError(
+                f"--vllm-layers {list(ids)}: vLLM's id 0 is the embeddings, no block output "
+                "(id k is block k-1's output, k >= 1)"
+            )
         return ids
 
     @model_validator(mode="after")

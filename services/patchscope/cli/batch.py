@@ -14,8 +14,19 @@ def _positions(spec: str) -> tuple[int, ...] | None:
 
 
 def options_from(args: argparse.Namespace):
+    """The job's options, or a ValueError with one line per problem (pydantic's own is a page)."""
+    from pydantic import ValidationError
+
     from patchscope.batch import BatchOptions, parse_target_layers
 
+    try:
+        return _options(args, BatchOptions, parse_target_layers)
+    except ValidationError as error:
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in error.errors()]
+        raise ValueError("; ".join(problems)) from None
+
+
+def _options(args: argparse.Namespace, BatchOptions, parse_target_layers):
     return BatchOptions(
         source=args.source,
         target=args.target,
