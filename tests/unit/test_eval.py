@@ -172,8 +172,9 @@ def test_two_hop_queries_are_read_from_the_data_and_every_pair_is_stored(llama, 
 
 
 def test_entity_description_scores_rouge_l_beside_its_baselines(llama, tmp_path):
-    entities = description.corpus_entities(CORPUS)[:3] + [
-        description.Entity("Paris", "city in France", "lre")
+    entities = [
+        *description.corpus_entities(CORPUS)[:3],
+        description.Entity("Paris", "city in France", "lre"),
     ]
     result = description.run(llama, llama, entities, layer_step=2, max_new_tokens=4)
     assert [p["source_layer"] for p in result["pairs"]] == [p["target_layer"] for p in result["pairs"]]
@@ -196,6 +197,12 @@ def test_the_report_renders_saved_results_and_names_the_commands_of_missing_ones
     assert f"| 0 | {same_model_result['pairs'][0]['patchscope']['precision_at_1']:.3f}" in page
     assert "](results/next_token.smollm2-135m.smollm2-135m.png)" in page
     assert "_Not run yet: `patchscope eval attributes --model smollm2-135m`._" in page
+    # A multi-hop run that evaluated nothing concludes nothing.
+    (folder / "multi_hop.smollm2-135m.json").write_text(
+        json.dumps({"found": {}, "tried": 0, "evaluated": 0, "layers": [0], "max_new_tokens": 20})
+    )
+    page = write_report(folder, tmp_path / "docs" / "results.md").read_text()
+    assert "Nothing was evaluated, so nothing is concluded." in page
 
 
 def test_the_eval_commands_parse():

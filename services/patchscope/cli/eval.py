@@ -125,7 +125,8 @@ def cmd_attributes(args: argparse.Namespace) -> int:
     summary = result["all"]
     if summary["n"]:
         print(
-            f"{result['evaluated']} of {result['tried']} samples known in plain text; paper metric (mean over ℓ of "
+            f"{result['evaluated']} of {result['tried']} samples known in plain text; paper metric (mean "
+            "over ℓ of "
             f"some ℓ*) {summary['paper_mean_over_l_of_any_l_star']['mean']:.3f}, probe "
             f"{summary['probe_mean_over_l']['mean']:.3f}, majority {summary['majority_class']['p']:.3f}",
             file=sys.stderr,
@@ -152,7 +153,8 @@ def cmd_multi_hop(args: argparse.Namespace) -> int:
         print(
             f"{result['evaluated']} queries; vanilla {result['vanilla']['p']:.3f}, step by step "
             f"{result['step_by_step']['p']:.3f}, CoT Patchscope best pair {result['patchscope_best_pair']} "
-            f"{result['patchscope_best_pair_accuracy']['p']:.3f}, oracle {result['patchscope_oracle']['p']:.3f}",
+            f"{result['patchscope_best_pair_accuracy']['p']:.3f}, oracle "
+            f"{result['patchscope_oracle']['p']:.3f}",
             file=sys.stderr,
         )
     else:
@@ -201,7 +203,8 @@ def cmd_description(args: argparse.Namespace) -> int:
             )
     print(
         f"{len(entities)} entities; best pair {result['best_pair']}; text-only ROUGE-L "
-        f"{result['text_only']['all']['rouge_l']:.3f}, no-patch {result['no_patch_control']['all']['rouge_l']:.3f}",
+        f"{result['text_only']['all']['rouge_l']:.3f}, no-patch "
+        f"{result['no_patch_control']['all']['rouge_l']:.3f}",
         file=sys.stderr,
     )
     return _finish(args, result, f"description.{source.id}.{target.id}", description.plot)

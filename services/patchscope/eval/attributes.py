@@ -92,15 +92,15 @@ def summarise(samples: list[dict], layers: Sequence[int], seed: int) -> dict:
     n = len(samples)
     if not n:
         return {"n": 0}
-    l = len(layers)
+    nl = len(layers)
 
     def grid(s: dict) -> list[list[bool]]:
         h = s["hits"]
-        return [[h[a * l + b] == "1" for b in range(l)] for a in range(l)]
+        return [[h[a * nl + b] == "1" for b in range(nl)] for a in range(nl)]
 
     grids = [grid(s) for s in samples]
     paper = [_mean([any(row) for row in g]) for g in grids]
-    diagonal = [_mean([g[a][a] for a in range(l)]) for g in grids]
+    diagonal = [_mean([g[a][a] for a in range(nl)]) for g in grids]
     probe = [_mean([c == "1" for c in s["probe"]]) for s in samples]
     out = {
         "n": n,
@@ -138,7 +138,7 @@ def run(
     """The attribute experiment over `relations`; see the module docstring for the protocol."""
     started = time.perf_counter()
     layers = layer_grid(model.facts.num_layers, layer_step) if layers is None else list(layers)
-    l = len(layers)
+    nl = len(layers)
     per_relation, dropped = [], []
     for index, relation in enumerate(relations):
         progress("relations", index, len(relations))
@@ -177,15 +177,15 @@ def run(
         rows = [
             PatchedRow(engine_template, filler, (RowPatch(layer=b, vector=states[p, a]),))
             for p in rows_of
-            for a in range(l)
+            for a in range(nl)
             for b in layers
         ]
         texts = patched_texts(model, rows, max_new_tokens, phase=f"patchscope {relation.name}")
         (control,) = unpatched_texts(model, engine_template, filler, max_new_tokens)
         labels = [s.object for s in pool]
-        probe = [logistic_probe(states[:, a], labels, folds=3, seed=seed) for a in range(l)]  # [l][P]
+        probe = [logistic_probe(states[:, a], labels, folds=3, seed=seed) for a in range(nl)]  # [l][P]
         majority = majority_baseline(labels, folds=3, seed=seed)
-        per_sample = l * l
+        per_sample = nl * nl
         for j, (k, s) in enumerate(zip(known, evaluated, strict=True)):
             outputs = texts[j * per_sample : (j + 1) * per_sample]
             entry["samples"].append(
@@ -197,7 +197,7 @@ def run(
                     "control_hit": mentions(control, s.object),
                     "hits": hits_string([mentions(t, s.object) for t in outputs]),  # ℓ-major, ℓ* minor
                     "same_as_unpatched": hits_string([first_line(t) == first_line(control) for t in outputs]),
-                    "probe": hits_string([probe[a][rows_of[j]] for a in range(l)]),
+                    "probe": hits_string([probe[a][rows_of[j]] for a in range(nl)]),
                     "majority": majority[rows_of[j]],
                     "outputs": outputs,
                 }

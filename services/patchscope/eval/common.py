@@ -253,7 +253,7 @@ def bootstrap_ci(values: Sequence[float], *, draws: int = 2000, seed: int = 0) -
 
 
 def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Exact two-sided sign test of paired per-item scores (ties dropped): is `a` different from `b`?"""
+    """Exact two-sided sign test of paired per-item scores (ties dropped): does `a` differ from `b`."""
     wins = sum(x > y for x, y in zip(a, b, strict=True))
     losses = sum(x < y for x, y in zip(a, b, strict=True))
     n = wins + losses
@@ -273,7 +273,7 @@ def cv_folds(n: int, folds: int, seed: int) -> list[list[int]]:
 
 
 def majority_baseline(labels: Sequence[str], *, folds: int = 3, seed: int = 0) -> list[bool]:
-    """Per item: does the training folds' most common label equal this item's (the same folds as the probe)?"""
+    """Per item: whether the training folds' most common label is this item's (the probe's folds)."""
     out = [False] * len(labels)
     for test in cv_folds(len(labels), folds, seed):
         train = [labels[i] for i in range(len(labels)) if i not in set(test)]
@@ -294,7 +294,7 @@ def logistic_probe(
     l2: float = 1e-2,
     steps: int = 200,
 ) -> list[bool]:
-    """Per item: is a multinomial logistic regression's held-out prediction right? (states [N, d])
+    """Per item: whether a multinomial logistic regression's held-out prediction is right (states [N, d]).
 
     Standardised features, L2-regularised, fitted by L-BFGS on the other folds; an object absent from the
     training folds cannot be predicted and counts as wrong (the majority baseline has the same handicap).
@@ -320,7 +320,7 @@ def logistic_probe(
         bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
         optimiser = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
 
-        def closure() -> torch.Tensor:
+        def closure(optimiser=optimiser, x=x, y=y, weight=weight, bias=bias) -> torch.Tensor:
             optimiser.zero_grad()
             loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * (weight**2).sum()
             loss.backward()

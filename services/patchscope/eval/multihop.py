@@ -87,8 +87,10 @@ class TwoHop:
 
 
 def bridge_noun(relation: Relation) -> str:
-    """The noun of π1: the range name ("country"), or for a relation within one kind (person → person) the
-    relation's own last word ("father"), which says more than "the person of"."""
+    """The noun of π1: the range name ("country"), or the relation's last word within one kind.
+
+    For person → person ("father") the relation's word says more than "the person of".
+    """
     if relation.range_name and relation.range_name != relation.domain_name:
         return relation.range_name
     return relation.name.rsplit("_", 1)[-1]
@@ -102,7 +104,7 @@ def join(relations: Sequence[Relation]) -> dict[Composition, list[TwoHop]]:
             if first.name == second.name or (
                 first.range_name and second.domain_name and first.range_name != second.domain_name
             ):
-                continue  # the bridge must be of the kind hop 2 takes (LRE range = domain), else "Turkey bird"
+                continue  # the bridge must be of the kind hop 2 takes (LRE range = domain)
             by_subject = {s.subject.lower(): s for s in second.samples}
             queries = [
                 (s.subject, s.object, by_subject[s.object.lower()].object)
@@ -161,6 +163,7 @@ def run(
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "cot_prompt": COT_PROMPT,
+        "max_samples": max_samples,
     }
     if queries:
         hop1 = plain_texts(

@@ -229,8 +229,9 @@ def score(
     surprisal: list[float] | None = None,
     control: str | list[str] | None = None,
 ) -> dict:
-    """Precision@1 (ids when the vocabulary is the reference's, else token strings) with n and interval,
-    the paper's surprisal, the reference surprisal, and the per-position outcomes they come from.
+    """Precision@1 with n and interval, both surprisals, and the per-position outcomes behind them.
+
+    Ids are compared when the vocabulary is the reference's, else token strings.
     """
     if reference_ids is not None:
         hits = [a == b for a, b in zip(reader.top1_ids, reference_ids, strict=True)]

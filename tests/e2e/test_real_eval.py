@@ -1,0 +1,28 @@
+"""The experiments on a real model, small enough for `make test`: the protocol's invariants hold there."""
+
+from __future__ import annotations
+
+import pytest
+from tests.conftest import data_dir
+
+from patchscope.engine.template import tokenize_prompt
+from patchscope.eval import attributes
+from patchscope.eval.common import mentions, read_relations
+
+pytestmark = pytest.mark.realmodel
+
+
+def test_attributes_on_smollm2_read_a_state_off_position_zero_and_keep_their_controls(smollm2):
+    (relation,) = read_relations(data_dir() / "lre", ["country_capital_city"])
+    # SmolLM2 adds no BOS: a bare one-token subject would sit at position 0, the attention sink.
+    assert len(tokenize_prompt(smollm2.tokenizer, attributes.SOURCE_CONTEXT.format("France"))) >= 2
+    result = attributes.run(smollm2, [relation], layers=[6, 14], max_samples=8, probe_samples=16)
+    (entry,) = result["relations"]
+    assert entry["known"] >= 3, "SmolLM2 names few capitals in plain text"
+    summary = result["all"]
+    for s in entry["samples"]:
+        assert mentions(s["plain"], s["object"])  # only samples the model knows are scored
+        assert s["control"] == entry["samples"][0]["control"]  # one no-patch control per template
+    # Baselines that can fail: the majority class cannot name eight different capitals.
+    assert summary["majority_class"]["p"] < 0.5
+    assert 0.0 <= summary["paper_mean_over_l_of_any_l_star"]["mean"] <= summary["any_pair_oracle"]["p"]
