@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import grpc
 import pytest
+import ray
 
+from patchscope.serve.quotas import ACTOR_NAME, NAMESPACE
 from patchscope.wire import pb
 from tests.integration.test_service import collect, explain_request
 
 pytestmark = pytest.mark.ray
 TOKENS = ["alpha-secret-1", "beta-secret-2"]
 LIMITED = "gamma-secret-3 ListModels,ExplainActivations"
+PROBE = "delta-secret-4"  # asks while the keeper is away, apart from the keys whose minute is spent
 
 
 def answers(stub, metadata=()) -> grpc.StatusCode:
@@ -28,7 +32,7 @@ def answers(stub, metadata=()) -> grpc.StatusCode:
 @pytest.fixture(scope="module")
 def secured(tiny_service, stub, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
-    tokens.write_text("\n".join([*TOKENS, LIMITED]) + "\n")
+    tokens.write_text("\n".join([*TOKENS, LIMITED, PROBE]) + "\n")
     original = copy.deepcopy(tiny_service.config)
     config = copy.deepcopy(original)
     args = config["applications"][0]["args"]
@@ -106,3 +110,47 @@ def test_quotas_limit_concurrent_streams_and_rate_per_key(secured):
     with pytest.raises(grpc.RpcError) as error:
         secured.ListModels(pb.ListModelsRequest(), timeout=10, metadata=bearer(TOKENS[1]))
     assert "requests per minute" in error.value.details() and "retry in" in error.value.details()
+
+
+def keeper_actor():
+    return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("restart", [True, False], ids=["restarted", "killed-for-good"])
+def test_a_lost_quota_keeper_fails_closed_and_recovers_by_itself(secured, restart):
+    """Killed mid-stream: the stream finishes, calls meanwhile are UNAVAILABLE (never let through
+    uncounted), and the service answers again within a bound measured here; the live lease survives."""
+    started, outcome = threading.Event(), {}
+
+    def long_stream() -> None:
+        try:
+            for _event in secured.Explain(
+                explain_request(layers=[0, 1, 2, 3], positions=[1, -1], max_new_tokens=200),
+                timeout=90,
+                metadata=bearer(TOKENS[0]),
+            ):
+                started.set()
+            outcome["long"] = "ok"
+        except grpc.RpcError as error:
+            outcome["long"] = error.code()
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    assert started.wait(60)
+    ray.kill(keeper_actor(), no_restart=not restart)
+    killed = time.monotonic()
+    codes = []
+    while True:
+        code = answers(secured, bearer(PROBE))
+        codes.append(code)
+        if code == grpc.StatusCode.OK:
+            break
+        assert code == grpc.StatusCode.UNAVAILABLE, code  # fails closed: never let through uncounted
+        assert time.monotonic() - killed < 60, f"no recovery 60 s after the keeper died: {codes[-3:]}"
+        time.sleep(0.2)
+    recovered = time.monotonic() - killed
+    thread.join(120)
+    assert outcome["long"] == "ok", outcome
+    print(f"quota keeper {'restarted' if restart else 'killed'}: answers again {recovered:.1f} s after")

@@ -4,6 +4,8 @@ answers a normal request right after each one."""
 from __future__ import annotations
 
 import math
+import struct
+import time
 
 import grpc
 import pytest
@@ -152,6 +154,75 @@ CASES = {
         "layers: layer out of range",
     ),
     "extract with an unknown dtype": ("ExtractHiddenStates", extract(dtype=9), INVALID, "dtype"),
+    # One past each limit of issue 17 (the rest are above), and its two attacks.
+    "the 50,000-character template": (
+        "Explain",
+        explain_request(spec={"template": "word " * 10_000 + "{}"}),
+        INVALID,
+        "target.template: too long; allowed: <= 4096 characters",
+    ),
+    "2,000 copies of layer 0 x 100 positions": (
+        "ExtractHiddenStates",
+        extract(layers=[0] * 2000, positions=list(range(100))),
+        INVALID,
+        "layers: too many layers; allowed: <= 256; got: 2000",
+    ),
+    "a layer twice in an extraction": (
+        "ExtractHiddenStates",
+        extract(layers=[1, -3]),
+        INVALID,
+        "names a layer more than once",
+    ),
+    "template bytes one past": (
+        "Explain",
+        explain_request(spec={"template": "é" * 2048 + "{}"}),
+        INVALID,
+        "too many tokens; allowed: <= 4096 UTF-8 bytes",
+    ),
+    "temperature 1e-40": (
+        "Explain",
+        explain_request(spec={"generation": pb.GenerationOptions(temperature=1e-40)}),
+        INVALID,
+        "target.generation.temperature: out of range",
+    ),
+    "mapping id of 256 bytes": (
+        "Explain",
+        explain_request(target="tiny-qwen2", spec={"mapping": "m" * 256}),
+        INVALID,
+        "target.mapping: too long; allowed: <= 200 bytes",
+    ),
+    "top_k one past": (
+        "ExplainActivations",
+        activations(preset="logit-lens", top_k=101),
+        INVALID,
+        "top_k",
+    ),
+    "provenance token one character past": (
+        "ExplainActivations",
+        pb.ExplainActivationsRequest(
+            source="tiny-llama",
+            safetensors=safetensors.torch.save({"states": torch.randn(1, 64)}),
+            provenance=pb.Provenance(layers=[1], tokens=["t" * 257]),
+            target=pb.TargetSpec(model="tiny-llama"),
+        ),
+        INVALID,
+        "provenance.tokens[0]: too long",
+    ),
+    "deeply nested safetensors header": (
+        "ExplainActivations",
+        activations(raw=struct.pack("<Q", 20_000) + b"[" * 10_000 + b"]" * 10_000),
+        INVALID,
+        "nested too deeply",
+    ),
+    "a shape of booleans": (
+        "ExplainActivations",
+        activations(
+            raw=(h := b'{"states":{"dtype":"F32","shape":[true,true],"data_offsets":[0,4]}}')
+            and struct.pack("<Q", len(h)) + h + bytes(4)
+        ),
+        INVALID,
+        "non-negative integers",
+    ),
 }
 
 
@@ -163,5 +234,9 @@ def test_bad_input_gets_its_status_code_and_the_service_keeps_serving(stub, case
         list(call(request, timeout=60))
     assert error.value.code() == code, error.value.details()
     assert message in error.value.details()
+    started = time.monotonic()
     events = list(stub.Explain(explain_request(layers=[1], positions=[-1], max_new_tokens=2), timeout=60))
     assert events[-1].WhichOneof("event") == "finished"
+    elapsed = time.monotonic() - started
+    print(f"{case}: refused; the next ordinary Explain took {elapsed * 1000:.0f} ms")
+    assert elapsed < 20, "an ordinary request after a refused one must be served in its normal time"

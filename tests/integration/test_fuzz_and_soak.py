@@ -7,6 +7,8 @@ crash, and a normal request must succeed after each batch of cases.
 from __future__ import annotations
 
 import json
+import os
+import random
 import statistics
 import struct
 import threading
@@ -14,12 +16,13 @@ import time
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+import torch
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from ray import serve
 
 from patchscope.serve.local import APP_NAME
-from patchscope.wire import pb
+from patchscope.wire import encode_tensor, pb
 from tests.integration.test_service import collect, explain_request
 
 pytestmark = pytest.mark.ray
@@ -32,7 +35,12 @@ DOCUMENTED = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 CASES: dict[str, int] = {}
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# A random seed per run, printed (PATCHSCOPE_FUZZ_SEED=N replays it); PATCHSCOPE_FUZZ_CASES=1000 for the
+# issue's 1,000 cases per RPC (the default keeps `make test` short on a 2-core machine).
+SEED = int(os.environ.get("PATCHSCOPE_FUZZ_SEED") or random.randrange(2**32))
+EXAMPLES = int(os.environ.get("PATCHSCOPE_FUZZ_CASES", "150"))
+print(f"fuzz seed {SEED} (replay: PATCHSCOPE_FUZZ_SEED={SEED})")
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 ids = st.sampled_from(["tiny-llama", "tiny-qwen2", "", "nope", "../etc/passwd", "tiny-llama\x00"])
 ints = st.lists(st.integers(-(2**31), 2**31 - 1) | st.integers(-6, 6), max_size=5)
@@ -69,7 +77,16 @@ def payloads():
         st.lists(st.integers(-2, 2**40), max_size=3),
         st.lists(st.integers(-2, 2**40), max_size=3),
     ).map(lambda h: struct.pack("<Q", len(h)) + h.encode() + bytes(64))
-    return st.binary(max_size=300) | header
+    # Mostly files that decode, so the code after the decoder (shapes against the model, provenance,
+    # planning) is what gets fuzzed; some with the wrong width, dtype or values.
+    decodable = st.builds(
+        lambda rows, width, dtype, scale: encode_tensor(torch.randn(rows, width) * scale, dtype),
+        st.integers(1, 70),
+        st.sampled_from([64, 64, 64, 32, 1]),
+        st.sampled_from([pb.D_TYPE_F32, pb.D_TYPE_BF16, pb.D_TYPE_F16]),
+        st.sampled_from([1.0, 1e-30, 1e5, float("inf")]),
+    )
+    return decodable | decodable | decodable | st.binary(max_size=300) | header
 
 
 def call(stub, method: str, request) -> grpc.StatusCode:
@@ -82,6 +99,7 @@ def call(stub, method: str, request) -> grpc.StatusCode:
 
 
 @FUZZ
+@seed(SEED)
 @given(source=ids, prompt=text, layers=ints, positions=ints, target=spec())
 def test_fuzzed_explain_gets_only_documented_codes(stub, source, prompt, layers, positions, target):
     request = pb.ExplainRequest(
@@ -91,6 +109,7 @@ def test_fuzzed_explain_gets_only_documented_codes(stub, source, prompt, layers,
 
 
 @FUZZ
+@seed(SEED)
 @given(
     source=ids, data=payloads(), layers=ints, positions=ints, fingerprint=st.text(max_size=70), target=spec()
 )
@@ -107,6 +126,7 @@ def test_fuzzed_activations_get_only_documented_codes(
 
 
 @FUZZ
+@seed(SEED)
 @given(model=ids, prompt=text, layers=ints, positions=ints, dtype=st.integers(-3, 9))
 def test_fuzzed_extraction_gets_only_documented_codes(stub, model, prompt, layers, positions, dtype):
     request = pb.ExtractHiddenStatesRequest(
@@ -117,8 +137,8 @@ def test_fuzzed_extraction_gets_only_documented_codes(stub, model, prompt, layer
 
 def test_after_fuzzing_the_service_still_answers(stub):
     assert collect(stub.Explain(explain_request(layers=[1], positions=[-1], max_new_tokens=2), timeout=60))
-    print(f"fuzz cases sent: {CASES}")
-    assert sum(CASES.values()) >= 150, CASES
+    print(f"fuzz cases sent: {CASES}, seed {SEED}")
+    assert all(n >= EXAMPLES for n in CASES.values()) and len(CASES) == 3, CASES
 
 
 def replica_rss() -> dict[str, int]:
@@ -130,7 +150,7 @@ def replica_rss() -> dict[str, int]:
     }
 
 
-def test_soak_500_explains_from_8_clients(stub):
+def test_soak_500_explains_from_8_clients(stub, tiny_service):
     prompts = [
         "The river runs past the old mill",
         "milk and bread",
@@ -140,6 +160,7 @@ def test_soak_500_explains_from_8_clients(stub):
     for p in prompts:  # warm-up
         collect(stub.Explain(explain_request(p, layers=[1, 2], positions=[-1], max_new_tokens=4), timeout=60))
     warm = replica_rss()
+    processes_warm = tiny_service.process_memory()
     latencies: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -171,6 +192,7 @@ def test_soak_500_explains_from_8_clients(stub):
         t.join()
     elapsed = time.perf_counter() - started
     end = replica_rss()
+    processes_end = tiny_service.process_memory()
     latencies.sort()
     p50, p99 = statistics.median(latencies), latencies[int(0.99 * (len(latencies) - 1))]
     growth = {name: end[name] / warm[name] - 1 for name in warm}
@@ -179,5 +201,9 @@ def test_soak_500_explains_from_8_clients(stub):
         f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, replica memory growth "
         + ", ".join(f"{n} {g * 100:+.1f}%" for n, g in growth.items())
     )
+    print("memory of every Ray process (after warm-up -> after the soak):")
+    for name in sorted(set(processes_warm) | set(processes_end)):
+        a, b = processes_warm.get(name, 0), processes_end.get(name, 0)
+        print(f"  {name[:60]:60s} {a >> 20:6d} MiB -> {b >> 20:6d} MiB")
     assert len(latencies) == 500 and not failures, failures[:3]
     assert all(g <= 0.10 for g in growth.values()), growth

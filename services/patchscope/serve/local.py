@@ -113,6 +113,25 @@ class LocalService:
         wait_running(max(1.0, deadline - time.monotonic()))
         self.config = config
 
+    def process_memory(self) -> dict[str, int]:
+        """Resident bytes of every Ray process of this service, by process title.
+
+        GCS, raylet, controller, proxy, replicas, the quota keeper and idle workers: every descendant of
+        this process (the Ray it started); a title seen twice gets a `#pid` suffix.
+        """
+        import psutil
+
+        memory: dict[str, int] = {}
+        for process in psutil.Process().children(recursive=True):
+            try:
+                title = " ".join(process.cmdline()[:1]) or process.name()
+                rss = process.memory_info().rss
+            except psutil.Error:  # gone between the listing and the look
+                continue
+            name = title.split("/")[-1].split(" ")[0] if not title.startswith("ray::") else title
+            memory[name if name not in memory else f"{name}#{process.pid}"] = rss
+        return memory
+
     def stop(self) -> None:
         """Shut Serve and Ray down; remove Ray's temp dir unless PATCHSCOPE_KEEP_RAY_TMP=1 (its logs)."""
         import ray

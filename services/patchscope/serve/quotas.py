@@ -29,6 +29,7 @@ WINDOW_S = 60.0
 LEASE_S = 30.0  # a slot not renewed for this long is reclaimed
 RENEW_S = 5.0  # how often an ingress renews the leases it holds
 CALL_TIMEOUT_S = 5.0  # longer than this and the keeper counts as unreachable
+STARTUP_S = 120.0  # a new keeper's process starts in seconds, more on a busy machine
 
 logger = logging.getLogger("patchscope.serve")
 
@@ -144,6 +145,9 @@ class QuotaClient:
         self._incarnation: str | None = None
         self._live: dict[str, str] = {}  # lease id -> key, renewed until released
         self._renewer: asyncio.Task | None = None
+        if connect is keeper:  # on a replica: up and given this deploy's limits before the first call
+            self._handle = keeper(*self.limits)
+            self._incarnation = ray.get(self._handle.configure.remote(*self.limits), timeout=STARTUP_S)
 
     async def _call(self, method: str, *args):
         if self._handle is None:

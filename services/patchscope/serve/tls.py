@@ -11,6 +11,7 @@ falls to an ingress or Envoy in front of the Serve service (deploy/README.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,13 +43,10 @@ class _Forward(grpc.GenericRpcHandler):
             return None  # UNIMPLEMENTED for anything else
         if streaming:
             call = self.upstream.unary_stream(details.method)
-            return grpc.unary_stream_rpc_method_handler(
-                lambda request, context: self._stream(call, request, context)
-            )
+            # partial, not lambda: grpc.aio tells coroutine and async-generator handlers by inspection
+            return grpc.unary_stream_rpc_method_handler(functools.partial(self._stream, call))
         call = self.upstream.unary_unary(details.method)
-        return grpc.unary_unary_rpc_method_handler(
-            lambda request, context: self._unary(call, request, context)
-        )
+        return grpc.unary_unary_rpc_method_handler(functools.partial(self._unary, call))
 
     @staticmethod
     async def _unary(call, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
