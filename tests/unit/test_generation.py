@@ -132,9 +132,9 @@ def test_template_ids_join_prefix_filler_and_suffix(tiny):
 def test_engine_head_equals_the_models_own_logits(tiny, tiny_runtime):
     """Decoding runs the base model (or the lean forward) and the head itself; it must match the causal-LM
     wrapper."""
-    from patchscope.engine.generation import _forward, _new_cache
+    from patchscope.engine.generation import _forward, new_cache
 
     ids = torch.tensor([tokenize_template(tiny.tokenizer, IDENTITY.template, IDENTITY.filler).ids] * 2)
     want = tiny.model(ids).logits[:, -1]
-    got = _forward(tiny_runtime, ids, _new_cache(tiny_runtime))
+    got = _forward(tiny_runtime, ids, new_cache(tiny_runtime))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -116,6 +116,11 @@ def test_cli_explain_json_on_a_registered_directory(tiny_dirs, capsys):
         "answer",
         "mapping_id",
         "mapping_r2",
+        "unpatched_answer",
+        "same_as_unpatched",
+        "patch_effect",
+        "dependence",
+        "confidence",
     }
 
 

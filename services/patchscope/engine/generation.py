@@ -94,7 +94,8 @@ class Step:
     logits: torch.Tensor | None = field(default=None, repr=False)  # [B, V]
 
 
-def _new_cache(target: TargetRuntime) -> KVCache:
+def new_cache(target: TargetRuntime) -> KVCache:
+    """An empty KV cache of the kind the runtime's forward writes."""
     return LeanCache() if target.lean is not None else DynamicCache(config=target.model.model.config)
 
 
@@ -184,7 +185,7 @@ def _run_batch(
     shared = min([tokens.prefix_len, *(p.position for p in patches)]) if use_prefix_cache else 0
 
     def compute_prefix() -> KVCache:
-        kv = _new_cache(target)
+        kv = new_cache(target)
         _forward(target, ids[None, :shared], kv)
         return kv
 
@@ -192,7 +193,7 @@ def _run_batch(
     if shared > 0:
         kv = target.prefix_cache.take(tokens.ids[:shared], batch, compute_prefix)
     else:
-        kv = _new_cache(target)
+        kv = new_cache(target)
     # Every row has the same ids and the same (prefix) cache until its patches.
     logits = _forward(target, ids[shared:].expand(batch, -1), kv, patches, identical_rows=True)  # [B, V]
     timings.prefill_s += time.perf_counter() - started

@@ -20,7 +20,11 @@ from patchscope.engine.timings import Timings
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """Rows of one Explain for one target model: row k patches `vectors[k]` at block `layers[k]`."""
+    """Rows of one Explain for one target model: row k patches `vectors[k]` at block `layers[k]`.
+
+    With `control`, one more row follows them: the template with no patch at all, whose first-step
+    distribution every other row's `patch_effect` is measured against.
+    """
 
     model: str
     template: str
@@ -28,12 +32,20 @@ class GenerateRequest:
     layers: list[int]
     vectors: list[torch.Tensor]  # [d*] float32 CPU tensors
     config: GenerationConfig
+    control: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.vectors) + self.control
 
     def rows(self) -> list[PatchedRow]:
-        return [
+        rows = [
             PatchedRow(template=self.template, filler=self.filler, patches=(RowPatch(layer=layer, vector=v),))
             for layer, v in zip(self.layers, self.vectors, strict=True)
         ]
+        if self.control:
+            rows.append(PatchedRow(template=self.template, filler=self.filler, patches=()))
+        return rows
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,11 @@ class RowEvent:
     stop: bool = False  # the token is a stop token, not part of the explanation
     explanation: str | None = None
     timings: Timings | None = None
+    # Signals, on finished events when the generation kept its logits: the mean log-probability per token
+    # of the explanation, and the total-variation distance of the first step's distribution from the
+    # control row's (0 for the control row itself).
+    logprob: float | None = None
+    patch_effect: float | None = None
 
 
 class TextDecoder:
@@ -78,16 +95,30 @@ class TextDecoder:
         return text, rest
 
 
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """½ Σ|p − q| over the last dimension: 0 for equal distributions, 1 for disjoint ones."""
+    return 0.5 * (p - q).abs().sum(dim=-1)
+
+
 def row_events(
-    steps: Iterator[Step], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, timings: Timings
+    steps: Iterator[Step],
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    timings: Timings,
+    controls: dict[int, int] | None = None,
 ) -> Iterator[list[RowEvent]]:
     """The events of each step, rows numbered as in the steps; a row's last event is `finished`.
 
     A row ends on a stop token or at its `max_new_tokens`-th token; its finished event carries a copy of
-    `timings` as the generation has filled it so far.
+    `timings` as the generation has filled it so far. `controls` maps rows to the control row of their
+    request: the steps must then carry their logits, and finished events carry the signals.
     """
     decoders: dict[int, TextDecoder] = {}
+    logprobs: dict[int, list[float]] = {}
+    effects: dict[int, float] = {}
     for step in steps:
+        if controls is not None:
+            _observe(step, controls, logprobs, effects, new=[r for r in step.rows if r not in decoders])
         events = []
         for row, token, stop in zip(step.rows, step.token_ids, step.finished, strict=True):
             decoder = decoders.setdefault(row, TextDecoder(tokenizer))
@@ -95,10 +126,44 @@ def row_events(
             text = "" if stop else decoder.add(token)
             if stop or index == max_new_tokens - 1:
                 explanation, rest = decoder.final()
+                scores = logprobs.get(row)
                 event = RowEvent(
-                    row, index, token, text + rest, True, stop, explanation, dataclasses.replace(timings)
+                    row,
+                    index,
+                    token,
+                    text + rest,
+                    True,
+                    stop,
+                    explanation,
+                    dataclasses.replace(timings),
+                    logprob=sum(scores) / len(scores) if scores else None,
+                    patch_effect=effects.get(row),
                 )
             else:
                 event = RowEvent(row, index, token, text, False)
             events.append(event)
         yield events
+
+
+def _observe(
+    step: Step,
+    controls: dict[int, int],
+    logprobs: dict[int, list[float]],
+    effects: dict[int, float],
+    new: list,
+) -> None:
+    """Log-probabilities of the chosen tokens (stop tokens excluded), and first-step distances."""
+    if step.logits is None:
+        raise ValueError("signals need the steps' logits (iter_patched_generate(..., keep_logits=True))")
+    lp = torch.log_softmax(step.logits.float(), dim=-1)  # [B, V]
+    chosen = lp.gather(1, torch.tensor(step.token_ids, device=lp.device)[:, None])[:, 0].tolist()
+    for k, (row, stop) in enumerate(zip(step.rows, step.finished, strict=True)):
+        if not stop:
+            logprobs.setdefault(row, []).append(chosen[k])
+    if new:
+        where = {row: k for k, row in enumerate(step.rows)}
+        probs = lp.exp()
+        for row in new:
+            control = controls.get(row)
+            if control is not None and control in where:
+                effects[row] = float(total_variation(probs[where[row]], probs[where[control]]))

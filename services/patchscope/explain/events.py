@@ -30,6 +30,28 @@ class SiteToken:
 
 
 @dataclass(frozen=True)
+class Control:
+    """What the target says without the patch, and how much the patch changed it, for one site.
+
+    `patch_effect` is the total-variation distance between the target's first-step next-token
+    distributions with and without the patch, in [0, 1]. `dependence` is `explanation_logprob` (mean
+    log-probability per token of the explanation in the patched run) minus `unpatched_logprob` (the same
+    tokens scored teacher-forced without the patch), in nats per token: near 0, the target would have said
+    it anyway. `confidence` is a calibrator's probability that the answer is right (None without one).
+    """
+
+    unpatched_explanation: str
+    unpatched_answer: str
+    same_as_unpatched: bool
+    patch_effect: float | None
+    explanation_logprob: float | None
+    unpatched_logprob: float | None
+    dependence: float | None
+    confidence: float | None = None
+    calibrator_id: str = ""  # empty: no calibrator registered for this (source, target, preset)
+
+
+@dataclass(frozen=True)
 class SiteFinished:
     """Site `index` is done: its explanation, the answer a metric compares, and where time went."""
 
@@ -38,6 +60,7 @@ class SiteFinished:
     answer: str
     top_k: list[tuple[str, float]] | None = None  # the logit lens only
     timings: Timings = field(default_factory=Timings)
+    control: Control | None = None  # None when the request turned controls off (or the logit lens)
 
 
 Event = SiteStarted | SiteToken | SiteFinished
@@ -54,6 +77,7 @@ class SiteResult:
     mapping_id: str | None = None
     mapping_r2: float | None = None
     top_k: list[tuple[str, float]] | None = None
+    control: Control | None = None
 
     def to_json(self) -> dict[str, object]:
         record: dict[str, object] = {
@@ -68,6 +92,14 @@ class SiteResult:
         }
         if self.top_k is not None:
             record["top_k"] = [{"token": t, "prob": p} for t, p in self.top_k]
+        c = self.control
+        record.update(
+            unpatched_answer=c.unpatched_answer if c else None,
+            same_as_unpatched=c.same_as_unpatched if c else None,
+            patch_effect=c.patch_effect if c else None,
+            dependence=c.dependence if c else None,
+            confidence=c.confidence if c else None,
+        )
         return record
 
 

@@ -17,6 +17,7 @@ from patchscope.engine.hooks import HiddenStates, extract
 from patchscope.engine.lens import logit_lens
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.runtime import TargetRuntime
+from patchscope.engine.scoring import score_continuations
 from patchscope.engine.streaming import GenerateRequest, RowEvent, row_events
 from patchscope.engine.template import tokenize_prompt
 from patchscope.engine.timings import Timings
@@ -76,9 +77,13 @@ class LocalBackend:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
         target = self._target(request.model)
         timings = Timings()
-        steps = iter_patched_generate(target, request.rows(), request.config, timings=timings)
+        rows = request.rows()
+        steps = iter_patched_generate(
+            target, rows, request.config, timings=timings, keep_logits=request.control
+        )
+        controls = {k: len(rows) - 1 for k in range(len(rows))} if request.control else None
         tokenizer = target.model.tokenizer
-        for events in row_events(steps, tokenizer, request.config.max_new_tokens, timings):
+        for events in row_events(steps, tokenizer, request.config.max_new_tokens, timings, controls):
             yield events
 
     async def logit_lens(
@@ -86,6 +91,11 @@ class LocalBackend:
     ) -> list[tuple[str, list[tuple[str, float]]]]:
         model = self._target(model_id).model
         return [logit_lens(model, vector, top_k) for vector in vectors]
+
+    async def score(
+        self, model_id: str, template: str, filler: str, continuations: list[list[int]]
+    ) -> list[float | None]:
+        return score_continuations(self._target(model_id), template, filler, continuations)
 
 
 def explain(

@@ -27,6 +27,7 @@ from patchscope.engine.validation import (
 )
 from patchscope.explain.limits import MAX_TEMPERATURE, MIN_TEMPERATURE, Limits
 from patchscope.explain.request import AUTO, ActivationsRequest, ExplainRequest, Site, TargetSpec
+from patchscope.explain.signals import Calibrator
 from patchscope.mapping.pipeline import depth_proportional
 
 
@@ -79,6 +80,8 @@ class Plan:
     mapping: Mapping | None  # None: same model, the state goes in as it is
     prompt: str | None = None  # None: the states came with the request
     provenance_mismatch: bool = False
+    controls: bool = True  # run the unpatched control row and report the signals
+    calibrator: Calibrator | None = None  # set by the pipeline when one is registered
 
     @property
     def same_model(self) -> bool:
@@ -250,6 +253,7 @@ def plan_explain(
         top_k=how.top_k,
         mapping=_mapping(resolve, source, target, request.target, sites),
         prompt=request.prompt,
+        controls=request.target.controls and how.preset.generates,
     )
 
 
@@ -340,6 +344,7 @@ def plan_activations(
         generation=how.generation,
         top_k=how.top_k,
         mapping=_mapping(resolve, source, target, request.target, sites),
+        controls=request.target.controls and how.preset.generates,
         provenance_mismatch=request.fingerprint != source.fingerprint,
     )
 

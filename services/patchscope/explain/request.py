@@ -34,6 +34,8 @@ class TargetSpec:
     mapping: str = AUTO
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     top_k: int = DEFAULT_TOP_K
+    # The unpatched control row and the signals derived from it (events.Control); on by default.
+    controls: bool = True
 
 
 @dataclass(frozen=True)

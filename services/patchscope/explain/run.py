@@ -7,8 +7,9 @@ for the CLI and the experiments. The plan is already validated (plan.py), so not
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -28,6 +29,7 @@ from patchscope.explain.plan import (
     plan_explain,
 )
 from patchscope.explain.request import ActivationsRequest, ExplainRequest
+from patchscope.explain.signals import Calibrator, control
 
 __all__ = ["Backend", "GenerateRequest", "Pipeline", "RowEvent", "collect"]
 
@@ -57,6 +59,20 @@ class Backend(Protocol):
         self, model_id: str, vectors: list[torch.Tensor], top_k: int
     ) -> list[tuple[str, list[tuple[str, float]]]]: ...
 
+    async def score(
+        self, model_id: str, template: str, filler: str, continuations: list[list[int]]
+    ) -> list[float | None]:
+        """Mean log-probability per token of each continuation after the unpatched template."""
+        ...
+
+
+# (source, target, preset) -> the registered calibrator, or None.
+CalibratorLookup = Callable[[ModelInfo, ModelInfo, str], Calibrator | None]
+
+
+def no_calibrators(source: ModelInfo, target: ModelInfo, preset: str) -> Calibrator | None:
+    return None
+
 
 def map_states(plan: Plan, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """f(h) for each site's state ([d] -> [d*]); the state itself when source and target are one model."""
@@ -75,20 +91,31 @@ def map_states(plan: Plan, states: Sequence[torch.Tensor]) -> list[torch.Tensor]
 class Pipeline:
     """Plans and runs Explains against one backend, under one set of limits and one mapping resolver."""
 
-    def __init__(self, backend: Backend, limits: Limits, resolve: MappingResolver) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        limits: Limits,
+        resolve: MappingResolver,
+        calibrators: CalibratorLookup = no_calibrators,
+    ) -> None:
         self.backend = backend
         self.limits = limits
         self.resolve = resolve
+        self.calibrators = calibrators
 
     async def plan(self, request: ExplainRequest | ActivationsRequest) -> Plan:
         """Validate `request` completely; only the source's tokenizer runs (for positions and length)."""
         source = await self.backend.source_info(request.source)
         target = await self.backend.target_info(request.target.model)
         if isinstance(request, ActivationsRequest):
-            return plan_activations(request, source, target, self.limits, self.resolve)
-        check_prompt_size("prompt", request.prompt, self.limits)
-        tokens = await self.backend.tokenize(source.id, request.prompt)
-        return plan_explain(request, source, target, tokens, self.limits, self.resolve)
+            plan = plan_activations(request, source, target, self.limits, self.resolve)
+        else:
+            check_prompt_size("prompt", request.prompt, self.limits)
+            tokens = await self.backend.tokenize(source.id, request.prompt)
+            plan = plan_explain(request, source, target, tokens, self.limits, self.resolve)
+        if not plan.controls:
+            return plan
+        return dataclasses.replace(plan, calibrator=self.calibrators(source, target, plan.preset.name))
 
     async def run(self, plan: Plan, states: torch.Tensor | None = None) -> AsyncIterator[Event]:
         """Extract (unless `states`, [sites, d], came with the request), map, and verbalise every site."""
@@ -125,24 +152,74 @@ class Pipeline:
             layers=[s.target_layer for s in plan.sites],
             vectors=vectors,
             config=plan.generation,
+            control=plan.controls,
         )
+        n = len(plan.sites)  # with controls, row n is the unpatched control
+        tokens: list[list[int]] = [[] for _ in range(n + 1)]
+        held: dict[int, RowEvent] = {}  # finished rows waiting for the control to end
         async with contextlib.aclosing(self.backend.generate(request)) as steps:
             async for events in steps:
                 for e in events:
+                    if not e.stop:
+                        tokens[e.row].append(e.token_id)
+                    if e.row == n:
+                        held[n] = e if e.finished else held.get(n)
+                        continue
                     if not e.stop or e.text:
                         yield SiteToken(e.row, e.step, e.token_id, e.text)
-                    if e.finished:
-                        explanation = e.explanation or ""
-                        generated = e.timings or Timings()
-                        site_timings = Timings(
-                            source_s=timings.source_s,
-                            queue_s=generated.queue_s,
-                            prefill_s=generated.prefill_s,
-                            decode_s=generated.decode_s,
-                        )
-                        yield SiteFinished(
-                            e.row, explanation, plan.preset.answer(explanation), timings=site_timings
-                        )
+                    if e.finished and plan.controls:
+                        held[e.row] = e
+                    elif e.finished:
+                        yield self._finished(plan, e, timings)
+        if plan.controls:
+            unpatched = await self.backend.score(
+                plan.target.id, plan.template, plan.preset.filler, tokens[:n]
+            )
+            for index in range(n):
+                yield self._finished(plan, held[index], timings, held[n], unpatched[index], vectors[index])
+
+    def _finished(
+        self,
+        plan: Plan,
+        e: RowEvent,
+        timings: Timings,
+        control_row: RowEvent | None = None,
+        unpatched_logprob: float | None = None,
+        vector: torch.Tensor | None = None,
+    ) -> SiteFinished:
+        explanation = e.explanation or ""
+        answer = plan.preset.answer(explanation)
+        generated = e.timings or Timings()
+        site_timings = Timings(
+            source_s=timings.source_s,
+            queue_s=generated.queue_s,
+            prefill_s=generated.prefill_s,
+            decode_s=generated.decode_s,
+        )
+        site_control = None
+        if control_row is not None:
+            site = plan.sites[e.row]
+            r2 = plan.mapping.describe(site.source_layer, site.target_layer)[1] if plan.mapping else None
+            norms = plan.target.layer_norms
+            unpatched_explanation = control_row.explanation or ""
+            site_control = control(
+                answer=answer,
+                unpatched_explanation=unpatched_explanation,
+                unpatched_answer=plan.preset.answer(unpatched_explanation),
+                patch_effect=e.patch_effect,
+                explanation_logprob=e.logprob,
+                unpatched_logprob=unpatched_logprob,
+                depths=(
+                    site.source_layer / max(1, plan.source.facts.num_layers - 1),
+                    site.target_layer / max(1, plan.target.facts.num_layers - 1),
+                ),
+                mapping_r2=r2,
+                norm_ratio=float(vector.norm()) / norms[site.target_layer]
+                if norms and vector is not None
+                else None,
+                calibrator=plan.calibrator,
+            )
+        return SiteFinished(e.row, explanation, answer, timings=site_timings, control=site_control)
 
     async def _extract(self, plan: Plan) -> list[torch.Tensor]:
         assert plan.prompt is not None
@@ -177,6 +254,7 @@ async def collect(plan: Plan, events: AsyncIterator[Event]) -> Explanation:
                 mapping_id=begun.mapping_id or None,
                 mapping_r2=begun.mapping_r2,
                 top_k=done.top_k,
+                control=done.control,
             )
         )
         timings = done.timings

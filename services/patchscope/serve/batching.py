@@ -19,6 +19,7 @@ step and removes its rows from the batch, so no further step is spent on them. S
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -30,7 +31,7 @@ from patchscope.engine.errors import PatchscopeError
 from patchscope.engine.generation import GenerationConfig, Step
 from patchscope.engine.generation import iter_patched_generate as _iter_patched_generate
 from patchscope.engine.runtime import TargetRuntime
-from patchscope.engine.streaming import GenerateRequest, RowEvent, TextDecoder
+from patchscope.engine.streaming import GenerateRequest, RowEvent, row_events
 from patchscope.engine.timings import Timings
 from patchscope.engine.validation import check_vector
 
@@ -103,7 +104,7 @@ class Batcher:
         facts = self.models[request.model].model.facts
         for k, vector in enumerate(request.vectors):
             check_vector(f"vectors[{k}]", vector, facts)
-        rows = len(request.vectors)
+        rows = request.num_rows
         if self.queued_rows + rows > self.max_queued_rows:
             raise QueueFull(
                 f"target model queue is full ({self.queued_rows} rows waiting, "
@@ -114,7 +115,7 @@ class Batcher:
         key = self._key(request)
         first = key not in self._pending
         self._pending.setdefault(key, []).append(ticket)
-        if sum(len(t.request.vectors) for t in self._pending[key]) >= self.max_rows or self.wait_s == 0:
+        if sum(t.request.num_rows for t in self._pending[key]) >= self.max_rows or self.wait_s == 0:
             self._start(key)
         elif first:
             asyncio.get_running_loop().call_later(self.wait_s, self._start, key)
@@ -162,12 +163,18 @@ class Batcher:
 
     async def _generate_for(self, key: _Key, live: list[_Ticket]) -> None:
         runtime = self.models[key.model]
-        owners: list[tuple[_Ticket, int]] = [(t, k) for t in live for k in range(len(t.request.vectors))]
+        owners: list[tuple[_Ticket, int]] = [(t, k) for t in live for k in range(t.request.num_rows)]
         rows = [row for t in live for row in t.request.rows()]  # in the order of `owners`
+        controls: dict[int, int] = {}  # batch row -> the control row of its request
+        start = 0
+        for ticket in live:
+            if ticket.request.control:
+                control = start + ticket.request.num_rows - 1
+                controls.update({start + k: control for k in range(ticket.request.num_rows)})
+            start += ticket.request.num_rows
         self.batch_sizes.append(len(rows))
         self.on_batch(len(rows))
-        decoders = [TextDecoder(runtime.model.tokenizer) for _ in rows]
-        open_rows = {t: len(t.request.vectors) for t in live}
+        open_rows = {t: t.request.num_rows for t in live}
         timings = Timings()
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -178,47 +185,34 @@ class Batcher:
                 self.rows_dropped += 1
             return ticket.dropped
 
-        steps = self._generate(runtime, rows, key.config, timings=timings, dropped=dropped)
-        step_no = 0
-        while (step := await loop.run_in_executor(self.executor, next, steps, None)) is not None:
+        steps = self._generate(
+            runtime, rows, key.config, timings=timings, dropped=dropped, keep_logits=bool(controls)
+        )
+        tokenizer = runtime.model.tokenizer
+        stream = row_events(steps, tokenizer, key.config.max_new_tokens, timings, controls or None)
+        # Each step (the model's work and the text decoding) runs on the worker thread.
+        while (step := await loop.run_in_executor(self.executor, next, stream, None)) is not None:
             self.steps_run += 1
-            last = step_no == key.config.max_new_tokens - 1
             events: dict[_Ticket, list[RowEvent]] = {}
             finishing: list[_Ticket] = []
-            for row, token, stop in zip(step.rows, step.token_ids, step.finished, strict=True):
-                ticket, local = owners[row]
-                text = "" if stop else decoders[row].add(token)
-                done = stop or last
-                event = RowEvent(local, step_no, token, text, done, stop=stop)
-                if done:
-                    event = _finish(event, decoders[row], ticket, timings, started)
+            for event in step:
+                ticket, local = owners[event.row]
+                finished_timings = None
+                if event.finished:
+                    assert event.timings is not None
+                    finished_timings = dataclasses.replace(
+                        event.timings, queue_s=started - ticket.enqueued_at
+                    )
                     open_rows[ticket] -= 1
                     if open_rows[ticket] == 0:
                         finishing.append(ticket)
-                events.setdefault(ticket, []).append(event)
+                events.setdefault(ticket, []).append(
+                    dataclasses.replace(event, row=local, timings=finished_timings)
+                )
             for ticket, batch in events.items():
                 if not ticket.dropped:
                     ticket.queue.put_nowait(batch)
             for ticket in finishing:
                 ticket.queue.put_nowait(_DONE)
-            step_no += 1
         if any(open_rows[t] > 0 and not t.dropped for t in live):
             raise RuntimeError("generation ended before every row finished")
-
-
-def _finish(
-    event: RowEvent, decoder: TextDecoder, ticket: _Ticket, timings: Timings, started: float
-) -> RowEvent:
-    explanation, rest = decoder.final()
-    return RowEvent(
-        event.row,
-        event.step,
-        event.token_id,
-        event.text + rest,
-        True,
-        stop=event.stop,
-        explanation=explanation,
-        timings=Timings(
-            queue_s=started - ticket.enqueued_at, prefill_s=timings.prefill_s, decode_s=timings.decode_s
-        ),
-    )

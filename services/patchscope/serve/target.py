@@ -1,4 +1,4 @@
-"""The TargetModel deployment: batched patched generation (streamed) and the logit lens.
+"""The TargetModel deployment: batched patched generation (streamed), the logit lens, control scores.
 
 Concurrent requests share batches through the `Batcher`; a request streams one list of row events per
 decoding step, and leaving the stream early (client cancel or deadline) drops its rows from the batch.
@@ -15,6 +15,7 @@ from ray import serve
 
 from patchscope.engine.lens import logit_lens
 from patchscope.engine.runtime import TargetRuntime
+from patchscope.engine.scoring import score_continuations
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.validation import check_vector
 from patchscope.serve.batching import Batcher
@@ -32,10 +33,12 @@ class TargetModel:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
         self.metrics = ServiceMetrics()
         options = self.config.engine_options()
-        runtimes = {model_id: TargetRuntime.build(m, options) for model_id, m in self.hosted.models.items()}
+        self.runtimes = {
+            model_id: TargetRuntime.build(m, options) for model_id, m in self.hosted.models.items()
+        }
         batching = self.config.batching
         self.batcher = Batcher(
-            runtimes,
+            self.runtimes,
             self.executor,
             enabled=batching.enabled,
             wait_s=batching.wait_ms / 1000 if batching.enabled else 0.0,
@@ -61,7 +64,7 @@ class TargetModel:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
         self.hosted.model(request.model)
-        self.metrics.queue_rows(self.batcher.queued_rows + len(request.vectors))
+        self.metrics.queue_rows(self.batcher.queued_rows + request.num_rows)
         async for events in self.batcher.submit(request):
             self.metrics.tokens(sum(1 for e in events if not e.stop))
             yield events
@@ -77,3 +80,13 @@ class TargetModel:
             return [logit_lens(model, vector, top_k) for vector in vectors]
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+
+    async def score(
+        self, model_id: str, template: str, filler: str, continuations: list[list[int]]
+    ) -> list[float | None]:
+        """Teacher-forced mean log-probabilities of continuations in the unpatched template (controls)."""
+        self.hosted.model(model_id)  # NOT_FOUND for a model this replica does not host
+        runtime = self.runtimes[model_id]
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, score_continuations, runtime, template, filler, continuations
+        )

@@ -278,8 +278,11 @@ class LeanDecoder:
         patches: Sequence[Patch] = (),
         *,
         identical_rows: bool = False,
+        last_only: bool = True,
     ) -> torch.Tensor:
         """The final-normed state of each row's last position ([B, d]) after `ids` ([B, t]).
+
+        With `last_only` False, of every new position ([B, t, d]).
 
         The new tokens are appended to `cache`; `patches` (absolute positions, rows of this batch) are
         written into block outputs. `identical_rows`: every row's ids and cache are equal (a batch's
@@ -306,5 +309,7 @@ class LeanDecoder:
                 at = patch.row if rows is None else rows.follows[patch.row]
                 write_patches(h, at, patch.position - start, patch.vector)
         cache.length += t
+        if not last_only:  # teacher-forced scoring reads every new position ([B, t, d])
+            return self.norm(h if rows is None else h[rows.index])
         last = h[:, -1] if rows is None else h[rows.index, -1]
         return self.norm(last)
