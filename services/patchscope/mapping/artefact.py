@@ -6,9 +6,10 @@ recorded and checked on load, like tuned-lens's `unembed_hash`.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -64,6 +65,25 @@ class MappingInfo:
     fit_seconds: float
     created: str
     format_version: str = FORMAT_VERSION
+    # Held-out behaviour (mapping/behavioural.py), NaN / 0 where not measured; absent in older files.
+    identity_rate: float = math.nan  # held-out words the patched target repeats
+    identity_n: int = 0
+    attribute_accuracy: float = math.nan  # held-out LRE subjects the target knows: object named
+    attribute_reference: float = math.nan  # the same samples, same-model target patched at ℓ* itself
+    attribute_n: int = 0
+    unpatched_share: float = math.nan  # attribute explanations equal to the template's unpatched output
+
+    @property
+    def has_behaviour(self) -> bool:
+        return self.identity_n > 0 or self.attribute_n > 0
+
+    def behaviour_score(self) -> float:
+        """What `auto` ranks maps with behaviour metrics by: identity + attribute − unpatched share."""
+
+        def value(x: float) -> float:
+            return 0.0 if math.isnan(x) else x
+
+        return value(self.identity_rate) + value(self.attribute_accuracy) - value(self.unpatched_share)
 
     def to_metadata(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -71,7 +91,8 @@ class MappingInfo:
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> MappingInfo:
         kinds = {f.name: f.type for f in fields(cls)}
-        missing = [k for k in kinds if k not in meta and k != "format_version"]
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
+        missing = [k for k in kinds if k not in meta and k not in optional]
         if missing:
             raise MappingCorrupt(f"mapping metadata lacks {', '.join(missing)}")
         if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:

@@ -49,6 +49,8 @@ class FitReport:
     extract_s: float = 0.0
     solve_s: float = 0.0
     pairs: dict[str, int] = field(default_factory=dict)
+    # The paired states of each split: pass them back as `paired_states` to fit another method on them.
+    states: dict[str, PairedStates] = field(default_factory=dict, repr=False)
 
 
 class Progress:
@@ -105,6 +107,7 @@ def fit_mappings(
     behavioural_options: bh.BehaviouralOptions | None = None,
     behaviour_eval: bool | None = None,
     relations: list | None = None,
+    paired_states: dict[str, PairedStates] | None = None,
 ) -> FitReport:
     """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`.
 
@@ -113,6 +116,8 @@ def fit_mappings(
     behaviour (`behavioural.py`) over `relations` (default: the packaged LRE relations) and shared words.
     `behaviour_eval` (default: on for the behavioural methods only) measures and records the held-out
     behaviour metrics that `auto` prefers to R²; it costs a few hundred patched generations per map.
+    `paired_states` (a previous report's `states`, fitted with the same corpus, words and layers) skips the
+    extraction.
     """
     progress = progress or Progress()
     if method not in METHODS:
@@ -156,12 +161,16 @@ def fit_mappings(
     started = time.perf_counter()
     states: dict[str, PairedStates] = {}
     for name, part in texts.items():
-        phase = f"extract {name}"
-        progress.start(phase, len(part))
-        states[name] = collect_pairs(
-            source, target, part, source_layers, target_layers, lambda k, p=phase: progress.advance(p, k)
-        )
+        if paired_states is not None:
+            states[name] = paired_states[name]
+        else:
+            phase = f"extract {name}"
+            progress.start(phase, len(part))
+            states[name] = collect_pairs(
+                source, target, part, source_layers, target_layers, lambda k, p=phase: progress.advance(p, k)
+            )
         report.pairs[name] = states[name].num_pairs
+    report.states = states
     report.extract_s = time.perf_counter() - started
 
     started = time.perf_counter()

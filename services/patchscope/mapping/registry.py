@@ -1,4 +1,4 @@
-"""A directory of mapping artefacts, listed from their metadata and chosen by held-out R²."""
+"""A directory of mapping artefacts, listed from their metadata and chosen by held-out behaviour, then R²."""
 
 from __future__ import annotations
 
@@ -85,12 +85,25 @@ class MappingRegistry:
         return loaded
 
     def best(self, source: str, target: str) -> dict[tuple[int, int], MappingInfo]:
-        """For each (ℓ, ℓ*) of this model pair, its mapping with the best held-out R² (one scan)."""
+        """For each (ℓ, ℓ*) of this model pair, its best mapping by `rank` (one scan)."""
         best: dict[tuple[int, int], MappingInfo] = {}
         for info in self.scan().mappings:
             pair = (info.source_layer, info.target_layer)
             if (info.source_model, info.target_model) == (source, target) and (
-                pair not in best or info.r2 > best[pair].r2
+                pair not in best or rank(info) > rank(best[pair])
             ):
                 best[pair] = info
         return best
+
+
+def rank(info: MappingInfo) -> tuple[bool, float, float]:
+    """Behaviour first, then R²: the key `best` maximises.
+
+    A map with held-out behaviour metrics beats one without, and among those the better
+    `behaviour_score` wins; R² only decides between maps with no behaviour measured (or ties).
+
+    R² rewards reproducing the target's high-variance directions, which is not what makes the target read
+    the mapped state the way it reads its own.
+    """
+    behaviour = info.behaviour_score() if info.has_behaviour else 0.0
+    return (info.has_behaviour, behaviour, info.r2)

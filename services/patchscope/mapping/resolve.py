@@ -42,8 +42,9 @@ def resolve_mappings(
 ) -> MappingSet:
     """One mapping per layer pair: `auto` or a named one.
 
-    `auto` takes the registered mapping of exactly (ℓ, ℓ*) with the best held-out R² (R² is never
-    compared across target layers); a named mapping must fit every pair.
+    `auto` takes the registered mapping of exactly (ℓ, ℓ*) that ranks best (`registry.rank`: held-out
+    behaviour metrics when a map has them, else held-out R²; never compared across target layers); a
+    named mapping must fit every pair.
     """
     pairs = sorted(set(pairs))
     by_pair: dict[tuple[int, int], LoadedMapping] = {}
