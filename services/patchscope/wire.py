@@ -21,7 +21,7 @@ import torch
 from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.generation import GenerationConfig
 from patchscope.engine.presets import DEFAULT_PRESET, DEFAULT_TOP_K
-from patchscope.explain.events import Event, SiteFinished, SiteStarted, SiteToken
+from patchscope.explain.events import Control, Event, SiteFinished, SiteStarted, SiteToken
 from patchscope.explain.plan import Plan
 from patchscope.explain.request import AUTO, ActivationsRequest, ExplainRequest, TargetSpec
 from patchscope.mapping.artefact import MappingInfo
@@ -231,6 +231,7 @@ def target_from_proto(spec: pb.TargetSpec) -> TargetSpec:
         mapping=spec.mapping or AUTO,
         generation=generation_from_proto(spec.generation),
         top_k=spec.top_k or DEFAULT_TOP_K,
+        controls=spec.controls if spec.HasField("controls") else True,
     )
 
 
@@ -306,7 +307,7 @@ def _finished(plan: Plan, event: SiteFinished, stamp: Stamp, now: float) -> pb.S
     site = plan.sites[event.index]
     mapping_id = plan.mapping.describe(site.source_layer, site.target_layer)[0] if plan.mapping else ""
     t = event.timings
-    return pb.SiteFinished(
+    finished = pb.SiteFinished(
         explanation=event.explanation,
         answer=event.answer,
         top_k=[pb.TokenProb(token=token, prob=p) for token, p in event.top_k or []],
@@ -333,6 +334,24 @@ def _finished(plan: Plan, event: SiteFinished, stamp: Stamp, now: float) -> pb.S
             provenance_mismatch=plan.provenance_mismatch,
         ),
     )
+    if event.control is not None:
+        finished.control.CopyFrom(control_to_proto(event.control))
+    return finished
+
+
+def control_to_proto(control: Control) -> pb.Control:
+    """Unknown signals stay unset (`optional`), so a client can tell 0 from "not measured"."""
+    message = pb.Control(
+        unpatched_explanation=control.unpatched_explanation,
+        unpatched_answer=control.unpatched_answer,
+        same_as_unpatched=control.same_as_unpatched,
+        calibrator_id=control.calibrator_id,
+    )
+    for name in ("patch_effect", "explanation_logprob", "unpatched_logprob", "dependence", "confidence"):
+        value = getattr(control, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message
 
 
 # ---- listings ---------------------------------------------------------------------------------------

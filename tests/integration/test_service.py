@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from patchscope.wire import pb
+from patchscope_client.version import API_VERSION
 
 pytestmark = pytest.mark.ray
 
@@ -13,8 +14,8 @@ def test_list_models_reports_hosted_models_roles_and_api_version(stub):
     response, call = stub.ListModels.with_call(pb.ListModelsRequest(), timeout=60)
     roles = {m.id: (m.source, m.target) for m in response.models}
     assert roles == {"tiny-llama": (True, True), "tiny-qwen2": (False, True)}
-    assert response.api_version == "1.0"
-    assert dict(call.trailing_metadata())["patchscope-api-version"] == "1.0"
+    assert response.api_version == API_VERSION
+    assert dict(call.trailing_metadata())["patchscope-api-version"] == API_VERSION
     assert all(m.ready and m.num_layers == 4 and m.hidden_size == 64 for m in response.models)
 
 
@@ -134,7 +135,7 @@ def test_explain_same_model_streams_the_engines_explanations(stub, tiny_models):
         assert event.site.source_token == result.source_token
         repro = event.finished.reproduction
         assert repro.source_model == "tiny-llama" and repro.mapping_id == "" and repro.dtype == "float32"
-        assert repro.generation.max_new_tokens == 6 and repro.api_version == "1.0"
+        assert repro.generation.max_new_tokens == 6 and repro.api_version == API_VERSION
 
 
 def test_explain_cross_model_goes_through_the_registered_mapping(stub, tiny_models, mapping_registry):

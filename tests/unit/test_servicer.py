@@ -236,3 +236,14 @@ def test_without_a_token_a_protected_service_is_unauthenticated(llama, llama_run
     ok = Context([("authorization", "Bearer secret-token")])
     listed = asyncio.run(servicer.ListModels(pb.ListModelsRequest(), ok))
     assert [m.id for m in listed.models] == ["tiny-llama"]
+
+
+def test_finished_events_carry_the_control_and_can_go_without(service):
+    servicer, _ = service
+    events = run_stream(servicer.Explain(explain_request(), Context()))
+    finished = [e.finished for e in events if e.HasField("finished")]
+    assert all(f.HasField("control") and f.control.HasField("patch_effect") for f in finished)
+    assert all(0.0 <= f.control.patch_effect <= 1.0 and f.control.HasField("dependence") for f in finished)
+    assert all(not f.control.HasField("confidence") and f.control.calibrator_id == "" for f in finished)
+    off = run_stream(servicer.Explain(explain_request(controls=False), Context()))
+    assert not any(e.finished.HasField("control") for e in off if e.HasField("finished"))

@@ -2,7 +2,7 @@
 
 # "1.MINOR": the major changes only with a new proto package (patchscope.v2); the minor grows as fields and
 # methods are added.
-API_VERSION = "1.0"
+API_VERSION = "1.1"  # 1.1: SiteFinished.control, TargetSpec.controls
 METADATA_KEY = "patchscope-api-version"
 
 
