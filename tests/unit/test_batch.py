@@ -270,6 +270,9 @@ def test_rows_equal_explaining_each_file_alone(llama, llama_runtime, inputs, tmp
     record = json.loads(got[0]["reproduction"])
     assert record["source"]["fingerprint"] == llama.fingerprint and record["input"]["row"] == 0
     assert got[0]["confidence"] is None  # no calibrator: null, not a made-up figure
+    # The controls of the pipeline's own batch travel into every row.
+    assert all(isinstance(r["same_as_unpatched"], bool) and r["unpatched_answer"] is not None for r in got)
+    assert all(0.0 <= r["patch_effect"] <= 1.0 for r in got)
 
 
 def test_resume_redoes_only_missing_parts_and_refuses_another_job(llama, llama_runtime, inputs, tmp_path):

@@ -15,6 +15,7 @@ from patchscope.explain.events import SiteResult
 
 # What the pipeline's SiteResult may carry beside the explanation (the controls of every site).
 SIGNALS: tuple[tuple[str, pa.DataType], ...] = (
+    ("unpatched_explanation", pa.string()),
     ("unpatched_answer", pa.string()),
     ("same_as_unpatched", pa.bool_()),
     ("patch_effect", pa.float64()),
@@ -76,8 +77,10 @@ def row_record(
         "provenance_mismatch": provenance_mismatch,
         "reproduction": json.dumps(reproduction, sort_keys=True, ensure_ascii=False),
     }
+    # The signals travel in the result's `control` (None when controls are off or for the logit lens).
+    control = getattr(result, "control", None)
     for name, _ in SIGNALS:
-        record[name] = getattr(result, name, None)
+        record[name] = getattr(control, name, None)
     return record
 
 
