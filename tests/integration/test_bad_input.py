@@ -56,7 +56,7 @@ CASES = {
     "position out of range": ("Explain", explain_request(positions=[99]), INVALID, "positions"),
     "too many sites": (
         "Explain",
-        explain_request(layers=[0, 1, 2, 3], positions=list(range(17))),
+        explain_request(layers=[0, 1, 2, 3], positions=[1] * 17),
         INVALID,
         "too many sites; allowed: <= 64",
     ),
