@@ -9,6 +9,12 @@ Prints figures; asserts nothing.
              affine+vocab, Wilson 95% intervals, beside the same-model references smollm2 -> smollm2 and
              gemma3 -> gemma3
   all-pairs  every layer pair (30 × 18): extraction and solve times, R² heat map and mapped-norm ratio PNGs
+  behaviour  at --behaviour-pairs (default 2:1), side by side: ridge (affine+vocab), learned, learned+KL
+             (the head-lens KL term), behavioural and behavioural-mlp (mapping/behavioural.py), each with its
+             fit time, held-out R², held-out KL of the target's continuations, identity rate on held-out
+             shared words and on the first --nouns held-out nouns, attribute accuracy on held-out LRE
+             subjects the target knows beside the same-model target at ℓ*, and the share of attribute
+             explanations equal to the unpatched control; counts n and Wilson 95% intervals
 
 `make bench-mapping` runs all three into a scratch registry and writes docs/mapping_*.png.
 """
@@ -181,11 +187,115 @@ def all_pairs(source, target, registry: MappingRegistry, out_dir: Path) -> None:
     print(f"wrote {out_dir / 'mapping_r2.png'} and {out_dir / 'mapping_norm_ratio.png'}")
 
 
+def _cell(k: int, n: int) -> str:
+    if n == 0:
+        return f"{'-':>22}"
+    lo, hi = wilson(k, n)
+    return f"{k / n:>6.1%} [{lo:.0%},{hi:.0%}] n={n:<3}"
+
+
+def behaviour(source, target, root: Path, args) -> None:
+    """Every method at the same pairs on the same data; the behavioural ones start from the ridge map."""
+    from patchscope.mapping import behavioural as bh
+
+    pairs = [tuple(int(v) for v in p.split(":")) for p in args.behaviour_pairs.split(",")]
+    nouns = (ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split()
+    held_out = set(nouns)
+    nouns = nouns[: args.nouns]
+    started = time.perf_counter()
+    relations = bh.default_relations()
+    data = bh.build_data(
+        source,
+        target,
+        relations,
+        subjects_per_relation=args.subjects,
+        words=args.words,
+        identity_eval=args.identity_words,
+        attribute_eval_per_relation=args.attribute_samples,
+        exclude_words=held_out,
+    )
+    metric_set = bh.metric_set(target, data)
+    print(
+        f"== behaviour at {args.behaviour_pairs}: rows { ({k: len(v) for k, v in data.rows.items()}) }, "
+        f"{len(metric_set.words)} held-out words, {len(metric_set.samples)} of {len(data.attribute_samples)} "
+        f"held-out LRE subjects known by {target.id} in plain text ({time.perf_counter() - started:.0f}s)"
+    )
+    options = {
+        "behavioural": bh.BehaviouralOptions(max_steps=args.steps, lr=args.lr),
+        "behavioural-mlp": bh.BehaviouralOptions(hidden=256, max_steps=args.steps, lr=args.lr),
+    }
+    methods = args.behaviour_methods.split(",")
+    common = dict(
+        max_words=args.behaviour_max_words, vocab_words=args.vocab_words, exclude_words=held_out, seed=0
+    )
+    small = {"hidden": 256, "max_epochs": 20}  # the learned MLP at a size this CPU fits in minutes
+    states = None
+    fitted: dict[str, dict[tuple[int, int], MappingInfo]] = {}
+    seconds: dict[str, float] = {}
+    for label in methods:
+        method, extra = {
+            "ridge": ("affine", {}),
+            "learned": ("learned", {"learned_options": small}),
+            "learned+kl": (
+                "learned",
+                {"learned_options": {"hidden": 256, "max_epochs": 20}, "kl_weight": 1.0},
+            ),
+        }.get(label, (label, {"behavioural_options": options.get(label), "relations": relations}))
+        began = time.perf_counter()
+        report = fit_mappings(
+            source,
+            target,
+            pairs,
+            method,
+            corpus(),
+            MappingRegistry(root / label),
+            behaviour_eval=False,
+            paired_states=states,
+            **common,
+            **extra,
+        )
+        states = report.states
+        seconds[label] = time.perf_counter() - began - report.extract_s
+        fitted[label] = {(i.source_layer, i.target_layer): i for i in report.infos}
+        print(f"{label}: fitted in {seconds[label]:.0f}s (+ extraction {report.extract_s:.0f}s, shared)")
+    header = (
+        f"{'method':<16}{'fit s':>7}{'R²':>7}{'test KL':>9}  {'identity (held-out words)':<24}"
+        f"{'identity (nouns)':<24}{'attribute':<24}{'× same':>7}  {'= unpatched':<22}"
+    )
+    for a, b in pairs:
+        forwards = {name: bh.TemplateForward(target, t, b) for name, t in data.templates.items()}
+        test = bh.prepare(source, target, data.rows["test"], forwards, a, b)
+        print(f"-- pair {a}:{b}; same-model {target.id} {b}->{b} on the same attribute samples:", end=" ")
+        lines = []
+        for label in methods:
+            info = fitted[label][(a, b)]
+            loaded = MappingRegistry(root / label).load(info.id)
+            kl = bh.split_kl(forwards, test, loaded.map)
+            m = bh.behaviour_metrics(source, target, a, b, loaded.map, data, metric_set)
+            noun_hits = identity_rate(source, target, [(a, b)], MappingSet({(a, b): loaded}), nouns)[0]
+            ratio = m.attribute_accuracy / m.attribute_reference if m.attribute_reference else float("nan")
+            n_attr = m.attribute_n
+            lines.append(
+                f"{label:<16}{seconds[label]:>7.0f}{info.r2:>7.3f}{kl:>9.4f}  "
+                f"{_cell(round(m.identity_rate * m.identity_n), m.identity_n):<24}"
+                f"{_cell(noun_hits, len(nouns)):<24}"
+                f"{_cell(round(m.attribute_accuracy * n_attr), n_attr):<24}{ratio:>7.2f}  "
+                f"{_cell(round(m.unpatched_share * n_attr), n_attr):<22}"
+            )
+        ref = metric_set.reference_hits.get(b, [])
+        print(_cell(sum(ref), len(ref)))
+        print(header)
+        print("\n".join(lines))
+    print(f"behaviour part: {time.perf_counter() - started:.0f}s in all")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("parts", nargs="*", default=["quality", "identity", "all-pairs"])
+    parser.add_argument(
+        "parts", nargs="*", default=["quality", "identity", "all-pairs"], help="… and/or behaviour"
+    )
     parser.add_argument(
         "--registry", default=None, help="scratch registries' parent (default: a temporary one)"
     )
@@ -200,6 +310,20 @@ def main() -> None:
     )
     parser.add_argument("--vocab-words", type=int, default=20_000, help=f"vocabulary texts of {VOCAB}")
     parser.add_argument("--cross-only", action="store_true", help="identity part: skip same-model references")
+    parser.add_argument("--behaviour-pairs", default="2:1", help="behaviour part: layer pairs")
+    parser.add_argument(
+        "--behaviour-methods",
+        default="ridge,learned,learned+kl,behavioural,behavioural-mlp",
+        help="behaviour part: what it fits, side by side",
+    )
+    parser.add_argument("--behaviour-max-words", type=int, default=20_000, help="corpus words of every fit")
+    parser.add_argument("--subjects", type=int, default=24, help="LRE training subjects per relation")
+    parser.add_argument("--words", type=int, default=600, help="shared training words (carrier texts)")
+    parser.add_argument("--identity-words", type=int, default=100, help="held-out shared words")
+    parser.add_argument("--attribute-samples", type=int, default=8, help="held-out subjects per relation")
+    parser.add_argument("--nouns", type=int, default=249, help="held-out nouns of the identity figure")
+    parser.add_argument("--steps", type=int, default=300, help="behavioural: most Adam steps")
+    parser.add_argument("--lr", type=float, default=3e-4, help="behavioural: Adam learning rate")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     commit = subprocess.run(
@@ -214,6 +338,8 @@ def main() -> None:
         quality(source, target, registries, args.methods.split(","), args.vocab_words)
     if "identity" in args.parts:
         identity(source, target, registries, args.method.split(","), args.cross_only)
+    if "behaviour" in args.parts:
+        behaviour(source, target, root / "behaviour", args)
     if "all-pairs" in args.parts:
         all_pairs(
             source, target, MappingRegistry(Path(tempfile.mkdtemp(prefix="patchscope-all-"))), Path(args.out)

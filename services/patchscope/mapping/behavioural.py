@@ -188,6 +188,7 @@ class TemplateForward:
 
     def __init__(self, target: LoadedModel, template: BehaviourTemplate, layer: int) -> None:
         self.target, self.layer = target, layer
+        self.head: torch.Tensor | None = None  # [V', d] rows of the head when restricted (`restrict`)
         self.tokens: TemplateTokens = tokenize_template(target.tokenizer, template.template, template.filler)
         self.shared = self.tokens.prefix_len  # the prefix, identical and unpatched in every row
         self.base = target.model.base_model
@@ -198,6 +199,10 @@ class TemplateForward:
             with torch.no_grad():
                 self.base(ids, use_cache=True, **{cache_kwarg(type(self.base)): kv})
             self._prefix = kv
+
+    def restrict(self, head: torch.Tensor | None) -> None:
+        """Compute logits over the head rows `head` only ([V', d]), or the whole vocabulary (None)."""
+        self.head = head
 
     @property
     def suffix(self) -> list[int]:
@@ -227,8 +232,12 @@ class TemplateForward:
             normed = self.base(ids, use_cache=self._prefix is not None, **kwargs).last_hidden_state
         finally:
             handle.remove()
-        last = normed[:, -k:]  # [B, k, d]: the positions that predict the continuation
-        logits = self.target.layout.unembed_normed(last.reshape(batch * k, -1)).float()  # [B·k, V]
+        last = normed[:, -k:].reshape(batch * k, -1)  # [B·k, d]: the positions predicting the continuation
+        layout = self.target.layout
+        if self.head is None:
+            logits = layout.unembed_normed(last).float()  # [B·k, V]
+        else:
+            logits = layout.capped(last.float() @ self.head.T)  # [B·k, V']
         return torch.log_softmax(logits, dim=-1).view(batch, k, -1)
 
 
@@ -242,16 +251,49 @@ class Reference:
     mask: torch.Tensor  # [N, k] positions before the first stop token (inclusive)
 
 
-def coarse_kl(predicted: torch.Tensor, reference: Reference, rows: torch.Tensor) -> torch.Tensor:
-    """Mean KL(reference ‖ predicted) over the reference's top-K tokens plus one bin for the rest ([])."""
+def coarse_kl(
+    predicted: torch.Tensor, reference: Reference, rows: torch.Tensor, lookup: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean KL(reference ‖ predicted) over the reference's top-K tokens plus one bin for the rest ([]).
+
+    `predicted` ([B, k, V']) is over a restricted vocabulary when `lookup` ([V] → column in V', −1 for
+    absent) is given; reference tokens outside it count in the rest.
+    """
     index, ref = reference.index[rows], reference.logprobs[rows]  # [B, k, K]
     mask = reference.mask[rows].float()  # [B, k]
-    pred = predicted.gather(-1, index)  # [B, k, K]
-    p_ref = ref.exp()
+    column = index if lookup is None else lookup[index]
+    inside = (column >= 0).float()
+    pred = predicted.gather(-1, column.clamp_min(0))  # [B, k, K]
+    p_ref = ref.exp() * inside
     rest_ref = (1 - p_ref.sum(-1)).clamp_min(1e-6)  # [B, k]
-    rest_pred = (1 - pred.exp().sum(-1)).clamp_min(1e-6)
+    rest_pred = (1 - (pred.exp() * inside).sum(-1)).clamp_min(1e-6)
     kl = (p_ref * (ref - pred)).sum(-1) + rest_ref * (rest_ref.log() - rest_pred.log())  # [B, k]
     return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass
+class Vocabulary:
+    """The tokens the fit scores: every token in some train or validation row's reference top-K.
+
+    The target's head has 262k rows for Gemma; a row's reference outside its top-K is one bin anyway, so
+    logits over the union of the top-K sets cost a fraction of the head and change the KL only through
+    the normaliser.
+    """
+
+    ids: torch.Tensor  # [V'] token ids
+    lookup: torch.Tensor  # [V] column in ids, −1 for tokens outside
+
+    @classmethod
+    def of(cls, references: Sequence[Reference], size: int) -> Vocabulary:
+        ids = torch.unique(torch.cat([r.index.flatten() for r in references]))
+        lookup = torch.full((size,), -1, dtype=torch.long)
+        lookup[ids] = torch.arange(len(ids))
+        return cls(ids, lookup)
+
+    def restrict(self, target: LoadedModel, forwards: dict[str, TemplateForward]) -> None:
+        head = target.layout.unembed.weight.detach()[self.ids.to(target.device)].float()  # [V', d]
+        for forward in forwards.values():
+            forward.restrict(head)
 
 
 @dataclass
@@ -287,7 +329,7 @@ def prepare(
     b: int,
     *,
     positions: int = 2,
-    top_k: int = 256,
+    top_k: int = 64,
     batch: int = 64,
 ) -> Prepared:
     """States of both models for `rows` and the target's own behaviour on them (no gradients)."""
@@ -338,7 +380,8 @@ class BehaviouralOptions:
     patience: int = 5
     mse_weight: float = 0.2
     positions: int = 2  # next-token distributions per row: the template's last position and after it
-    top_k: int = 256
+    top_k: int = 64
+    restrict_vocabulary: bool = True  # logits over the train and validation rows' top-K tokens only
     calibrate_norm: bool = True
     gains: tuple[float, ...] = (0.8, 0.9, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0)
 
@@ -375,6 +418,7 @@ def split_kl(
     data: Prepared,
     mapped: Callable[[torch.Tensor], torch.Tensor],
     batch: int = 64,
+    lookup: torch.Tensor | None = None,
 ) -> float:
     """Mean coarse KL over every row of `data` (no gradients): the validation behaviour."""
     total, count = 0.0, 0
@@ -384,9 +428,18 @@ def split_kl(
                 idx = members[start : start + batch]
                 cont = data.reference.continuation[idx]
                 lp = forwards[name].logprobs(mapped(data.x[idx]), cont if cont.shape[1] else None)
-                total += float(coarse_kl(lp, data.reference, idx)) * len(idx)
+                total += float(coarse_kl(lp, data.reference, idx, lookup)) * len(idx)
                 count += len(idx)
     return total / max(1, count)
+
+
+@contextmanager
+def _unrestricted_after(forwards: dict[str, TemplateForward]):
+    try:
+        yield
+    finally:
+        for forward in forwards.values():
+            forward.restrict(None)
 
 
 def fit_behavioural(
@@ -411,20 +464,25 @@ def fit_behavioural(
     start = copy.deepcopy(start)
     y_mean = train.y.mean(dim=0)
     gain = 1.0
-    with frozen(target.model):
+    lookup = None
+    if options.restrict_vocabulary:
+        vocabulary = Vocabulary.of([train.reference, val.reference], target.layout.unembed.weight.shape[0])
+        vocabulary.restrict(target, forwards)
+        lookup = vocabulary.lookup
+    with frozen(target.model), _unrestricted_after(forwards):
         if options.calibrate_norm:
 
             def scaled(g: float) -> Callable[[torch.Tensor], torch.Tensor]:
                 return lambda x: y_mean + g * (apply(start.tensors(), x) - y_mean)
 
-            kls = {g: split_kl(forwards, val, scaled(g)) for g in options.gains}
+            kls = {g: split_kl(forwards, val, scaled(g), lookup=lookup) for g in options.gains}
             gain = min(kls, key=lambda g: (kls[g], abs(g - 1)))
             start.weight = start.weight * gain
             start.bias = y_mean + gain * (start.bias - y_mean)
         model = Map(start, options.hidden, float(train.x.std()), generator)
         optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
         target_var = float(train.y.var(dim=0).sum())
-        start_kl = split_kl(forwards, val, model)
+        start_kl = split_kl(forwards, val, model, lookup=lookup)
         best_kl, best_state, best_step, stale = start_kl, copy.deepcopy(model.state_dict()), 0, 0
         # Minibatches come from one template each (one forward per step), in a seeded order.
         batches: list[tuple[str, torch.Tensor]] = []
@@ -440,7 +498,7 @@ def fit_behavioural(
             mapped = model(train.x[idx])
             cont = train.reference.continuation[idx]
             lp = forwards[name].logprobs(mapped, cont if cont.shape[1] else None)
-            loss = coarse_kl(lp, train.reference, idx)
+            loss = coarse_kl(lp, train.reference, idx, lookup)
             if options.mse_weight > 0:
                 loss = loss + options.mse_weight * ((mapped - train.y[idx]) ** 2).sum(-1).mean() / target_var
             optimiser.zero_grad()
@@ -449,7 +507,7 @@ def fit_behavioural(
             step += 1
             value = None
             if step % options.eval_every == 0 or step == options.max_steps:
-                value = split_kl(forwards, val, model)
+                value = split_kl(forwards, val, model, lookup=lookup)
                 if value < best_kl - 1e-4:
                     best_kl, best_state, best_step, stale = value, copy.deepcopy(model.state_dict()), step, 0
                 else:
@@ -472,6 +530,7 @@ def fit_behavioural(
         "mse_weight": options.mse_weight,
         "positions": options.positions,
         "top_k": options.top_k,
+        "vocabulary": len(lookup[lookup >= 0]) if lookup is not None else 0,
         "norm_gain": gain,
         "val_kl_start": round(start_kl, 5),
         "val_kl": round(best_kl, 5),
