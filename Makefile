@@ -100,8 +100,8 @@ bench-mapping: install data-check
 
 # Every benchmark, one after another (about half an hour here), into bench/results.md.
 BENCHES = engine precision gpu encoding prefix growth service mapping
-# The paper's experiments (docs/results.md); not part of make test. Sizes are for this 2-core CPU (about
-# 45 minutes; the sizes are stated on the page). The cross-model maps are the eval's own:
+# The paper's experiments (docs/results.md); not part of make test. Sizes are chosen for a 2-core CPU (tens of
+# minutes; each section of the page states its n). The cross-model maps are the eval's own:
 # fitted per split seed into $(EVAL_MAPS)/seed-N on a grid that includes late layers, held-out nouns
 # excluded, so no evaluation tests a map on its fit documents (eval refuses that).
 EVAL_MAPS ?= $(HOME)/.cache/patchscope/eval-mappings

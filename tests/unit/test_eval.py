@@ -191,10 +191,12 @@ def test_the_report_renders_saved_results_and_names_the_commands_of_missing_ones
     folder = tmp_path / "docs" / "results"
     folder.mkdir(parents=True)
     name = "next_token.smollm2-135m.smollm2-135m"
-    (folder / f"{name}.json").write_text(json.dumps(same_model_result))
-    next_token.plot(same_model_result, folder / f"{name}.png")
+    combined = next_token.combine([same_model_result])  # what `patchscope eval next-token` saves
+    (folder / f"{name}.json").write_text(json.dumps(combined))
+    next_token.plot(combined, folder / f"{name}.png")
     page = write_report(folder, tmp_path / "docs" / "results.md").read_text()
-    assert f"| 0 | {same_model_result['pairs'][0]['patchscope']['precision_at_1']:.3f}" in page
+    assert f"| 0 | {same_model_result['pairs'][0]['patchscope']['precision_at_1']:.3f} ± 0.000 |" in page
+    assert "(the saved result predates" not in page
     assert "](results/next_token.smollm2-135m.smollm2-135m.png)" in page
     assert "_Not run yet: `patchscope eval attributes --model smollm2-135m`._" in page
     # A multi-hop run that evaluated nothing concludes nothing.

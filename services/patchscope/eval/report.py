@@ -19,7 +19,9 @@ outcomes stored there. Models: SmolLM2-135M-Instruct (30 layers) and Gemma-3-270
 a shared 2-core CPU, so the sizes are small and stated with each figure (n, and a 95% Wilson interval for
 shares or a bootstrap interval over items for means). Data: the WikiText-2 validation file and the LRE
 relations packaged in `services/patchscope/data/`. `make eval` reruns all of it (fits the eval's own maps
-per split seed, then every command below; about 45 minutes here).
+per split seed, then every command below). The runs on this page were made on a CPU shared with other
+work, some at smaller sizes than `make eval`'s; each section states the n it rests on, and a section
+whose command has not been run at the current protocol says so instead of showing old numbers.
 
 **Controls beside every figure.** The *no-patch control* is the target prompt with its placeholder and
 nothing patched; the *text-only* baseline is the target asked the same question with the source text in
@@ -61,10 +63,8 @@ def _deviation(text: str) -> str:
 def next_token_section(result: dict | None, command: str) -> str:
     if result is None:
         return _missing(command)
-    if "runs" not in result:  # a single run saved by an older version
-        from patchscope.eval.next_token import combine
-
-        result = combine([result])
+    if "runs" not in result:
+        return _missing(command + "  (the saved result predates the seeded protocol)")
     runs = result["runs"]
     summary = result["summary"]
     lens = {e["layer"]: e for e in summary["layers"]}
@@ -195,7 +195,7 @@ def cross_model_section(result: dict | None, command: str) -> str:
         f"`{command}` — seeds {result['seeds']}, {result['positions_per_seed'][0]} positions per seed "
         f"({result['positions']} in all). Maps: ridge-regularised affine maps fitted by `make eval` per "
         "split seed "
-        "(12k corpus words + 5k vocabulary texts, held-out nouns excluded) into `REGISTRY/seed-N`; eval "
+        "(recipe: the Makefile's `eval:` target; held-out nouns excluded) into `REGISTRY/seed-N`; eval "
         "checks "
         "each map's recorded split seed and corpus fingerprint and refuses maps fitted on its test "
         "documents. "
@@ -271,7 +271,9 @@ def attributes_section(result: dict | None, command: str) -> str:
     dropped = ", ".join(f"{d['relation']} ({d['reason']})" for d in result["dropped_relations"]) or "none"
     absent = ", ".join(result["paper_tasks_absent"]) or "none"
     return (
-        f"`{command}` — of {result['tried']} samples tried ({result['max_samples_per_relation']} at most per "
+        f"`{command}` — {len(result['relations']) + len(result['dropped_relations'])} relations run (each "
+        "listed "
+        f"below); of {result['tried']} samples tried ({result['max_samples_per_relation']} at most per "
         f"relation), the model answers **{result['evaluated']}** in plain text (the text-only baseline, 1 on "
         "this "
         f"set by construction); only those are evaluated, as in the paper. Grid: ℓ, ℓ* ∈ {layers}. Source "
@@ -311,7 +313,9 @@ def multi_hop_section(result: dict | None, command: str) -> str:
         f"(≤ {result.get('max_samples', 'n')} per composition), **{result['evaluated']}** have both hops "
         f"answered by the model on their own and are evaluated.\n\n"
     )
-    if not result["evaluated"] or not isinstance(result.get("vanilla"), dict):
+    if result["evaluated"] and not isinstance(result.get("vanilla"), dict):
+        return _missing(command + "  (the saved result predates the paper's protocol)")
+    if not result["evaluated"]:
         return head + "**Nothing was evaluated, so nothing is concluded.**\n"
     a, b = result["patchscope_best_pair"]
     best = result["patchscope_best_pair_accuracy"]
