@@ -15,6 +15,7 @@ from patchscope_client.aio import AsyncPatchscopeClient
 from patchscope_client.client import PatchscopeClient
 from patchscope_client.errors import CallError, IncompatibleServer, MissingExtra, PatchscopeError
 from patchscope_client.types import (
+    Control,
     Event,
     Extraction,
     Finished,
@@ -35,6 +36,7 @@ __all__ = [
     "API_VERSION",
     "AsyncPatchscopeClient",
     "CallError",
+    "Control",
     "Event",
     "Extraction",
     "Finished",

@@ -125,11 +125,12 @@ class AsyncPatchscopeClient:
         *,
         target: str,
         positions: Sequence[int] | None = None,
+        controls: bool = True,
         timeout: float | None = None,
         **options,
     ) -> AsyncIterator[Event]:
         request = convert.explain_request(
-            source, prompt, layers, positions, convert.target_spec(target, **options)
+            source, prompt, layers, positions, convert.target_spec(target, controls=controls, **options)
         )
         return self._stream("Explain", self._stub.Explain, request, timeout)
 
@@ -147,6 +148,7 @@ class AsyncPatchscopeClient:
         tokens: Sequence[str] | None = None,
         model: str = "",
         fingerprint: str = "",
+        controls: bool = True,
         timeout: float | None = None,
         **options,
     ) -> AsyncIterator[Event]:
@@ -158,6 +160,6 @@ class AsyncPatchscopeClient:
             tokens=tokens,
             model=model,
             fingerprint=fingerprint,
-            spec=convert.target_spec(target, **options),
+            spec=convert.target_spec(target, controls=controls, **options),
         )
         return self._stream("ExplainActivations", self._stub.ExplainActivations, request, timeout)

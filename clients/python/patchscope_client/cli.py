@@ -4,8 +4,11 @@
         --target gemma3-270m --layers 0-12 [--json] [--html sweep.html] [--png sweep.png]
 
 A live display follows the stream (sites started, tokens so far); then a table of layer → answer and
-explanation with the mapping's R². `--json` prints NDJSON: one object per line as it arrives (for explain,
-one per finished site, with the keys of `patchscope explain --json`, its `site` index and the
+explanation with the mapping's R², the calibrated confidence ("-" without a calibrator) and "= unpatched"
+beside a site whose answer is what the target says with nothing patched (its explanation says nothing
+about the state). `--json` prints NDJSON: one object per line as it arrives (for explain, one per
+finished site, with the keys of `patchscope explain --json` — unpatched_answer, same_as_unpatched,
+patch_effect, dependence and confidence among them, None with `--no-controls` — its `site` index and the
 `reproduction` record). Connection options go before or after the subcommand.
 
 Exit codes: 0 success; 2 a usage error (bad flags, an unreadable file, a value the client rejects);
@@ -37,9 +40,10 @@ from patchscope_client.errors import (
     ServerError,
     Unavailable,
 )
-from patchscope_client.types import Finished, ResultTable, Token, collect
+from patchscope_client.types import Finished, ResultTable, SiteResult, Token, collect
 
 EXIT_USAGE, EXIT_REJECTED, EXIT_UNREACHABLE, EXIT_SERVER, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
+SAME_AS_UNPATCHED = "= unpatched"  # `patchscope explain` prints the same marker
 
 
 def int_list(spec: str) -> list[int]:
@@ -94,7 +98,9 @@ def _options(args: argparse.Namespace) -> dict:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "seed": args.seed,
+        "stop": tuple(args.stop or ()),
         "top_k": args.top_k,
+        "controls": args.controls,
     }
 
 
@@ -139,12 +145,23 @@ def follow(events, console: Console, quiet: bool) -> ResultTable:
     return collect(seen)
 
 
+def control_cells(row: SiteResult) -> tuple[str, str]:
+    """The confidence and control cells of a row: "-" where there is no value, the marker when equal."""
+    c = row.control
+    confidence = f"{c.confidence:.2f}" if c is not None and c.confidence is not None else "-"
+    if c is None:
+        return confidence, "-"
+    return confidence, SAME_AS_UNPATCHED if c.same_as_unpatched else ""
+
+
 def print_table(table: ResultTable, console: Console) -> None:
     out = Table()
-    for column in ("src", "tgt", "pos", "source token", "answer", "R²", "explanation"):
-        out.add_column(column, justify="right" if column in ("src", "tgt", "pos", "R²") else "left")
+    columns = ("src", "tgt", "pos", "source token", "answer", "R²", "conf.", "control", "explanation")
+    for column in columns:
+        out.add_column(column, justify="right" if column in ("src", "tgt", "pos", "R²", "conf.") else "left")
     for r in table.rows:
         r2 = f"{r.mapping_r2:.2f}" if r.mapping_r2 is not None else "-"
+        confidence, marker = control_cells(r)
         out.add_row(
             str(r.site.source_layer),
             str(r.site.target_layer),
@@ -152,6 +169,8 @@ def print_table(table: ResultTable, console: Console) -> None:
             repr(r.site.source_token),
             repr(r.answer),
             r2,
+            confidence,
+            marker,
             repr(r.explanation),
         )
     console.print(out)
@@ -290,7 +309,17 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible with temperature > 0)")
+    p.add_argument(
+        "--stop", action="append", metavar="TEXT", help="end a row when its text contains TEXT (repeatable)"
+    )
     p.add_argument("--top-k", type=int, default=5, help="(token, probability) pairs kept for logit-lens")
+    p.add_argument(
+        "--no-controls",
+        dest="controls",
+        action="store_false",
+        help="skip the unpatched control row: no unpatched_answer, same_as_unpatched, patch_effect, "
+        "dependence or confidence (they print as null / '-')",
+    )
     _json_flag(p, "one JSON object per finished site, as it arrives (NDJSON), with its reproduction record")
     p.add_argument("--html", default=None, help="write the sweep as a self-contained HTML grid")
     p.add_argument("--png", default=None, help="write the sweep as a PNG grid (needs [png])")
@@ -347,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("prompt", help="the source prompt")
     ex.add_argument("--source", required=True, help="source model id")
     ex.add_argument("--layers", required=True, help="source layers: 0-12, 1,3,5")
-    ex.add_argument("--positions", default="-1", help="source positions, BOS counted (default -1)")
+    ex.add_argument(
+        "--positions", "--position", default="-1", help="source positions, BOS counted (default -1)"
+    )
     _generation_flags(ex)
     ex.set_defaults(func=cmd_explain)
 

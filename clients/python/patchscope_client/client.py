@@ -219,16 +219,19 @@ class PatchscopeClient:
         *,
         target: str,
         positions: Sequence[int] | None = None,
+        controls: bool = True,
         timeout: float | None = None,
         **options,
     ) -> Iterator[Event]:
         """Stream `Started`, `Token` and `Finished` events of every site (layers × positions).
 
-        `options`: preset, template, target_layers, mapping, max_new_tokens, temperature, top_p, seed,
-        top_k (see `convert.target_spec`).
+        Each `Finished` carries its `control` (what the target says unpatched, `same_as_unpatched`,
+        `patch_effect`, `dependence`, `confidence`); `controls=False` skips the control row, and then
+        `control` is None. `options`: preset, template, target_layers, mapping, max_new_tokens,
+        temperature, top_p, seed, top_k (see `convert.target_spec`).
         """
         request = convert.explain_request(
-            source, prompt, layers, positions, convert.target_spec(target, **options)
+            source, prompt, layers, positions, convert.target_spec(target, controls=controls, **options)
         )
         return self._stream("Explain", self._stub.Explain, request, timeout)
 
@@ -247,6 +250,7 @@ class PatchscopeClient:
         tokens: Sequence[str] | None = None,
         model: str = "",
         fingerprint: str = "",
+        controls: bool = True,
         timeout: float | None = None,
         **options,
     ) -> Iterator[Event]:
@@ -263,7 +267,7 @@ class PatchscopeClient:
             tokens=tokens,
             model=model,
             fingerprint=fingerprint,
-            spec=convert.target_spec(target, **options),
+            spec=convert.target_spec(target, controls=controls, **options),
         )
         return self._stream("ExplainActivations", self._stub.ExplainActivations, request, timeout)
 

@@ -9,6 +9,7 @@ import numpy as np
 from patchscope_client import tensors
 from patchscope_client._proto import patchscope_pb2 as pb
 from patchscope_client.types import (
+    Control,
     Event,
     Extraction,
     Finished,
@@ -35,11 +36,15 @@ def target_spec(
     top_p: float = 1.0,
     seed: int | None = None,
     top_k: int = 5,
+    controls: bool = True,
+    stop: Sequence[str] = (),
 ) -> pb.TargetSpec:
+    """`controls=False` skips the control row and `Finished.control`; left unset on the wire, it is on."""
     generation = pb.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if seed is not None:
         generation.seed = seed
-    return pb.TargetSpec(
+    generation.stop.extend(stop)  # stop sequences: a row ends once its text contains one
+    spec = pb.TargetSpec(
         model=target,
         preset=preset,
         template=template or "",
@@ -48,6 +53,9 @@ def target_spec(
         generation=generation,
         top_k=top_k,
     )
+    if not controls:
+        spec.controls = False
+    return spec
 
 
 def explain_request(
@@ -132,6 +140,28 @@ def mapping_info(m: pb.MappingInfo) -> MappingInfo:
     )
 
 
+def _optional(message, name: str) -> float | None:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def control(finished: pb.SiteFinished) -> Control | None:
+    """The site's controls; None when the server sent none (turned off, the logit lens, a 1.0 server)."""
+    if not finished.HasField("control"):
+        return None
+    c = finished.control
+    return Control(
+        unpatched_explanation=c.unpatched_explanation,
+        unpatched_answer=c.unpatched_answer,
+        same_as_unpatched=c.same_as_unpatched,
+        patch_effect=_optional(c, "patch_effect"),
+        explanation_logprob=_optional(c, "explanation_logprob"),
+        unpatched_logprob=_optional(c, "unpatched_logprob"),
+        dependence=_optional(c, "dependence"),
+        confidence=_optional(c, "confidence"),
+        calibrator_id=c.calibrator_id,
+    )
+
+
 def event(message: pb.ExplainEvent) -> Event:
     s = message.site
     site = Site(s.index, s.position, s.source_layer, s.target_layer, s.source_token)
@@ -182,6 +212,7 @@ def event(message: pb.ExplainEvent) -> Event:
             "provenance_mismatch": r.provenance_mismatch,
         },
         message.emitted_at,
+        control(f),
     )
 
 

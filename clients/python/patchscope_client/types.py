@@ -78,8 +78,34 @@ class Token:
 
 
 @dataclass(frozen=True)
+class Control:
+    """What the target says without the patch, and how much the patch changed it (API 1.1).
+
+    `same_as_unpatched`: the site's answer is the one the target gives with nothing patched, so the
+    explanation says nothing about the state. `patch_effect`: total-variation distance between the first
+    next-token distributions with and without the patch, in [0, 1]. `dependence`: `explanation_logprob`
+    minus `unpatched_logprob` (the same tokens teacher-forced without the patch), nats per token; near 0,
+    the target would have said it anyway. `confidence`: a calibrator's probability that the answer is
+    right, None when no calibrator is registered (`calibrator_id` is then empty).
+    """
+
+    unpatched_explanation: str
+    unpatched_answer: str
+    same_as_unpatched: bool
+    patch_effect: float | None = None
+    explanation_logprob: float | None = None
+    unpatched_logprob: float | None = None
+    dependence: float | None = None
+    confidence: float | None = None
+    calibrator_id: str = ""
+
+
+@dataclass(frozen=True)
 class Finished:
-    """A site's last event: the whole explanation, its answer, timings and what reproduces it."""
+    """A site's last event: the whole explanation, its answer, timings and what reproduces it.
+
+    `control` is None when the request turned controls off, for the logit lens, or from a 1.0 server.
+    """
 
     site: Site
     explanation: str
@@ -88,6 +114,7 @@ class Finished:
     timings: dict[str, float]
     reproduction: dict[str, object]
     emitted_at: float
+    control: Control | None = None
 
 
 Event = Started | Token | Finished
@@ -103,6 +130,7 @@ class SiteResult:
     mapping_id: str | None = None
     mapping_r2: float | None = None
     top_k: list[tuple[str, float]] | None = None
+    control: Control | None = None
 
     def to_json(self) -> dict[str, object]:
         record: dict[str, object] = {
@@ -117,6 +145,14 @@ class SiteResult:
         }
         if self.top_k:
             record["top_k"] = [{"token": t, "prob": p} for t, p in self.top_k]
+        c = self.control  # every key present, None without controls: a reader never guesses which
+        record.update(
+            unpatched_answer=c.unpatched_answer if c else None,
+            same_as_unpatched=c.same_as_unpatched if c else None,
+            patch_effect=c.patch_effect if c else None,
+            dependence=c.dependence if c else None,
+            confidence=c.confidence if c else None,
+        )
         return record
 
 
@@ -139,6 +175,7 @@ def collect(events) -> ResultTable:
             row.mapping_id, row.mapping_r2 = event.mapping_id or None, event.mapping_r2
         elif isinstance(event, Finished):
             row.explanation, row.answer, row.top_k = event.explanation, event.answer, event.top_k or None
+            row.control = event.control
     return ResultTable([rows[i] for i in sorted(rows)])
 
 

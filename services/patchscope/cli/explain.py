@@ -11,6 +11,16 @@ from patchscope.cli.models import registry_with_paths
 from patchscope.engine.generation import GenerationConfig
 from patchscope.engine.presets import DEFAULT_PRESET, DEFAULT_TOP_K
 
+SAME_AS_UNPATCHED = "= unpatched"  # `patchscope-client explain` prints the same marker
+
+
+def control_cells(control) -> tuple[str, str]:
+    """The confidence and control cells of a row: "-" where there is no value, the marker when equal."""
+    confidence = f"{control.confidence:.2f}" if control and control.confidence is not None else "-"
+    if control is None:
+        return confidence, "-"
+    return confidence, SAME_AS_UNPATCHED if control.same_as_unpatched else ""
+
 
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
@@ -44,8 +54,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 temperature=args.temperature,
                 top_p=args.top_p,
                 seed=args.seed,
+                stop=tuple(args.stop or ()),
             ),
             top_k=args.top_k,
+            controls=args.controls,
         ),
     )
     backend = LocalBackend([source], [TargetRuntime.build(target)])
@@ -53,13 +65,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_json() for r in result.results], indent=2, ensure_ascii=False))
         return 0
-    print(f"{'src':>4} {'tgt':>4} {'pos':>4}  {'source token':<16}{'answer':<20}{'R²':>6}  explanation")
+    print(
+        f"{'src':>4} {'tgt':>4} {'pos':>4}  {'source token':<16}{'answer':<20}{'R²':>6} {'conf.':>6}  "
+        f"{'control':<12}explanation"
+    )
     for r in result.results:
         s = r.site
         r2 = f"{r.mapping_r2:.2f}" if r.mapping_r2 is not None else "-"
+        confidence, marker = control_cells(r.control)
         print(
             f"{s.source_layer:>4} {s.target_layer:>4} {s.position:>4}  "
-            f"{r.source_token!r:<16}{r.answer!r:<20}{r2:>6}  {r.explanation!r}"
+            f"{r.source_token!r:<16}{r.answer!r:<20}{r2:>6} {confidence:>6}  {marker:<12}{r.explanation!r}"
         )
     t = result.timings
     progress(f"source {t.source_s:.2f}s, prefill {t.prefill_s:.2f}s, decode {t.decode_s:.2f}s")
@@ -78,14 +94,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--template", default=None, help="override the preset's target prompt; {} marks the placeholder"
     )
     ex.add_argument("--layers", default="all", help="source layers: 0-10, 1,3,5 or all (default)")
-    ex.add_argument("--position", default="-1", help="source token positions, BOS counted; default -1 (last)")
+    ex.add_argument(
+        "--position",
+        "--positions",
+        default="-1",
+        help="source token positions, BOS counted; default -1 (last)",
+    )
     ex.add_argument("--target-layers", default="same", help="'same', one layer, or one per source layer")
     ex.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
     ex.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ex.add_argument("--top-p", type=float, default=1.0)
     ex.add_argument("--seed", type=int, default=None)
     ex.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="end a row when its text contains TEXT (repeatable); the explanation stops before it",
+    )
+    ex.add_argument(
         "--top-k", type=int, default=DEFAULT_TOP_K, help="pairs reported by the logit-lens preset"
+    )
+    ex.add_argument(
+        "--no-controls",
+        dest="controls",
+        action="store_false",
+        help="skip the unpatched control row: no unpatched_answer, same_as_unpatched, patch_effect, "
+        "dependence or confidence (they print as null / '-')",
     )
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.add_argument("--device", default="cpu")
