@@ -6,6 +6,11 @@
     this process.
 (c) 1, 4, 8 and 16 concurrent clients with cross-request batching on and off (two deployments, same config
     otherwise): throughput in sites per second, and the ratio.
+(d) `--target-only`: the TargetModel deployment's batching code without Ray, on both hosted targets
+    (smollm2-135m and gemma3-270m, each patched with its own states): Poisson arrivals from 1, 4, 8 and 16
+    clients sending mixed templates and targets, today's per-template batches (`Batcher`) against
+    continuous batching (`ContinuousBatcher`) in the same process, rounds interleaved; sites/s, p50/p99
+    latency, time to first token, and whether every explanation equals the same request run alone.
 Both sides use 2 torch threads. Median of --repeats runs, interleaved. Prints ratios, never asserts them.
 Cross-model mappings come from the default registry (`make run` fits them).
 """
@@ -104,8 +109,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gemm", default=DEFAULTS.gemm, choices=GEMMS, help="linear kernels, both sides")
+    parser.add_argument("--target-only", action="store_true", help="(d) only: the target's batching, no Ray")
+    parser.add_argument("--clients", default="1,4,8,16", help="(d): client counts")
+    parser.add_argument("--requests", type=int, default=3, help="(d): requests per client per round")
+    parser.add_argument("--rate", type=float, default=2.0, help="(d): each client's arrivals per second")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.target_only:
+        target_load(args)
+        return
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -229,6 +241,144 @@ def service_stats() -> dict:
     return (
         serve.get_deployment_handle("TargetModel", app_name="patchscope").stats.remote().result(timeout_s=30)
     )
+
+
+TEMPLATES = {  # mixed templates: two presets' and a custom one
+    "identity": "cat -> cat\n1135 -> 1135\nhello -> hello\n{}",
+    "description": "Syria: Country in the Middle East\nLeonardo DiCaprio: American actor\nSamsung: {}",
+    "custom": "In one word, {} means",
+}
+
+
+def target_load(args: argparse.Namespace) -> None:
+    """(d) the target deployment's batching without Ray: per-template batches vs continuous batching."""
+    import asyncio
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from patchscope.engine.streaming import GenerateRequest
+    from patchscope.serve.config import ServiceConfig
+    from patchscope.serve.target import make_batcher
+
+    options = EngineOptions(gemm=args.gemm)
+    models = {m: load_model(m, options=options) for m in ("smollm2-135m", "gemma3-270m")}
+    runtimes = {m: TargetRuntime.build(model, options) for m, model in models.items()}
+    # Each target patched with its own states of the prompts (a same-model Patchscope per site).
+    pool: list[GenerateRequest] = []
+    for m, model in models.items():
+        n = model.facts.num_layers
+        layers = [n // 6, n // 3, n // 2]
+        for k, prompt in enumerate(PROMPTS):
+            states = extract(model, prompt, layers, [-1]).states[:, 0]  # [3, d]
+            name = list(TEMPLATES)[k % len(TEMPLATES)]
+            pool.append(
+                GenerateRequest(
+                    m,
+                    TEMPLATES[name],
+                    "?" if name == "identity" else " x",
+                    layers,
+                    list(states),
+                    GenerationConfig(max_new_tokens=NEW_TOKENS),
+                    control=True,
+                )
+            )
+    base = {
+        "sources": ["smollm2-135m"],
+        "targets": list(models),
+        "auth": {"required": False},
+    }
+    modes = {
+        "batches": ServiceConfig(**base, batching={"continuous": False, "wait_ms": 5, "max_rows": 256}),
+        "continuous": ServiceConfig(**base, batching={"continuous": True, "max_rows": 256}),
+        "off": ServiceConfig(**base, batching={"enabled": False}),
+    }
+
+    async def one(batcher, request) -> tuple[float, float, dict[int, str]]:
+        started = time.perf_counter()
+        first, texts = None, {}
+        async for events in batcher.submit(request):
+            for e in events:
+                if first is None and e.text:
+                    first = time.perf_counter() - started
+                if e.finished:
+                    texts[e.row] = e.explanation
+        return time.perf_counter() - started, first or 0.0, texts
+
+    async def load(batcher, clients: int, seed: int) -> dict:
+        rng = random.Random(seed)
+        plan = [
+            [(rng.expovariate(args.rate), rng.randrange(len(pool))) for _ in range(args.requests)]
+            for _ in range(clients)
+        ]
+        done: list[tuple[int, float, float, dict[int, str]]] = []
+
+        async def client(arrivals) -> None:
+            for gap, index in arrivals:
+                await asyncio.sleep(gap)
+                latency, first, texts = await one(batcher, pool[index])
+                done.append((index, latency, first, texts))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(a) for a in plan))
+        elapsed = time.perf_counter() - started
+        return {"elapsed": elapsed, "done": done}
+
+    def percentile(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    clients_list = [int(c) for c in args.clients.split(",")]
+    with ThreadPoolExecutor(1, thread_name_prefix="target") as executor:
+        batchers = {name: make_batcher(cfg, runtimes, executor) for name, cfg in modes.items()}
+
+        async def alone() -> dict[int, dict[int, str]]:
+            return {i: (await one(batchers["off"], r))[2] for i, r in enumerate(pool)}
+
+        reference = asyncio.run(alone())  # every request alone: the equivalence reference (and a warm-up)
+        rows: dict[tuple[str, int], list[dict]] = {}
+        for repeat in range(args.repeats):
+            for clients in clients_list:
+                names = ["batches", "continuous"] + (["off"] if clients == 1 else [])
+                if repeat % 2:
+                    names.reverse()  # interleaved, alternating order
+                for name in names:
+                    result = asyncio.run(load(batchers[name], clients, seed=1000 * repeat + clients))
+                    rows.setdefault((name, clients), []).append(result)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    print(
+        f"(d) target batching without Ray · commit {commit.strip()} · "
+        f"{platform.processor() or platform.machine()}"
+        f" · {os.cpu_count()} CPUs · 2 torch threads · {args.repeats} rounds x {args.requests} requests per"
+        f" client, Poisson arrivals {args.rate}/s per client · 3 sites + control, {NEW_TOKENS} new tokens,"
+        f" targets {', '.join(models)}, {len(TEMPLATES)} templates"
+    )
+    for clients in clients_list:
+        summary = {}
+        for name in ("batches", "continuous", "off"):
+            runs = rows.get((name, clients))
+            if not runs:
+                continue
+            latencies = [d[1] for r in runs for d in r["done"]]
+            firsts = [d[2] for r in runs for d in r["done"]]
+            rates = [3 * len(r["done"]) / r["elapsed"] for r in runs]
+            differ = sum(d[3] != reference[d[0]] for r in runs for d in r["done"])
+            summary[name] = (
+                statistics.median(rates),
+                percentile(latencies, 0.5),
+                percentile(latencies, 0.99),
+            )
+            print(
+                f"    {clients:>2} clients  {name:<10} sites/s {statistics.median(rates):6.2f}"
+                f" [{min(rates):.2f}..{max(rates):.2f}]  p50 {summary[name][1]:.2f} s  p99"
+                f" {summary[name][2]:.2f} s  first token p50 {percentile(firsts, 0.5):.2f} s"
+                f"  n={len(latencies)}  differ from alone: {differ}"
+            )
+        b, c = summary["batches"], summary["continuous"]
+        line = f"    {clients:>2} clients  continuous / batches: sites/s {c[0] / b[0]:.2f}x"
+        line += f", p99 {c[2] / b[2]:.2f}x"
+        if "off" in summary:
+            line += f"; continuous / off latency p50 {c[1] / summary['off'][1]:.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

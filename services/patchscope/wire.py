@@ -168,6 +168,7 @@ def generation_from_proto(options: pb.GenerationOptions) -> GenerationConfig:
         temperature=options.temperature,
         top_p=options.top_p or default.top_p,
         seed=options.seed if options.HasField("seed") else None,
+        stop=tuple(options.stop),
     )
 
 
@@ -177,6 +178,7 @@ def generation_to_proto(config: GenerationConfig) -> pb.GenerationOptions:
     )
     if config.seed is not None:
         options.seed = config.seed
+    options.stop.extend(config.stop)
     return options
 
 

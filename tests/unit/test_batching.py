@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, patched_generate
 from patchscope.engine.hooks import extract
+from patchscope.engine.models import load_directory
+from patchscope.engine.options import EngineOptions
+from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.streaming import GenerateRequest
-from patchscope.serve.batching import Batcher, QueueFull
+from patchscope.serve.batching import Batcher, ContinuousBatcher, QueueFull
 
 TEMPLATE = "cat -> cat\n1135 -> 1135\nhello -> hello\n{}"
 
@@ -159,3 +164,118 @@ def test_requests_arriving_while_the_workers_are_busy_start_together(llama, llam
     assert list(batcher.batch_sizes) == [2, 6]
     for request, result in zip([first, *later], results, strict=True):
         assert [result[k] for k in range(2)] == expected(llama_runtime, request)
+
+
+# Continuous batching: the same guarantees, rows sharing steps instead of batches.
+
+
+@pytest.fixture
+def continuous(llama_runtime):
+    with ThreadPoolExecutor(1) as executor:
+        yield ContinuousBatcher({"tiny-llama": llama_runtime}, executor, chunk_tokens=4)
+
+
+def test_continuous_requests_arriving_apart_share_steps_and_match_separate_generation(
+    llama, llama_runtime, continuous
+):
+    reqs = requests(llama, 4, max_new_tokens=12)
+
+    async def main():
+        tasks = []
+        for r in reqs:  # arriving one after another, mid-generation
+            tasks.append(asyncio.ensure_future(consume(continuous, r)))
+            await asyncio.sleep(0.02)
+        return await asyncio.gather(*tasks)
+
+    results = run(main())
+    assert max(continuous.batch_sizes) > 2, "later requests must join the running rows"
+    for request, result in zip(reqs, results, strict=True):
+        assert [result[k] for k in range(2)] == expected(llama_runtime, request)
+    assert continuous.queued_rows == 0 and continuous.schedulers["tiny-llama"].rows == 0
+
+
+def test_continuous_a_caller_that_leaves_stops_its_rows_within_one_step(llama, llama_runtime, continuous):
+    keep, leave = requests(llama, 2, max_new_tokens=40)
+
+    async def main():
+        return await asyncio.gather(consume(continuous, keep), consume(continuous, leave, stop_after=2))
+
+    kept, _ = run(main())
+    assert continuous.rows_dropped == 2
+    assert [kept[k] for k in range(2)] == expected(llama_runtime, keep)
+
+
+def test_continuous_controls_carry_their_signals(llama, llama_runtime, continuous):
+    (request,) = requests(llama, 1)
+    request = GenerateRequest(
+        request.model, TEMPLATE, "?", request.layers, request.vectors, request.config, control=True
+    )
+
+    async def main():
+        events = []
+        async for step in continuous.submit(request):
+            events += step
+        return events
+
+    finished = {e.row: e for e in run(main()) if e.finished}
+    assert set(finished) == {0, 1, 2}
+    assert finished[2].patch_effect == 0.0, "the control row is its own control"
+    assert all(finished[r].patch_effect is not None and finished[r].logprob is not None for r in (0, 1))
+    assert [finished[r].explanation for r in (0, 1)] == expected(llama_runtime, request)
+
+
+def test_continuous_a_full_target_is_refused_at_once_with_retry_advice(llama, llama_runtime):
+    with ThreadPoolExecutor(1) as executor:
+        batcher = ContinuousBatcher({"tiny-llama": llama_runtime}, executor, max_rows=3)
+        reqs = requests(llama, 2)
+
+        async def main():
+            task = asyncio.ensure_future(consume(batcher, reqs[0]))
+            await asyncio.sleep(0)
+            started = time.perf_counter()
+            with pytest.raises(QueueFull, match="retry"):
+                await consume(batcher, reqs[1])
+            refused_after = time.perf_counter() - started
+            await task
+            return refused_after
+
+        refused_after = run(main())
+    assert refused_after < 0.5, "refused without waiting for the running request"
+
+
+def test_a_transformers_forward_target_falls_back_to_template_batches(llama, tiny_dirs):
+    model = load_directory("tiny-llama", tiny_dirs["llama"])
+    stock = TargetRuntime.build(model, EngineOptions(forward="transformers"))
+    reqs = requests(llama, 2)
+    with ThreadPoolExecutor(1) as executor:
+        batcher = ContinuousBatcher({"tiny-llama": stock}, executor)
+        assert batcher.schedulers == {}
+
+        async def main():
+            return await asyncio.gather(*(consume(batcher, r) for r in reqs))
+
+        results = run(main())
+    assert batcher.fallback.batch_sizes, "the fallback batcher ran the requests"
+    assert [results[0][k] for k in range(2)] == expected(stock, reqs[0])
+
+
+def test_the_fallback_batcher_caps_a_batch_at_max_rows(llama, llama_runtime):
+    reqs = requests(llama, 4)
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher({"tiny-llama": llama_runtime}, executor, wait_s=0.05, max_rows=4)
+
+        async def main():
+            return await asyncio.gather(*(consume(batcher, r) for r in reqs))
+
+        run(main())
+        assert max(batcher.batch_sizes) <= 4 and sum(batcher.batch_sizes) == 8
+
+        async def too_big():
+            await consume(batcher, GenerateRequest(*_fields(reqs[0], 5)))
+
+        with pytest.raises(InvalidArgument, match="rows"):
+            run(too_big())
+
+
+def _fields(request: GenerateRequest, rows: int) -> tuple:
+    return (request.model, TEMPLATE, "?", [1] * rows, [request.vectors[0]] * rows, request.config)

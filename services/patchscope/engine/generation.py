@@ -34,6 +34,8 @@ from patchscope.engine.validation import (
 )
 
 MAX_NEW_TOKENS = 512
+MAX_STOP = 8  # stop sequences of one request: each is searched in every row's text after every token
+MAX_STOP_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,32 @@ class PatchedRow:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding options; greedy unless `temperature` > 0."""
+    """Decoding options; greedy unless `temperature` > 0.
+
+    `stop`: a row also ends at the first token after which its text contains one of these strings; the
+    explanation is the text before the earliest of them.
+    """
 
     max_new_tokens: int = 10
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     def validate(self) -> None:
         check_positive("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS)
+        if len(self.stop) > MAX_STOP:
+            raise InvalidArgument(
+                "stop", "too many stop sequences", limit=f"<= {MAX_STOP}", value=len(self.stop)
+            )
+        for k, text in enumerate(self.stop):
+            if not isinstance(text, str) or not text or len(text) > MAX_STOP_CHARS:
+                raise InvalidArgument(
+                    f"stop[{k}]",
+                    "must be a non-empty string",
+                    limit=f"1..{MAX_STOP_CHARS} characters",
+                    value=len(text) if isinstance(text, str) else type(text).__name__,
+                )
         if not 0.0 <= self.temperature <= 100.0:
             raise InvalidArgument(
                 "temperature", "out of range", limit="0 (greedy) .. 100", value=self.temperature
@@ -92,6 +111,29 @@ class Step:
     token_ids: list[int]
     finished: list[bool]
     logits: torch.Tensor | None = field(default=None, repr=False)  # [B, V]
+    # Rows whose text now contains a stop sequence: their token is kept and the row ends with it.
+    ended: list[bool] | None = None
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` before the earliest stop sequence in it, and whether there was one."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+class StopMatcher:
+    """Per row, whether its decoded text has reached a stop sequence (one decode per token and row)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.ids: dict[int, list[int]] = {}
+
+    def add(self, row: int, token_id: int) -> bool:
+        if not self.stop:
+            return False
+        ids = self.ids.setdefault(row, [])
+        ids.append(token_id)
+        return cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), self.stop)[1]
 
 
 def new_cache(target: TargetRuntime) -> KVCache:
@@ -175,7 +217,7 @@ def _run_batch(
     dropped: Callable[[int], bool] | None = None,
 ) -> Iterator[Step]:
     """Generate for rows sharing one template; patches carry their row index within this batch."""
-    greedy_batch = config.temperature == 0.0 and not keep_logits and dropped is None
+    greedy_batch = config.temperature == 0.0 and not keep_logits and dropped is None and not config.stop
     if target.static_decoder is not None and greedy_batch:
         yield from _run_static_batch(target, tokens, rows, patches, config, timings)
         return
@@ -204,10 +246,12 @@ def _run_batch(
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
     stop = torch.tensor(sorted(stop_ids(target.model)), device=device)
+    matcher = StopMatcher(target.model.tokenizer, config.stop)
     live = list(range(batch))  # rows still decoding, in the KV cache's batch order
     for step in range(config.max_new_tokens):
         next_ids = _next_tokens(logits, config, generator)  # [len(live)]
         next_list, done = next_ids.tolist(), torch.isin(next_ids, stop).tolist()  # one device sync per step
+        ended = [not d and matcher.add(k, t) for k, t, d in zip(live, next_list, done, strict=True)]
         # Counted before each yield, so a row's finished event carries its decoding time, and the time the
         # caller spends between steps is not counted as decoding.
         timings.decode_s += time.perf_counter() - started
@@ -216,11 +260,14 @@ def _run_batch(
             token_ids=next_list,
             finished=done,
             logits=logits if keep_logits else None,
+            ended=ended if config.stop else None,
         )
         started = time.perf_counter()
         # Finished rows and rows whose caller went away leave the batch: later steps cost only the rest.
         keep = [
-            j for j, k in enumerate(live) if not done[j] and not (dropped is not None and dropped(rows[k]))
+            j
+            for j, k in enumerate(live)
+            if not done[j] and not ended[j] and not (dropped is not None and dropped(rows[k]))
         ]
         if not keep or step == config.max_new_tokens - 1:
             break
@@ -325,7 +372,7 @@ def patched_generate(
     return [
         GeneratedRow(
             token_ids=ids,
-            text=tokenizer.decode(ids, skip_special_tokens=True),
+            text=cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), config.stop)[0],
             scores=torch.stack(logits[r]) if return_scores and logits[r] else None,
         )
         for r, ids in enumerate(token_ids)

@@ -44,6 +44,31 @@ class PrefixCache:
             private.batch_repeat_interleave(batch)
         return private
 
+    def get(self, prefix: tuple[int, ...]) -> KVCache | None:
+        """The stored batch-1 cache of `prefix` (never to be written: `copy` it), or None."""
+        with self._lock:
+            cached = self._entries.get(prefix)
+            if cached is not None:
+                self._entries.move_to_end(prefix)
+                self.hits += 1
+            return cached
+
+    def put(self, prefix: tuple[int, ...], cache: KVCache) -> None:
+        """Store a batch-1 cache computed by the caller (in chunks, say), evicting the oldest."""
+        with self._lock:
+            self.misses += 1
+            self._entries[prefix] = cache
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    @staticmethod
+    def copy(cached: KVCache, batch: int) -> KVCache:
+        """A private copy of a stored cache, repeated to `batch` rows."""
+        private = copy.deepcopy(cached)
+        if batch > 1:
+            private.batch_repeat_interleave(batch)
+        return private
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

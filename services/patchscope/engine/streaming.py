@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, Step
+from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, Step, cut_at_stop
 from patchscope.engine.timings import Timings
 
 
@@ -72,24 +72,39 @@ class RowEvent:
 
 
 class TextDecoder:
-    """Turns one row's token ids into text deltas that never split a character."""
+    """Turns one row's token ids into text deltas that never split a character.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    With stop sequences, text that may be the start of one is held back until it is known not to be, so
+    the deltas never contain a stop sequence or anything after it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
+        self.stop = stop
         self.ids: list[int] = []
         self.text = ""
+
+    def _visible(self, text: str) -> str:
+        text, found = cut_at_stop(text, self.stop)
+        if found:
+            return text
+        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[: len(text) - held]
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
+        if text.endswith("\ufffd"):
+            return ""
+        text = self._visible(text)
+        if not text.startswith(self.text):
             return ""
         delta, self.text = text[len(self.text) :], text
         return delta
 
     def final(self) -> tuple[str, str]:
         """The whole text, and what it adds to the deltas sent so far (held-back partial characters)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop)[0]
         rest = text[len(self.text) :] if text.startswith(self.text) else ""
         self.text = text
         return text, rest
@@ -106,27 +121,51 @@ def row_events(
     max_new_tokens: int,
     timings: Timings,
     controls: dict[int, int] | None = None,
+    stop: tuple[str, ...] = (),
 ) -> Iterator[list[RowEvent]]:
     """The events of each step, rows numbered as in the steps; a row's last event is `finished`.
 
-    A row ends on a stop token or at its `max_new_tokens`-th token; its finished event carries a copy of
-    `timings` as the generation has filled it so far. `controls` maps rows to the control row of their
-    request: the steps must then carry their logits, and finished events carry the signals.
+    A row ends on a stop token, a stop sequence or at its `max_new_tokens`-th token; its finished event
+    carries a copy of `timings` as the generation has filled it so far. `controls` maps rows to the
+    control row of their request: the steps must then carry their logits, and finished events carry the
+    signals.
     """
-    decoders: dict[int, TextDecoder] = {}
-    logprobs: dict[int, list[float]] = {}
-    effects: dict[int, float] = {}
+    stream = RowEventStream(tokenizer, max_new_tokens, timings, controls, stop)
     for step in steps:
-        if controls is not None:
-            _observe(step, controls, logprobs, effects, new=[r for r in step.rows if r not in decoders])
+        yield stream.feed(step)
+
+
+class RowEventStream:
+    """`row_events` one step at a time, for a scheduler that hands each request its own steps."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_new_tokens: int,
+        timings: Timings,
+        controls: dict[int, int] | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> None:
+        self.tokenizer, self.max_new_tokens, self.timings = tokenizer, max_new_tokens, timings
+        self.controls, self.stop = controls, tuple(stop)
+        self.decoders: dict[int, TextDecoder] = {}
+        self.logprobs: dict[int, list[float]] = {}
+        self.effects: dict[int, float] = {}
+
+    def feed(self, step: Step) -> list[RowEvent]:
+        decoders = self.decoders
+        if self.controls is not None:
+            new = [r for r in step.rows if r not in decoders]
+            _observe(step, self.controls, self.logprobs, self.effects, new=new)
+        ended = step.ended or [False] * len(step.rows)
         events = []
-        for row, token, stop in zip(step.rows, step.token_ids, step.finished, strict=True):
-            decoder = decoders.setdefault(row, TextDecoder(tokenizer))
+        for row, token, stop, end in zip(step.rows, step.token_ids, step.finished, ended, strict=True):
+            decoder = decoders.setdefault(row, TextDecoder(self.tokenizer, self.stop))
             index = len(decoder.ids)  # tokens this row produced before this one
             text = "" if stop else decoder.add(token)
-            if stop or index == max_new_tokens - 1:
+            if stop or end or index == self.max_new_tokens - 1:
                 explanation, rest = decoder.final()
-                scores = logprobs.get(row)
+                scores = self.logprobs.get(row)
                 event = RowEvent(
                     row,
                     index,
@@ -135,14 +174,14 @@ def row_events(
                     True,
                     stop,
                     explanation,
-                    dataclasses.replace(timings),
+                    dataclasses.replace(self.timings),
                     logprob=sum(scores) / len(scores) if scores else None,
-                    patch_effect=effects.get(row),
+                    patch_effect=self.effects.get(row),
                 )
             else:
                 event = RowEvent(row, index, token, text, False)
             events.append(event)
-        yield events
+        return events
 
 
 def _observe(

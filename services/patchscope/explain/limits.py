@@ -47,3 +47,7 @@ class Limits(BaseModel):
     max_queued_requests: int = Field(512, ge=1)
     # Rows waiting for the target model; more is RESOURCE_EXHAUSTED with retry advice.
     max_queued_rows: int = Field(4096, ge=1)
+    # Token-steps of one request on the target: rows (sites + the control) × (template tokens + new
+    # tokens), the template's tokens bounded by its UTF-8 bytes. No single request may hold the target's
+    # worker longer than this bound allows.
+    max_token_steps: int = Field(1 << 20, ge=1)

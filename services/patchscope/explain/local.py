@@ -83,7 +83,8 @@ class LocalBackend:
         )
         controls = {k: len(rows) - 1 for k in range(len(rows))} if request.control else None
         tokenizer = target.model.tokenizer
-        for events in row_events(steps, tokenizer, request.config.max_new_tokens, timings, controls):
+        stop = request.config.stop
+        for events in row_events(steps, tokenizer, request.config.max_new_tokens, timings, controls, stop):
             yield events
 
     async def logit_lens(
@@ -127,4 +128,5 @@ LOCAL_LIMITS = Limits(
     max_template_bytes=1 << 18,
     max_sites=4096,
     max_new_tokens=512,
+    max_token_steps=1 << 40,
 )

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from patchscope.engine.errors import IncompatibleModels, InvalidArgument
-from patchscope.engine.generation import GenerationConfig
+from patchscope.engine.generation import MAX_STOP, MAX_STOP_CHARS, GenerationConfig
 from patchscope.engine.presets import Preset, get_preset, resolve_template
 from patchscope.engine.validation import (
     ModelFacts,
@@ -172,6 +172,7 @@ def _verbalise(spec: TargetSpec, limits: Limits) -> _Verbalise:
     _check_mapping_id(spec.mapping, limits)
     check_count("target.layers", spec.layers, limits.max_layers, "layers")
     _check_decoding(spec.generation)
+    _check_stop(spec.generation)
     spec.generation.validate()
     if spec.generation.max_new_tokens > limits.max_new_tokens:
         raise InvalidArgument(
@@ -215,6 +216,44 @@ def _mapping(
     return resolve(source, target, pairs, spec.mapping)
 
 
+def check_token_steps(rows: int, template: str, filler: str, new_tokens: int, limits: Limits) -> None:
+    """The work of one request within the budget; a template's tokens bounded by its UTF-8 bytes + BOS."""
+    tokens = len(template.encode("utf-8", "surrogatepass")) + len(filler.encode("utf-8")) + 1
+    steps = rows * (tokens + new_tokens)
+    if steps > limits.max_token_steps:
+        raise InvalidArgument(
+            "target",
+            "too much work for one request: rows (sites + control) × (template tokens + max_new_tokens)",
+            limit=f"<= {limits.max_token_steps} token-steps",
+            value=steps,
+        )
+
+
+def _check_stop(generation: GenerationConfig) -> None:
+    for k, text in enumerate(generation.stop):
+        if not isinstance(text, str) or not text or len(text) > MAX_STOP_CHARS:
+            raise InvalidArgument(
+                f"target.generation.stop[{k}]",
+                "must be a non-empty string",
+                limit=f"1..{MAX_STOP_CHARS} characters",
+                value=len(text) if isinstance(text, str) else type(text).__name__,
+            )
+    if len(generation.stop) > MAX_STOP:
+        raise InvalidArgument(
+            "target.generation.stop",
+            "too many stop sequences",
+            limit=f"<= {MAX_STOP}",
+            value=len(generation.stop),
+        )
+
+
+def _check_work(sites: int, controls: bool, how: _Verbalise, limits: Limits) -> None:
+    """The token-step budget of a generating preset (the logit lens decodes nothing)."""
+    if how.preset.generates:
+        rows = sites + controls
+        check_token_steps(rows, how.template, how.preset.filler, how.generation.max_new_tokens, limits)
+
+
 def _check_sites(count: int, limits: Limits, field: str) -> None:
     if count > limits.max_sites:
         raise InvalidArgument(field, "too many sites", limit=f"<= {limits.max_sites}", value=count)
@@ -242,6 +281,8 @@ def plan_explain(
     _check_sites(len(layers) * len(positions), limits, "layers × positions")
     target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for s, t in zip(layers, target_layers, strict=True) for p in positions)
+    controls = request.target.controls and how.preset.generates
+    _check_work(len(sites), controls, how, limits)
     return Plan(
         source=source,
         target=target,
@@ -334,6 +375,7 @@ def plan_activations(
     else:
         target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for p, s, t in zip(positions, layers, target_layers, strict=True))
+    _check_work(len(sites), request.target.controls and how.preset.generates, how, limits)
     return Plan(
         source=source,
         target=target,

@@ -27,11 +27,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from patchscope.engine.errors import PatchscopeError
+from patchscope.engine.errors import InvalidArgument, PatchscopeError
 from patchscope.engine.generation import GenerationConfig, Step
 from patchscope.engine.generation import iter_patched_generate as _iter_patched_generate
 from patchscope.engine.runtime import TargetRuntime
-from patchscope.engine.streaming import GenerateRequest, RowEvent, row_events
+from patchscope.engine.scheduler import Scheduler, SchedulerFull, supported
+from patchscope.engine.streaming import GenerateRequest, RowEvent, RowEventStream, row_events
 from patchscope.engine.timings import Timings
 from patchscope.engine.validation import check_vector
 
@@ -105,6 +106,10 @@ class Batcher:
         for k, vector in enumerate(request.vectors):
             check_vector(f"vectors[{k}]", vector, facts)
         rows = request.num_rows
+        if rows > self.max_rows:  # a batch never holds more than max_rows: this one could never run
+            raise InvalidArgument(
+                "rows", "more rows than the target runs at once", limit=f"<= {self.max_rows}", value=rows
+            )
         if self.queued_rows + rows > self.max_queued_rows:
             raise QueueFull(
                 f"target model queue is full ({self.queued_rows} rows waiting, "
@@ -138,9 +143,16 @@ class Batcher:
             if key not in self._waiting:
                 self._waiting.append(key)
             return
-        tickets = self._pending.pop(key)
+        pending = self._pending.pop(key)
+        tickets, rows = [], 0
+        while pending and rows + pending[0].request.num_rows <= self.max_rows:
+            rows += pending[0].request.num_rows
+            tickets.append(pending.pop(0))
         self._active += 1
         asyncio.get_running_loop().create_task(self._run(key, tickets))
+        if pending:  # the rest make the next batch of this key: now if a worker is free, else queued
+            self._pending[key] = pending
+            self._start(key)
 
     def _finished(self) -> None:
         self._active -= 1
@@ -189,7 +201,9 @@ class Batcher:
             runtime, rows, key.config, timings=timings, dropped=dropped, keep_logits=bool(controls)
         )
         tokenizer = runtime.model.tokenizer
-        stream = row_events(steps, tokenizer, key.config.max_new_tokens, timings, controls or None)
+        stream = row_events(
+            steps, tokenizer, key.config.max_new_tokens, timings, controls or None, key.config.stop
+        )
         # Each step (the model's work and the text decoding) runs on the worker thread.
         while (step := await loop.run_in_executor(self.executor, next, stream, None)) is not None:
             self.steps_run += 1
@@ -216,3 +230,148 @@ class Batcher:
                 ticket.queue.put_nowait(_DONE)
         if any(open_rows[t] > 0 and not t.dropped for t in live):
             raise RuntimeError("generation ended before every row finished")
+
+
+class ContinuousBatcher:
+    """Continuous batching (engine/scheduler.py) for lean-forward targets, `Batcher` for the others.
+
+    Every request of a lean target is admitted at once (or refused at once: the row cap, the queue) and
+    joins the running rows at the next step; one driver task runs the schedulers' steps on the worker
+    thread while any has work, so the logit lens and scoring interleave with steps on that thread. Each
+    request's steps become its row events on the worker thread, then cross to the event loop.
+    Targets on transformers' forward (families the lean forward does not cover) keep `fallback`'s
+    per-template batches.
+    """
+
+    def __init__(
+        self,
+        models: dict[str, TargetRuntime],
+        executor: Executor,
+        *,
+        max_rows: int = 256,
+        chunk_tokens: int = 128,
+        max_queued_rows: int = 4096,
+        fallback: Batcher | None = None,
+        on_batch: Callable[[int], None] = lambda _rows: None,
+    ) -> None:
+        self.models = models
+        self.executor = executor
+        self.max_queued_rows = max_queued_rows
+        self.schedulers = {
+            model_id: Scheduler(runtime, max_rows=max_rows, chunk_tokens=chunk_tokens)
+            for model_id, runtime in models.items()
+            if supported(runtime)
+        }
+        self.fallback = fallback or Batcher(
+            models, executor, max_rows=max_rows, max_queued_rows=max_queued_rows, on_batch=on_batch
+        )
+        self.on_batch = on_batch
+        self._driver: asyncio.Task | None = None
+        self._jobs: dict = {}  # open jobs -> (loop, queue), so a failed step reaches their callers
+        self._queued = 0  # rows submitted to the schedulers and not yet finished
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued + self.fallback.queued_rows
+
+    @property
+    def steps_run(self) -> int:
+        return sum(s.steps_run for s in self.schedulers.values()) + self.fallback.steps_run
+
+    @property
+    def rows_dropped(self) -> int:
+        return sum(s.rows_dropped for s in self.schedulers.values()) + self.fallback.rows_dropped
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Rows of the latest decode steps (continuous), then the fallback's batches."""
+        sizes = [n for s in self.schedulers.values() for n in s.step_sizes]
+        return sizes + list(self.fallback.batch_sizes)
+
+    async def submit(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
+        """Stream the request's row events, one list per step it takes part in; leaving drops its rows."""
+        scheduler = self.schedulers.get(request.model)
+        if scheduler is None:
+            async for events in self.fallback.submit(request):
+                yield events
+            return
+        runtime = self.models[request.model]
+        for k, vector in enumerate(request.vectors):
+            check_vector(f"vectors[{k}]", vector, runtime.model.facts)
+        rows = request.num_rows
+        if self.queued_rows + rows > self.max_queued_rows:
+            raise QueueFull(
+                f"target model queue is full ({self.queued_rows} rows waiting, "
+                f"limit {self.max_queued_rows}); retry after a short backoff"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        dropped = False
+        controls = {k: rows - 1 for k in range(rows)} if request.control else None
+        enqueued_at = time.perf_counter()
+        timings = Timings()
+        stream = RowEventStream(
+            runtime.model.tokenizer, request.config.max_new_tokens, timings, controls, request.config.stop
+        )
+        open_rows = rows
+
+        def on_step(step: Step) -> None:  # on the worker thread: text decoding stays off the event loop
+            nonlocal open_rows
+            events = stream.feed(step)
+            open_rows -= sum(e.finished for e in events)
+            loop.call_soon_threadsafe(queue.put_nowait, events)
+            if open_rows == 0:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        try:
+            job = scheduler.admit(
+                request.rows(),
+                request.config,
+                on_step,
+                keep_logits=controls is not None,
+                dropped=lambda: dropped,
+                timings=timings,
+            )
+        except SchedulerFull as full:
+            raise QueueFull(str(full)) from None
+        self._jobs[job] = (loop, queue)
+        self._queued += rows
+        self.on_batch(rows)
+        self._wake()
+        completed = False
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield [_with_queue_time(e, enqueued_at) for e in item]
+            completed = True
+        finally:
+            if not completed:
+                dropped = True  # the scheduler drops its rows before its next step or chunk
+            self._queued -= rows
+            self._jobs.pop(job, None)
+
+    def _wake(self) -> None:
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while busy := [s for s in self.schedulers.values() if s.busy()]:
+            for scheduler in busy:
+                try:
+                    await loop.run_in_executor(self.executor, scheduler.run_once)
+                except Exception as error:  # delivered to every request of that target, never swallowed
+                    for job in scheduler.fail():
+                        if job in self._jobs:
+                            _, queue = self._jobs[job]
+                            queue.put_nowait(error)
+
+
+def _with_queue_time(event: RowEvent, enqueued_at: float) -> RowEvent:
+    """A finished event's timings with `queue_s`: the time since arrival not spent on the row's work."""
+    if not event.finished or event.timings is None:
+        return event
+    t = event.timings
+    waited = max(0.0, time.perf_counter() - enqueued_at - t.prefill_s - t.decode_s)
+    return dataclasses.replace(event, timings=dataclasses.replace(t, queue_s=waited))

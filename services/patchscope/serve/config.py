@@ -17,16 +17,29 @@ from patchscope.explain.limits import Limits
 
 
 class Batching(BaseModel):
-    """Cross-request batching on TargetModel: rows of one (model, template, options) share a generation."""
+    """Cross-request batching on TargetModel.
+
+    `continuous` (lean-forward targets): every row of every request shares each decoding step, rows join
+    at the next step and leave when they end (engine/scheduler.py). Otherwise, and for targets on
+    transformers' forward, rows of one (model, template, options) share a batch that forms while
+    `wait_ms` passes; `enabled` false runs each request alone.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    # How long a new batch waits for more requests with the same key before it starts.
+    continuous: bool = True
+    # How long a new batch waits for more requests with the same key before it starts (batches only).
     wait_ms: float = Field(5.0, ge=0)
+    # Rows the target runs at once (one step, or one batch). A request that does not fit beside the rows
+    # running is RESOURCE_EXHAUSTED at once; the cap used is at least limits.max_sites + 1 (the sites and
+    # the control row), so that every request the limits admit can run.
     max_rows: int = Field(256, ge=1)
     # Batches generating at once; requests arriving while this many run wait and then start together.
     max_active_batches: int = Field(2, ge=1)
+    # Tokens of one prefill chunk: a long template is prefilled a chunk at a time between decode steps,
+    # and a request whose caller left stops before its next chunk.
+    prefill_chunk_tokens: int = Field(128, ge=1)
 
 
 class Quotas(BaseModel):
@@ -91,6 +104,10 @@ class ServiceConfig(BaseModel):
     batching: Batching = Batching()
     auth: Auth = Field(default_factory=Auth)
     quotas: Quotas = Quotas()
+
+    def max_rows(self) -> int:
+        """The target's row cap: the configured one, raised to what one admitted request may need."""
+        return max(self.batching.max_rows, self.limits.max_sites + 1)
 
     def engine_options(self) -> EngineOptions:
         """The options the hosted models are loaded and run with."""

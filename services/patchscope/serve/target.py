@@ -1,14 +1,16 @@
 """The TargetModel deployment: batched patched generation (streamed), the logit lens, control scores.
 
-Concurrent requests share batches through the `Batcher`; a request streams one list of row events per
-decoding step, and leaving the stream early (client cancel or deadline) drops its rows from the batch.
+Concurrent requests share decoding steps through the `ContinuousBatcher` (per-template batches through
+the `Batcher` where continuous batching is off or the target runs transformers' forward); a request
+streams one list of row events per step, and leaving the stream early (client cancel or deadline) drops
+its rows before the next step or prefill chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 from ray import serve
@@ -18,9 +20,41 @@ from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.scoring import score_continuations
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.validation import check_vector
-from patchscope.serve.batching import Batcher
+from patchscope.serve.batching import Batcher, ContinuousBatcher
+from patchscope.serve.config import ServiceConfig
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
+
+
+def make_batcher(
+    config: ServiceConfig,
+    runtimes: dict[str, TargetRuntime],
+    executor: Executor,
+    on_batch: Callable[[int], None] = lambda _rows: None,
+) -> Batcher | ContinuousBatcher:
+    """The config's batching: continuous for lean-forward targets, per-template batches for the rest."""
+    batching = config.batching
+    batcher = Batcher(
+        runtimes,
+        executor,
+        enabled=batching.enabled,
+        wait_s=batching.wait_ms / 1000 if batching.enabled else 0.0,
+        max_rows=config.max_rows(),
+        max_queued_rows=config.limits.max_queued_rows,
+        max_active=batching.max_active_batches if batching.enabled else 1 << 30,
+        on_batch=on_batch,
+    )
+    if not (batching.enabled and batching.continuous):
+        return batcher
+    return ContinuousBatcher(
+        runtimes,
+        executor,
+        max_rows=config.max_rows(),
+        chunk_tokens=batching.prefill_chunk_tokens,
+        max_queued_rows=config.limits.max_queued_rows,
+        fallback=batcher,
+        on_batch=on_batch,
+    )
 
 
 @serve.deployment(name="TargetModel", max_ongoing_requests=256, graceful_shutdown_timeout_s=120)
@@ -36,17 +70,7 @@ class TargetModel:
         self.runtimes = {
             model_id: TargetRuntime.build(m, options) for model_id, m in self.hosted.models.items()
         }
-        batching = self.config.batching
-        self.batcher = Batcher(
-            self.runtimes,
-            self.executor,
-            enabled=batching.enabled,
-            wait_s=batching.wait_ms / 1000 if batching.enabled else 0.0,
-            max_rows=batching.max_rows,
-            max_queued_rows=self.config.limits.max_queued_rows,
-            max_active=batching.max_active_batches if batching.enabled else 1 << 30,
-            on_batch=self.metrics.batch,
-        )
+        self.batcher = make_batcher(self.config, self.runtimes, self.executor, self.metrics.batch)
 
     def list_cards(self) -> list[ModelCard]:
         return list(self.hosted.cards.values())

@@ -120,6 +120,77 @@ class LeanCache:
 
 
 @dataclass
+class RaggedCache:
+    """Rows of different lengths in one cache, for continuous batching: slot b holds `lengths[b]` tokens.
+
+    Keys and values per layer are [slots, kv heads, capacity, head dim]; every row is left-aligned (its
+    token at position p sits at index p), so a decode step writes each row at its own length and a mask
+    hides the rest. Live rows are slots 0 .. rows - 1: a row that leaves is replaced by the last one
+    (`release`), so a step attends over one contiguous view and a freed slot's memory serves the next row
+    that joins.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # one per live slot
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def _grow(self, slots: int, tokens: int, like: torch.Tensor) -> None:
+        """Room for `slots` rows of `tokens` tokens (doubling the rows, `GROW` tokens ahead)."""
+        have_slots, have_tokens = (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+        if slots <= have_slots and tokens <= have_tokens:
+            return
+        new_slots = max(slots, min(2 * have_slots, slots + have_slots)) if slots > have_slots else have_slots
+        new_tokens = tokens + GROW if tokens > have_tokens else have_tokens
+        used, longest = self.rows, max(self.lengths, default=0)
+
+        def grown(old: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+            # Zeros, not empty: a masked key still multiplies its value by a zero weight (0 × NaN = NaN).
+            new = ref.new_zeros((new_slots, ref.shape[1], new_tokens, ref.shape[3]))
+            if old is not None and used:
+                new[:used, :, :longest] = old[:used, :, :longest]
+            return new
+
+        refs = self.keys if self.keys else like
+        self.keys = [grown(self.keys[i] if self.keys else None, refs[i]) for i in range(len(refs))]
+        self.values = [grown(self.values[i] if self.values else None, refs[i]) for i in range(len(refs))]
+
+    def admit(self, cache: LeanCache) -> list[int]:
+        """Append the rows of a prefilled `cache` (all of its length); their slots, in its row order."""
+        n, length = cache.keys[0].shape[0], cache.length
+        self._grow(self.rows + n, max(length, max(self.lengths, default=0)) + 1, cache.keys)
+        start = self.rows
+        for mine, theirs in ((self.keys, cache.keys), (self.values, cache.values)):
+            for i, tensor in enumerate(theirs):
+                mine[i][start : start + n, :, :length] = tensor[:, :, :length]
+        self.lengths += [length] * n
+        return list(range(start, start + n))
+
+    def release(self, slot: int) -> int | None:
+        """Free `slot`; the slot whose row moved into it (the last one), or None when none moved."""
+        last = self.rows - 1
+        moved = None
+        if slot != last:
+            longest = self.lengths[last]
+            for tensors in (self.keys, self.values):
+                for tensor in tensors:
+                    tensor[slot, :, :longest] = tensor[last, :, :longest]
+            self.lengths[slot] = longest
+            moved = last
+        self.lengths.pop()
+        if not self.lengths:  # idle: give the memory back
+            self.keys, self.values = [], []
+        return moved
+
+    def reserve_step(self) -> None:
+        """Room for one more token in every live row."""
+        self._grow(self.rows, max(self.lengths) + 1, self.keys)
+
+
+@dataclass
 class SharedRows:
     """Which computed row each batch row follows while a batch's identical rows are computed once.
 
@@ -175,7 +246,11 @@ class _Rope:
     def table(self, start: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Cos and sin ([t, head dim]) of positions start .. start + count - 1."""
         positions = torch.arange(start, start + count, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None]
+        return self.at(positions, dtype)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cos and sin ([n, head dim]) of the given positions ([n])."""
+        freqs = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
@@ -262,9 +337,73 @@ class LeanDecoder:
         out = out.view(g, kv, group, t, d).permute(0, 3, 1, 2, 4).reshape(g, t, self.heads * d)
         return attn.o_proj(out)
 
-    def _block(self, i: int, h: torch.Tensor, cache: LeanCache, rows, rope, mask) -> torch.Tensor:
+    def _ragged_attention(
+        self, i: int, x: torch.Tensor, cache: RaggedCache, where: torch.Tensor, rope, mask
+    ) -> torch.Tensor:
+        """Self-attention of block i for one new token per row (`x` [n, 1, d]) at each row's own length.
+
+        `where` ([n]) is each row's length before this token (its position and its cache index); `mask`
+        ([n, 1, 1, L]) hides the keys beyond each row and outside its window.
+        """
+        attn = self.layers[i].self_attn
+        n = x.shape[0]
+        kv, d, group = self.kv_heads, self.head_dim, self.heads // self.kv_heads
+        q = attn.q_proj(x).view(n, 1, self.heads, d).transpose(1, 2)  # [n, heads, 1, d]
+        k = attn.k_proj(x).view(n, 1, kv, d).transpose(1, 2)  # [n, kv, 1, d]
+        v = attn.v_proj(x).view(n, 1, kv, d).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = rope  # [n, 1, 1, d]
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        slots = torch.arange(n, device=x.device)
+        keys, values = cache.keys[i], cache.values[i]
+        keys[slots, :, where], values[slots, :, where] = k[:, :, 0], v[:, :, 0]
+        length = mask.shape[-1]
+        keys, values = keys[:n, :, :length], values[:n, :, :length]  # [n, kv, L, d]
+        scores = torch.matmul(q.reshape(n, kv, group, d), keys.transpose(-1, -2)) * attn.scaling
+        scores = scores.masked_fill(mask, float("-inf"))  # [n, kv, group, L]
+        out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), values)  # [n, kv, group, d]
+        return attn.o_proj(out.reshape(n, 1, self.heads * d))
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, cache: RaggedCache) -> torch.Tensor:
+        """The final-normed state ([n, d]) after one new token per live row (`ids` [n]), rows of any length.
+
+        Each row's token goes at its own position (its length), attends over its own tokens only, and the
+        row grows by one. Nothing is patched: decoding sees the patch through the cache alone.
+        """
+        if ids.shape != (cache.rows,):  # one token per live slot, in slot order
+            raise ValueError(f"step needs ids of shape [{cache.rows}], got {list(ids.shape)}")
+        cache.reserve_step()
+        where = torch.tensor(cache.lengths, device=ids.device)  # [n]
+        h = self.embed(ids[:, None])  # [n, 1, d]
+        distinct = {id(r): r for r in self.ropes}
+        tables = {}
+        for key, rope in distinct.items():
+            cos, sin = rope.at(where, h.dtype)  # [n, d]
+            tables[key] = (cos[:, None, None], sin[:, None, None])  # [n, 1, 1, d]
+        key_index = torch.arange(max(cache.lengths) + 1, device=ids.device)[None]  # [1, L]
+        masks = {}
+        for window in set(self.windows):
+            hidden = key_index > where[:, None]  # [n, L]
+            if window is not None:
+                hidden |= key_index <= where[:, None] - window
+            masks[window] = hidden[:, None, None]  # [n, 1, 1, L]
+        for i in range(len(self.layers)):
+
+            def attend(x, i=i):
+                return self._ragged_attention(
+                    i, x, cache, where, tables[id(self.ropes[i])], masks[self.windows[i]]
+                )
+
+            h = self._block(i, h, cache, None, None, None, attend=attend)
+        cache.lengths = [length + 1 for length in cache.lengths]
+        return self.norm(h[:, -1])
+
+    def _block(self, i: int, h: torch.Tensor, cache, rows, rope, mask, attend=None) -> torch.Tensor:
         layer = self.layers[i]
-        attended = self._attention(i, layer.input_layernorm(h), cache, rows, rope, mask)
+        x = layer.input_layernorm(h)
+        attended = attend(x) if attend is not None else self._attention(i, x, cache, rows, rope, mask)
         if self.sandwich:
             h = h + layer.post_attention_layernorm(attended)
             return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
