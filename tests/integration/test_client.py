@@ -16,6 +16,7 @@ from patchscope.wire import pb
 from patchscope_client import AsyncPatchscopeClient, CallError, Finished, IncompatibleServer, PatchscopeClient
 from patchscope_client import client as client_module
 from patchscope_client.capture import explain_model_activations, fingerprint
+from patchscope_client.version import API_VERSION
 from tests.integration.test_service import collect as collect_proto
 from tests.integration.test_service import explain_request
 from tests.integration.test_streams import target_stats
@@ -86,7 +87,49 @@ def test_explain_streams_typed_events_and_collects_the_same_table(client, stub):
         "answer",
         "mapping_id",
         "mapping_r2",
+        "unpatched_answer",
+        "same_as_unpatched",
+        "patch_effect",
+        "dependence",
+        "confidence",
     }
+
+
+def test_every_finished_site_carries_its_control_and_controls_false_removes_it(tiny_service, client, stub):
+    kw = {"positions": [-1, 2], "max_new_tokens": 6}
+    raw = collect_proto(stub.Explain(explain_request(PROMPT, layers=[1, 2], **kw), timeout=60))
+    on = client.explain_table("tiny-llama", PROMPT, [1, 2], target="tiny-llama", **kw)
+    assert len(on.rows) == 4
+    for row in on.rows:
+        c, wire = row.control, raw[row.site.index].finished.control
+        assert c is not None, "a 1.1 server sends the control by default"
+        assert (c.unpatched_explanation, c.unpatched_answer, c.same_as_unpatched) == (
+            wire.unpatched_explanation,
+            wire.unpatched_answer,
+            wire.same_as_unpatched,
+        )
+        assert c.same_as_unpatched == (row.answer.lower() == c.unpatched_answer.lower())
+        assert c.patch_effect is not None and 0.0 <= c.patch_effect <= 1.0
+        assert c.dependence == pytest.approx(c.explanation_logprob - c.unpatched_logprob, abs=1e-6)
+        assert c.confidence is None and c.calibrator_id == ""  # no calibrator registered here
+    assert len({r.control.unpatched_explanation for r in on.rows}) == 1  # one control row for all sites
+    assert on.to_json()[0]["unpatched_answer"] == on.rows[0].control.unpatched_answer
+
+    off = client.explain_table("tiny-llama", PROMPT, [1, 2], target="tiny-llama", controls=False, **kw)
+    assert [r.control for r in off.rows] == [None] * 4
+    assert [r.explanation for r in off.rows] == [r.explanation for r in on.rows]
+    assert {k: off.to_json()[0][k] for k in ("same_as_unpatched", "patch_effect")} == {
+        "same_as_unpatched": None,
+        "patch_effect": None,
+    }
+
+    async def aio_off():
+        async with AsyncPatchscopeClient(tiny_service.address, timeout=60) as aclient:
+            return await aclient.explain_table(
+                "tiny-llama", PROMPT, [1, 2], target="tiny-llama", controls=False, **kw
+            )
+
+    assert [r.control for r in asyncio.run(aio_off()).rows] == [None] * 4
 
 
 def test_explain_activations_of_extracted_states(client):
@@ -180,7 +223,7 @@ def test_an_incompatible_server_is_one_clear_sentence(tiny_service, monkeypatch)
     with PatchscopeClient(tiny_service.address) as newer, pytest.raises(IncompatibleServer) as error:
         newer.models()
     assert str(error.value) == (
-        "the patchscope server speaks API 1.0, but this client needs 1.x with minor >= 7: "
+        f"the patchscope server speaks API {API_VERSION}, but this client needs 1.x with minor >= 7: "
         "install a patchscope-client matching the server"
     )
 

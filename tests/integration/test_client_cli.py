@@ -68,6 +68,11 @@ def test_explain_json_matches_the_server_cli_and_writes_pictures(tiny_service, c
         "answer",
         "mapping_id",
         "mapping_r2",
+        "unpatched_answer",
+        "same_as_unpatched",
+        "patch_effect",
+        "dependence",
+        "confidence",
     }
     page = html.read_text()
     assert (
@@ -128,6 +133,48 @@ def test_the_html_grid_shows_every_site_in_headless_chromium(tiny_service, capsy
         timeout=120,
     )
     assert shot.exists() and shot.stat().st_size > 5000
+
+
+CONTROL_KEYS = ("unpatched_answer", "same_as_unpatched", "patch_effect", "dependence", "confidence")
+
+
+def test_controls_reach_the_json_and_the_table_and_no_controls_removes_them(
+    tiny_service, tiny_dirs, capsys, monkeypatch, tmp_path
+):
+    from patchscope.cli import main as server_main
+
+    flags = ["--target", "tiny-llama", "--layers", "1-3", "--positions", "2,-1", "--max-new-tokens", "4"]
+    explain = ["--address", tiny_service.address, "explain", PROMPT, "--source", "tiny-llama", *flags]
+    on = ndjson(run_cli(capsys, *explain, "--json"))
+    assert len(on) == 6
+    for r in on:
+        assert isinstance(r["unpatched_answer"], str) and isinstance(r["same_as_unpatched"], bool)
+        assert r["same_as_unpatched"] == (r["answer"].lower() == r["unpatched_answer"].lower())
+        assert 0.0 <= r["patch_effect"] <= 1.0 and isinstance(r["dependence"], float)
+        assert r["confidence"] is None  # no calibrator registered for the tiny models
+    off = ndjson(run_cli(capsys, *explain, "--json", "--no-controls"))
+    assert [{k: r[k] for k in CONTROL_KEYS} for r in off] == [dict.fromkeys(CONTROL_KEYS)] * 6
+    assert [r["explanation"] for r in off] == [r["explanation"] for r in on]
+
+    monkeypatch.setenv("COLUMNS", "400")  # rich wraps a narrow table's cells
+    table = run_cli(capsys, *explain)
+    assert "conf." in table and "control" in table
+    assert table.count("= unpatched") == sum(r["same_as_unpatched"] for r in on)
+    assert "= unpatched" not in run_cli(capsys, *explain, "--no-controls")
+
+    # `patchscope explain`, in process on the same weights, takes the same flags and prints the same keys.
+    model = str(tiny_dirs["llama"])
+    server = [*flags, "--registry", str(tmp_path / "registry"), "--json"]
+    server = ["explain", PROMPT, "--source", model, *[model if f == "tiny-llama" else f for f in server]]
+    for argv, client_rows in ((server, on), ([*server, "--no-controls"], off)):
+        assert server_main(argv) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [sorted(r) for r in rows] == [sorted(set(r) - {"site", "reproduction"}) for r in client_rows]
+        for mine, theirs in zip(rows, client_rows, strict=True):
+            exact = ("explanation", "answer", "unpatched_answer", "same_as_unpatched", "confidence")
+            assert {k: mine[k] for k in exact} == {k: theirs[k] for k in exact}
+            for k in ("patch_effect", "dependence"):  # the service's batch may hold other rows
+                assert mine[k] == theirs[k] or mine[k] == pytest.approx(theirs[k], abs=1e-4)
 
 
 def test_extract_then_explain_activations_from_the_file(tiny_service, capsys, tmp_path):
