@@ -1,4 +1,4 @@
-"""`patchscope` command: serve, models, prepare, explain, mappings, fit-mapping, eval.
+"""`patchscope` command: serve, models, prepare, explain, mappings, fit-mapping, calibrate, eval, batch.
 
 One module per command group, each adding its subcommands with `add_parsers`; `args` holds what they share.
 """
@@ -14,12 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from patchscope.cli import batch, explain, mappings, models, serve
+    from patchscope.cli import batch, calibrate, explain, mappings, models, serve
     from patchscope.cli import eval as eval_group
 
     parser = argparse.ArgumentParser(prog="patchscope", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (serve, models, explain, mappings, eval_group, batch):
+    for group in (serve, models, explain, mappings, calibrate, eval_group, batch):
         group.add_parsers(sub)
     return parser
 

@@ -25,7 +25,7 @@ from patchscope.explain.events import Explanation
 from patchscope.explain.limits import Limits
 from patchscope.explain.plan import MappingResolver, ModelInfo, no_mappings
 from patchscope.explain.request import ActivationsRequest, ExplainRequest
-from patchscope.explain.run import Pipeline, collect
+from patchscope.explain.run import CalibratorLookup, Pipeline, collect, no_calibrators
 
 
 def model_info(model: LoadedModel) -> ModelInfo:
@@ -104,15 +104,17 @@ def explain(
     request: ExplainRequest | ActivationsRequest,
     resolve: MappingResolver = no_mappings,
     limits: Limits | None = None,
+    calibrators: CalibratorLookup = no_calibrators,
 ) -> Explanation:
     """Plan and run one request to the end in this process (the CLI's and the experiments' entry).
 
     `resolve` finds the mappings of a cross-model request (`mapping.resolve.registry_resolver`); the
-    default plans same-model requests only. Runs its own event loop: call it outside a running one.
+    default plans same-model requests only; `calibrators` finds the confidence calibrator
+    (`calibration.registry.CalibrationRegistry.lookup`). Runs its own event loop: call it outside one.
     """
 
     async def run() -> Explanation:
-        pipeline = Pipeline(backend, limits or LOCAL_LIMITS, resolve)
+        pipeline = Pipeline(backend, limits or LOCAL_LIMITS, resolve, calibrators)
         plan = await pipeline.plan(request)
         states = request.states if isinstance(request, ActivationsRequest) else None
         return await collect(plan, pipeline.run(plan, states))

@@ -28,7 +28,7 @@ from patchscope.explain.plan import (
     plan_activations,
     plan_explain,
 )
-from patchscope.explain.request import ActivationsRequest, ExplainRequest
+from patchscope.explain.request import ActivationsRequest, ExplainRequest, Site
 from patchscope.explain.signals import Calibrator, control
 
 __all__ = ["Backend", "GenerateRequest", "Pipeline", "RowEvent", "collect"]
@@ -176,7 +176,7 @@ class Pipeline:
                 plan.target.id, plan.template, plan.preset.filler, tokens[:n]
             )
             for index in range(n):
-                yield self._finished(plan, held[index], timings, held[n], unpatched[index], vectors[index])
+                yield self._finished(plan, held[index], timings, held[n], unpatched[index])
 
     def _finished(
         self,
@@ -185,7 +185,6 @@ class Pipeline:
         timings: Timings,
         control_row: RowEvent | None = None,
         unpatched_logprob: float | None = None,
-        vector: torch.Tensor | None = None,
     ) -> SiteFinished:
         explanation = e.explanation or ""
         answer = plan.preset.answer(explanation)
@@ -200,7 +199,6 @@ class Pipeline:
         if control_row is not None:
             site = plan.sites[e.row]
             r2 = plan.mapping.describe(site.source_layer, site.target_layer)[1] if plan.mapping else None
-            norms = plan.target.layer_norms
             unpatched_explanation = control_row.explanation or ""
             site_control = control(
                 answer=answer,
@@ -209,14 +207,8 @@ class Pipeline:
                 patch_effect=e.patch_effect,
                 explanation_logprob=e.logprob,
                 unpatched_logprob=unpatched_logprob,
-                depths=(
-                    site.source_layer / max(1, plan.source.facts.num_layers - 1),
-                    site.target_layer / max(1, plan.target.facts.num_layers - 1),
-                ),
+                depths=depths(plan, site),
                 mapping_r2=r2,
-                norm_ratio=float(vector.norm()) / norms[site.target_layer]
-                if norms and vector is not None
-                else None,
                 calibrator=plan.calibrator,
             )
         return SiteFinished(e.row, explanation, answer, timings=site_timings, control=site_control)
@@ -230,6 +222,14 @@ class Pipeline:
             hidden.states[hidden.layers.index(s.source_layer), hidden.positions.index(s.position)]
             for s in plan.sites
         ]
+
+
+def depths(plan: Plan, site: Site) -> tuple[float, float]:
+    """The site's relative depths ℓ / (L − 1) and ℓ* / (L* − 1): a calibrator feature."""
+    return (
+        site.source_layer / max(1, plan.source.facts.num_layers - 1),
+        site.target_layer / max(1, plan.target.facts.num_layers - 1),
+    )
 
 
 async def collect(plan: Plan, events: AsyncIterator[Event]) -> Explanation:

@@ -25,7 +25,6 @@ class Features:
     source_depth: float  # ℓ / (L − 1)
     target_depth: float  # ℓ* / (L* − 1)
     mapping_r2: float  # 1 for the same model (no map)
-    norm_ratio: float  # |f(h)| over the target layer's typical norm (1 when unknown)
 
     NAMES = (
         "patch_effect",
@@ -35,11 +34,23 @@ class Features:
         "source_depth",
         "target_depth",
         "mapping_r2",
-        "norm_ratio",
     )
 
     def vector(self) -> list[float]:
         return [float(getattr(self, name)) for name in self.NAMES]
+
+
+def features_of(control: Control, depths: tuple[float, float], mapping_r2: float | None) -> Features:
+    """The features of a finished site, as the pipeline computed them (calibration reads them back)."""
+    return Features(
+        patch_effect=control.patch_effect or 0.0,
+        dependence=control.dependence or 0.0,
+        explanation_logprob=control.explanation_logprob or 0.0,
+        same_as_unpatched=control.same_as_unpatched,
+        source_depth=depths[0],
+        target_depth=depths[1],
+        mapping_r2=1.0 if mapping_r2 is None else mapping_r2,
+    )
 
 
 class Calibrator(Protocol):
@@ -66,7 +77,6 @@ def control(
     unpatched_logprob: float | None,
     depths: tuple[float, float],
     mapping_r2: float | None,
-    norm_ratio: float | None,
     calibrator: Calibrator | None,
 ) -> Control:
     """The control record of one site, with its confidence when a calibrator is registered."""
@@ -84,7 +94,6 @@ def control(
             source_depth=depths[0],
             target_depth=depths[1],
             mapping_r2=1.0 if mapping_r2 is None else mapping_r2,
-            norm_ratio=1.0 if norm_ratio is None else norm_ratio,
         )
         confidence = calibrator.confidence(features)
     return Control(

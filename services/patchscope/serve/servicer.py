@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from patchscope import __version__
+from patchscope.calibration.registry import CalibrationRegistry
 from patchscope.explain.plan import check_prompt_size, plan_extract
 from patchscope.explain.run import Pipeline
 from patchscope.mapping.registry import MappingRegistry
@@ -128,7 +129,10 @@ class Servicer:
         self.config = config
         self.backend = backend
         self.registry = MappingRegistry(config.registry)
-        self.pipeline = Pipeline(backend, config.limits, registry_resolver(self.registry))
+        self.calibrations = CalibrationRegistry(self.registry.root)
+        self.pipeline = Pipeline(
+            backend, config.limits, registry_resolver(self.registry), self.calibrations.lookup
+        )
         auth = config.auth
         self.auth = TokenCheck.from_config(auth)  # every line validated; the file re-read on change
         self.quotas = quotas
