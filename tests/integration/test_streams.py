@@ -43,7 +43,8 @@ def test_concurrent_explains_share_a_batch_and_get_their_own_answers(stub):
     for t in threads:
         t.join()
     sizes = target_stats()["batch_sizes"][before:]
-    assert max(sizes) > 1, f"concurrent requests never shared a batch: {sizes}"
+    # One request is 2 rows (its site and the control): more in a step or batch means requests shared it.
+    assert max(sizes) > 2, f"concurrent requests never shared a batch: {sizes}"
     for p in prompts:
         assert results[p][0].finished.explanation == solo[p][0].finished.explanation
 
@@ -73,6 +74,18 @@ def test_a_deadline_ends_the_stream_with_deadline_exceeded(stub):
         list(stub.Explain(request, timeout=0.3))
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert collect(stub.Explain(explain_request(layers=[1], positions=[-1]), timeout=60))
+
+
+def test_stop_sequences_end_the_explanation_before_them(stub):
+    full = collect(stub.Explain(explain_request(layers=[2], positions=[-1], max_new_tokens=12), timeout=60))
+    text = full[0].finished.explanation
+    if len(text) < 3:
+        pytest.skip(f"explanation too short to cut: {text!r}")
+    stop = text[1:3]
+    request = explain_request(layers=[2], positions=[-1], max_new_tokens=12)
+    request.target.generation.stop.append(stop)
+    cut = collect(stub.Explain(request, timeout=60))
+    assert cut[0].finished.explanation == text[: text.find(stop)]
 
 
 def test_healthz_and_reflection_answer_on_the_grpc_port(channel):

@@ -279,3 +279,20 @@ def test_the_fallback_batcher_caps_a_batch_at_max_rows(llama, llama_runtime):
 
 def _fields(request: GenerateRequest, rows: int) -> tuple:
     return (request.model, TEMPLATE, "?", [1] * rows, [request.vectors[0]] * rows, request.config)
+
+
+def test_the_config_picks_continuous_batching_its_row_cap_and_its_step(llama_runtime):
+    from patchscope.serve.config import ServiceConfig
+    from patchscope.serve.target import make_batcher
+
+    base = dict(sources=["tiny-llama"], targets=["tiny-llama"], auth={"required": False})
+    runtimes = {"tiny-llama": llama_runtime}
+    with ThreadPoolExecutor(1) as executor:
+        config = ServiceConfig(**base, batching={"max_rows": 8, "step": "bucketed"})
+        batcher = make_batcher(config, runtimes, executor)
+        assert isinstance(batcher, ContinuousBatcher)
+        scheduler = batcher.schedulers["tiny-llama"]
+        assert scheduler.max_rows == config.limits.max_sites + 1, "raised so every admitted request fits"
+        assert scheduler.fast is not None and scheduler.fast.mode is None
+        off = ServiceConfig(**base, batching={"continuous": False})
+        assert type(make_batcher(off, runtimes, executor)) is Batcher

@@ -136,3 +136,37 @@ def test_the_static_decoder_explains_a_real_sweep_as_the_eager_engine_does(smoll
     # No slots: leaves the shared model's blocks alone.
     assert generate(smollm2, rows, StaticDecoder(smollm2, None), config) == expected
     assert any("Obama" in smollm2.tokenizer.decode(ids) for ids in expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_the_bucketed_ragged_step_decodes_what_the_eager_scheduler_decodes(arch, tiny_runtimes):
+    """The service's fast path, its shapes run eagerly (mode None): what a compiled step must equal."""
+    from patchscope.engine.scheduler import Scheduler
+
+    runtime = tiny_runtimes[arch]
+    model = runtime.model
+    templates = ["cat -> cat\n1135 -> 1135\nhello -> hello\n{}", "{} is", "Samsung: {} and more"]
+    outputs = {}
+    for compiled in (False, True):
+        scheduler = Scheduler(runtime, chunk_tokens=4, compiled_step=compiled, compile_mode=None)
+        got: dict[tuple[int, int], list[int]] = {}
+        for j, template in enumerate(templates):  # joining one after another: 3, then 5, then 7 rows
+            rows = (
+                sweep(model, positions=(-1,), layers=[0, 1, 2][: j + 1]) if j else sweep(model, (-1, 3), [1])
+            )
+            rows = [PatchedRow(template, r.filler, r.patches) for r in rows]
+
+            def collect(step, j=j, got=got):
+                for row, token, done in zip(step.rows, step.token_ids, step.finished, strict=True):
+                    if not done:
+                        got.setdefault((j, row), []).append(token)
+
+            scheduler.admit(rows, GenerationConfig(max_new_tokens=9), collect)
+            scheduler.run_once()
+        while scheduler.busy():
+            scheduler.run_once()
+        outputs[compiled] = got
+        if compiled:
+            assert scheduler.fast.shapes, "the bucketed step ran"
+            assert all(rows & (rows - 1) == 0 for rows, _ in scheduler.fast.shapes), "rows padded to 2^k"
+    assert outputs[True] == outputs[False]

@@ -39,6 +39,7 @@ from patchscope.engine.generation import (
 from patchscope.engine.models.lean import LeanCache, RaggedCache
 from patchscope.engine.patch import Patch
 from patchscope.engine.runtime import TargetRuntime
+from patchscope.engine.static_decode import RaggedStep
 from patchscope.engine.template import TemplateTokens
 from patchscope.engine.timings import Timings
 
@@ -87,7 +88,14 @@ class Scheduler:
         max_rows: int = 256,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         use_prefix_cache: bool = True,
+        compiled_step: bool = False,
+        compile_mode: str | None = "reduce-overhead",
     ) -> None:
+        """A scheduler over `runtime` (lean forward required).
+
+        `compiled_step`: decode through `static_decode.RaggedStep` (bucketed shapes, compiled with
+        `compile_mode`; None runs those shapes eagerly, which is how tests check it on a CPU).
+        """
         if not supported(runtime):
             raise ValueError("continuous batching needs the lean forward (forward: auto or lean)")
         self.runtime = runtime
@@ -95,6 +103,7 @@ class Scheduler:
         self.chunk_tokens = chunk_tokens
         self.use_prefix_cache = use_prefix_cache
         self.cache = RaggedCache()
+        self.fast = RaggedStep(runtime.model, runtime.lean, compile_mode) if compiled_step else None
         self.slots: list[tuple[Job, int]] = []  # slot -> (job, row), as the ragged cache orders rows
         self.next_ids: list[int] = []  # slot -> the token it feeds at the next step
         self.prefilling: deque[Job] = deque()
@@ -208,8 +217,8 @@ class Scheduler:
 
     def _prefill_chunk(self) -> None:
         """One chunk of the oldest waiting prefill; dropped requests leave before their next chunk."""
-        while self.prefilling and self.prefilling[0].dropped():
-            job = self.prefilling.popleft()
+        for job in [j for j in self.prefilling if j.dropped()]:
+            self.prefilling.remove(job)
             self.rows_dropped += job.rows
             self._closed(job, job.rows)
         if not self.prefilling:
@@ -297,8 +306,11 @@ class Scheduler:
         started = time.perf_counter()
         device = self.runtime.model.device
         ids = torch.tensor(self.next_ids, device=device)  # [n]
-        normed = self.runtime.lean.step(ids, self.cache)  # [n, d]
-        logits = self.runtime.model.layout.unembed_normed(normed).float()  # [n, V]
+        if self.fast is not None:
+            logits = self.fast(ids, self.cache)  # [n, V]
+        else:
+            normed = self.runtime.lean.step(ids, self.cache)  # [n, d]
+            logits = self.runtime.model.layout.unembed_normed(normed).float()  # [n, V]
         self.steps_run += 1
         self.step_sizes.append(len(self.slots))
         by_job: dict[Job, list[tuple[int, int]]] = {}
@@ -331,7 +343,7 @@ class Scheduler:
             self._inbox.clear()
             self._admitted = 0
         self.prefilling.clear()
-        self.slots, self.next_ids, self.cache = [], [], RaggedCache()
+        self.slots, self.next_ids, self.cache = [], [], RaggedCache(bucket=self.cache.bucket)
         return list(jobs.values())
 
     def run_once(self) -> None:

@@ -12,9 +12,13 @@ round-trip per step. Three levels, each measured by `bench/bench_gpu.py`:
   length, new tokens): a sweep is one copy of its inputs and one replay.
 
 Without `compile_prefill` or `capture` the prefill is the eager engine's, so the first token is exactly the
-eager path's. Greedy only; the streaming path (`generation._run_batch`) is unchanged and stays the one the
-service's cancellable streams use. Models with sliding-window layers are refused: their static layers count
+eager path's. Greedy only. Models with sliding-window layers are refused: their static layers count
 tokens in a Python int, which would recompile the step at every position.
+
+`RaggedStep` is the service's fast path: continuous batching's decode step (engine/scheduler.py, streamed
+and cancellable) at bucketed shapes, rows padded to a power of two and the key length to the ragged
+cache's bucketed capacity, so `torch.compile` ("reduce-overhead": a CUDA graph per bucket) sees a few
+shapes and replays them. Any sampling happens outside it, per request; sliding windows are masks here.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from transformers.cache_utils import StaticCache
 from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.hooks import patching
 from patchscope.engine.kv_cache import cache_kwarg
+from patchscope.engine.models.lean import LeanDecoder, RaggedCache
 from patchscope.engine.models.loading import LoadedModel
 from patchscope.engine.options import Decode
 from patchscope.engine.patch import Patch, block_hidden, write_patches
@@ -255,6 +260,46 @@ class StaticDecoder:
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         self._run(prompt, slots, patches, self._cache(batch, len(ids) + max_new_tokens), out, on_prefilled)
         return out
+
+
+RAGGED_TOKENS = 64  # the ragged cache's capacity rounds up to this under a compiled step
+
+
+class RaggedStep:
+    """The continuous-batching decode step at bucketed shapes, compiled with `mode` (None: eager).
+
+    Called like `LeanDecoder.step` (`ids` [n], one per live slot of `cache`), it returns the logits
+    ([n, V]); padded rows (token 0 at length 0 in a free slot) are computed and dropped.
+    """
+
+    def __init__(self, target: LoadedModel, lean: LeanDecoder, mode: str | None = "reduce-overhead") -> None:
+        self.target, self.lean, self.mode = target, lean, mode
+        unembed = target.layout.unembed_normed
+
+        def step(ids: torch.Tensor, where: torch.Tensor, keys: list, values: list) -> torch.Tensor:
+            return unembed(lean.ragged_step(ids, where, keys, values, keys[0].shape[2])).float()
+
+        self._step = step if mode is None else torch.compile(step, mode=mode, dynamic=False)
+        self.shapes: set[tuple[int, int]] = set()  # (rows, key length) buckets seen: each compiles once
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, cache: RaggedCache) -> torch.Tensor:
+        n = ids.shape[0]
+        if n != cache.rows:
+            raise ValueError(f"step needs ids of shape [{cache.rows}], got {list(ids.shape)}")
+        cache.bucket = cache.bucket or RAGGED_TOKENS
+        rows = 1 << (n - 1).bit_length()  # [b] rows, b a power of two
+        cache.reserve_step(rows)
+        padded = ids.new_zeros(rows)
+        padded[:n] = ids
+        where = ids.new_zeros(rows)
+        where[:n] = torch.tensor(cache.lengths, device=ids.device)
+        self.shapes.add((rows, cache.keys[0].shape[2]))
+        if self.mode == "reduce-overhead" and ids.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._step(padded, where, cache.keys, cache.values)[:n].clone()  # [n, V]
+        cache.lengths = [length + 1 for length in cache.lengths]
+        return logits
 
 
 # The loops `EngineOptions.decode` names besides "eager" (bench/bench_gpu.py's cases A, D and C).

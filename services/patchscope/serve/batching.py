@@ -1,10 +1,16 @@
 """Cross-request batching of patched generation, with cancellation that takes effect within one step.
 
+Two batchers with one interface (`submit`). `ContinuousBatcher` (the default for lean-forward targets)
+runs every request's rows in shared decoding steps that rows join and leave at any step
+(engine/scheduler.py). `Batcher`, below, is the per-template batching that targets on transformers'
+forward keep, and what the service runs with `batching.continuous` off:
+
 Concurrent `Explain` calls that use the same target model, template and decoding options become rows of
 one batched generation: the prompt pass and every decoding step run once for all of them. A batch opens
-when the first request of a key arrives and starts `wait_s` later (or when it holds `max_rows`); requests
-of that key arriving meanwhile join it. Model work runs on one worker thread per replica, so the event
-loop keeps streaming tokens while steps run, and steps of different batches interleave.
+when the first request of a key arrives and starts `wait_s` later (or when it holds `max_rows`, the most
+one batch takes); requests of that key arriving meanwhile join it. Model work runs on one worker thread per
+replica, so the event loop keeps streaming tokens while steps run, and steps of different batches
+interleave.
 
 At most `max_active` batches run at once (their steps interleave on the worker thread); requests arriving
 while that many run wait, and when a batch ends, everything waiting with one key starts as one batch.
@@ -253,12 +259,13 @@ class ContinuousBatcher:
         max_queued_rows: int = 4096,
         fallback: Batcher | None = None,
         on_batch: Callable[[int], None] = lambda _rows: None,
+        step_options: dict[str, object] | None = None,
     ) -> None:
         self.models = models
         self.executor = executor
         self.max_queued_rows = max_queued_rows
         self.schedulers = {
-            model_id: Scheduler(runtime, max_rows=max_rows, chunk_tokens=chunk_tokens)
+            model_id: Scheduler(runtime, max_rows=max_rows, chunk_tokens=chunk_tokens, **(step_options or {}))
             for model_id, runtime in models.items()
             if supported(runtime)
         }

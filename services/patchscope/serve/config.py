@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,6 +41,17 @@ class Batching(BaseModel):
     # Tokens of one prefill chunk: a long template is prefilled a chunk at a time between decode steps,
     # and a request whose caller left stops before its next chunk.
     prefill_chunk_tokens: int = Field(128, ge=1)
+    # Continuous batching's decode step: `eager` (exact shapes; the CPU default), `bucketed` (padded to
+    # the fast path's shapes, run eagerly), `compiled` (torch.compile) or `cuda-graphs` (torch.compile's
+    # reduce-overhead: a CUDA graph per bucket, for GPUs; compiles on the first steps of each bucket).
+    step: Literal["eager", "bucketed", "compiled", "cuda-graphs"] = "eager"
+
+    def step_options(self) -> dict[str, object]:
+        """The scheduler's keywords for `step`."""
+        modes = {"bucketed": None, "compiled": "default", "cuda-graphs": "reduce-overhead"}
+        if self.step == "eager":
+            return {"compiled_step": False}
+        return {"compiled_step": True, "compile_mode": modes[self.step]}
 
 
 class Quotas(BaseModel):

@@ -54,6 +54,7 @@ def make_batcher(
         max_queued_rows=config.limits.max_queued_rows,
         fallback=batcher,
         on_batch=on_batch,
+        step_options=batching.step_options(),
     )
 
 

@@ -133,6 +133,9 @@ class RaggedCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # one per live slot
+    # Capacity in tokens rounds up to a multiple of this and slots to a power of two: a compiled step
+    # sees few distinct shapes (static_decode.RaggedStep). 0: grow by `GROW` tokens, slots by doubling.
+    bucket: int = 0
 
     @property
     def rows(self) -> int:
@@ -145,6 +148,9 @@ class RaggedCache:
             return
         new_slots = max(slots, min(2 * have_slots, slots + have_slots)) if slots > have_slots else have_slots
         new_tokens = tokens + GROW if tokens > have_tokens else have_tokens
+        if self.bucket:
+            new_slots = 1 << (new_slots - 1).bit_length()
+            new_tokens = -(-new_tokens // self.bucket) * self.bucket
         used, longest = self.rows, max(self.lengths, default=0)
 
         def grown(old: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
@@ -181,13 +187,13 @@ class RaggedCache:
             self.lengths[slot] = longest
             moved = last
         self.lengths.pop()
-        if not self.lengths:  # idle: give the memory back
+        if not self.lengths and not self.bucket:  # idle: give the memory back (a compiled step keeps it)
             self.keys, self.values = [], []
         return moved
 
-    def reserve_step(self) -> None:
-        """Room for one more token in every live row."""
-        self._grow(self.rows, max(self.lengths) + 1, self.keys)
+    def reserve_step(self, slots: int = 0) -> None:
+        """Room for one more token in every live row, and for at least `slots` rows."""
+        self._grow(max(self.rows, slots), max(self.lengths) + 1, self.keys)
 
 
 @dataclass
@@ -376,28 +382,44 @@ class LeanDecoder:
             raise ValueError(f"step needs ids of shape [{cache.rows}], got {list(ids.shape)}")
         cache.reserve_step()
         where = torch.tensor(cache.lengths, device=ids.device)  # [n]
-        h = self.embed(ids[:, None])  # [n, 1, d]
+        normed = self.ragged_step(ids, where, cache.keys, cache.values, max(cache.lengths) + 1)
+        cache.lengths = [length + 1 for length in cache.lengths]
+        return normed
+
+    def ragged_step(
+        self,
+        ids: torch.Tensor,
+        where: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        length: int,
+    ) -> torch.Tensor:
+        """`step`'s arithmetic on tensors alone (fixed shapes for a given `length`, so it can compile).
+
+        `ids` and `where` ([b]: each row's token and its length before it) cover the first b slots of
+        `keys`/`values` ([slots, kv, capacity, d]); attention reads the first `length` key positions.
+        """
+        h = self.embed(ids[:, None])  # [b, 1, d]
         distinct = {id(r): r for r in self.ropes}
         tables = {}
         for key, rope in distinct.items():
-            cos, sin = rope.at(where, h.dtype)  # [n, d]
-            tables[key] = (cos[:, None, None], sin[:, None, None])  # [n, 1, 1, d]
-        key_index = torch.arange(max(cache.lengths) + 1, device=ids.device)[None]  # [1, L]
+            cos, sin = rope.at(where, h.dtype)  # [b, d]
+            tables[key] = (cos[:, None, None], sin[:, None, None])  # [b, 1, 1, d]
+        key_index = torch.arange(length, device=ids.device)[None]  # [1, L]
         masks = {}
         for window in set(self.windows):
-            hidden = key_index > where[:, None]  # [n, L]
+            hidden = key_index > where[:, None]  # [b, L]
             if window is not None:
                 hidden |= key_index <= where[:, None] - window
-            masks[window] = hidden[:, None, None]  # [n, 1, 1, L]
+            masks[window] = hidden[:, None, None]  # [b, 1, 1, L]
+        view = RaggedCache(keys, values)
         for i in range(len(self.layers)):
 
-            def attend(x, i=i):
-                return self._ragged_attention(
-                    i, x, cache, where, tables[id(self.ropes[i])], masks[self.windows[i]]
-                )
+            def attend(x: torch.Tensor, i: int = i) -> torch.Tensor:
+                rope, mask = tables[id(self.ropes[i])], masks[self.windows[i]]
+                return self._ragged_attention(i, x, view, where, rope, mask)
 
-            h = self._block(i, h, cache, None, None, None, attend=attend)
-        cache.lengths = [length + 1 for length in cache.lengths]
+            h = self._block(i, h, None, None, None, None, attend=attend)
         return self.norm(h[:, -1])
 
     def _block(self, i: int, h: torch.Tensor, cache, rows, rope, mask, attend=None) -> torch.Tensor:
