@@ -65,9 +65,16 @@ FIT_DEFAULT_PAIR = $(VENV)/bin/patchscope fit-mapping --source smollm2-135m --ta
 	--pairs 2:1,6:4,10:6 --method affine --max-words 20000 --vocab-words 20000 \
 	--corpus "$(DATA)/wikitext-2/valid.txt" --if-missing
 
+# Confidence calibrators for the default pair and each model with itself (identity and attribute presets),
+# fitted once on the packaged data if the registry lacks them.
+CALIBRATE_DEFAULTS = for pair in smollm2-135m:gemma3-270m smollm2-135m:smollm2-135m gemma3-270m:gemma3-270m; do \
+	$(VENV)/bin/patchscope calibrate --source $${pair%%:*} --target $${pair##*:} --preset identity,attribute \
+	--examples 80 --if-missing || exit 1; done
+
 run: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m
 	$(FIT_DEFAULT_PAIR)
+	@$(CALIBRATE_DEFAULTS)
 	$(PY) -m patchscope.serve.demo "Barack Obama" --source smollm2-135m --target gemma3-270m --layers 2,6,10
 
 # The service, staying up on 127.0.0.1:9000 until Ctrl-C.

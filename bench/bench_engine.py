@@ -3,9 +3,10 @@
 (a) the reference notebooks' per-site loop: one source pass and one hooked `generate` per layer,
 (b) one batched `generate` with a patch hook per row,
 (c) the same batch unpatched (the floor any patching method sits on),
-(d) the engine (`explain`): one source pass, prefix cache, lean decode loop and its default options
+(d) the engine (`explain`, controls off): one source pass, prefix cache, lean decode loop, default options
     (engine/options.py; `--gemm auto` packs the linears for oneDNN on an fp32 CPU), with the lean forward
-    (engine/models/lean.py) on a CPU; (d') the same without the cache; (d'') with transformers' forward;
+    (engine/models/lean.py) on a CPU; (d0) with the unpatched control row and its signals (the service's
+    default); (d') the same without the cache; (d'') with transformers' forward;
     (d''') on the peers' stock load,
 (e) nnsight's per-site loop: one source trace and one intervened `generate` per layer,
 (f) nnsight batched: one source trace, then one `generate` with one invoke per layer.
@@ -46,14 +47,17 @@ from patchscope.explain import ExplainRequest, Explanation, LocalBackend, Target
 PROMPT = "Barack Obama"
 
 
-def sweep(runtime: TargetRuntime, new: int, prompt: str = PROMPT) -> Explanation:
-    """The engine's same-model sweep of every layer of `prompt` on `runtime`, identity preset."""
+def sweep(runtime: TargetRuntime, new: int, prompt: str = PROMPT, controls: bool = False) -> Explanation:
+    """The engine's same-model sweep of every layer of `prompt` on `runtime`, identity preset.
+
+    Controls off unless asked: the peers run none, so the comparison is like for like; "(d0)" prices them.
+    """
     model = runtime.model
     request = ExplainRequest(
         source=model.id,
         prompt=prompt,
         layers=tuple(range(model.layout.num_layers)),
-        target=TargetSpec(model.id, generation=GenerationConfig(max_new_tokens=new)),
+        target=TargetSpec(model.id, generation=GenerationConfig(max_new_tokens=new), controls=controls),
     )
     return explain(LocalBackend.of(model, runtime), request)
 
@@ -144,6 +148,9 @@ def build(
     def engine_default():
         return sweep(engine, new)
 
+    def engine_controls():
+        return sweep(engine, new, controls=True)
+
     def engine_no_cache():
         engine.prefix_cache.clear()
         engine.prefix_cache.capacity = 0
@@ -163,6 +170,7 @@ def build(
         "(b) batched generate + hooks": batched_generate,
         "(c) unpatched batch (floor)": unpatched_batch,
         ENGINE: engine_default,
+        CONTROLS: engine_controls,
         "(d') engine, no prefix cache": engine_no_cache,
         "(d'') engine, transformers forward": engine_transformers_forward,
         "(d''') engine, stock load": engine_stock,
@@ -170,6 +178,7 @@ def build(
 
 
 ENGINE = "(d) engine"
+CONTROLS = "(d0) engine, controls on"  # its ratio is what the controls cost (issue bar: <= 1.2x)
 NNSIGHT_LOOP = "(e) nnsight per-site loop"
 NNSIGHT_BATCHED = "(f) nnsight batched"
 
@@ -362,6 +371,11 @@ def main() -> None:
             f"per round {min(loop):.1f}–{max(loop):.1f}×)"
         )
     print(f"RESULT engine ÷ unpatched batch: {1 / speedup[floor]:.2f} (target ≤ 0.8)")
+    cost = ratios[CONTROLS]
+    print(
+        f"RESULT controls on ÷ off: {speedup[CONTROLS]:.2f}× (target ≤ 1.2×; per round "
+        f"{min(cost):.2f}–{max(cost):.2f}×, n = {len(cost)})"
+    )
     nnsight_timed = [name for name in nnsight_cases if name in speedup]
     if nnsight_timed:
         best = min(nnsight_timed, key=lambda name: speedup[name])

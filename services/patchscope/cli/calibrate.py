@@ -8,11 +8,13 @@ import json
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from patchscope.calibration.calibrate import calibrate
+    from patchscope.calibration.registry import CalibrationRegistry, calibrator_id
     from patchscope.cli.args import progress
     from patchscope.cli.models import registry_with_paths
     from patchscope.data import data_root
     from patchscope.engine import load_model
     from patchscope.engine.runtime import TargetRuntime
+    from patchscope.explain.local import model_info
     from patchscope.mapping.registry import MappingRegistry
 
     models = registry_with_paths(args.source, args.target)
@@ -28,17 +30,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             last[0] = percent
             progress(f"calibrate {args.preset}: {percent}%")
 
-    report = calibrate(
-        source,
-        TargetRuntime.build(target),
-        args.preset,
-        MappingRegistry(args.registry),
-        data_root(),
-        examples=args.examples,
-        seed=args.seed,
-        progress=step,
-    )
-    i = report.info
+    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
+    mappings = MappingRegistry(args.registry)
+    calibrations = CalibrationRegistry(mappings.root)
+    runtime = TargetRuntime.build(target)
+    for preset in presets:
+        if (
+            args.if_missing
+            and calibrations.lookup(model_info(source), model_info(target), preset) is not None
+        ):
+            progress(f"{calibrator_id(source.id, target.id, preset)} is registered already")
+            continue
+        report = calibrate(
+            source,
+            runtime,
+            preset,
+            mappings,
+            data_root(),
+            examples=args.examples,
+            seed=args.seed,
+            progress=step,
+        )
+        _print(report.info, report.path)
+    return 0
+
+
+def _print(i, path) -> None:
     print(f"{i.id}: {i.data}")
     print(
         f"held-out sites {i.examples_test} (train {i.examples_train}), right {i.accuracy_test:.3f}; "
@@ -48,8 +65,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for low, high, count, confidence, accuracy in json.loads(i.reliability):
         if count:
             print(f"{f'{low:.1f}-{high:.1f}':<12}{count:>6}{confidence:>12.3f}{accuracy:>10.3f}")
-    print(f"written to {report.path}")
-    return 0
+    print(f"written to {path}")
 
 
 def cmd_calibrations(args: argparse.Namespace) -> int:
@@ -83,6 +99,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--seed", type=int, default=0, help="item sampling and the train/test split")
     cal.add_argument(
         "--registry", default=None, help="mapping registry (calibrators live in its calibrations/)"
+    )
+    cal.add_argument(
+        "--if-missing", action="store_true", help="skip presets with a calibrator for these models"
     )
     cal.set_defaults(func=cmd_calibrate)
 
