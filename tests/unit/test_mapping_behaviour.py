@@ -44,7 +44,10 @@ def setup(tiny_models):
     source, target = tiny_models["llama"], tiny_models["qwen2"]
     data = bh.build_data(source, target, relations(), subjects_per_relation=120, words=0, identity_eval=0)
     forwards = {name: bh.TemplateForward(target, t, 1) for name, t in data.templates.items()}
-    prepared = {part: bh.prepare(source, target, data.rows[part], forwards, 2, 1) for part in bh.SPLITS}
+    # Two positions: the template's next token and the one after the greedy first (teacher-forced).
+    prepared = {
+        part: bh.prepare(source, target, data.rows[part], forwards, 2, 1, positions=2) for part in bh.SPLITS
+    }
     train, val = prepared["train"], prepared["validation"]
     start = fit_affine(RidgeBasis.of(train.x), train.y, val.x, val.y)
     return source, target, forwards, prepared, start

@@ -328,7 +328,7 @@ def prepare(
     a: int,
     b: int,
     *,
-    positions: int = 2,
+    positions: int = 1,
     top_k: int = 64,
     batch: int = 64,
 ) -> Prepared:
@@ -379,7 +379,7 @@ class BehaviouralOptions:
     eval_every: int = 10
     patience: int = 5
     mse_weight: float = 0.2
-    positions: int = 2  # next-token distributions per row: the template's last position and after it
+    positions: int = 1  # next-token distributions per row: the template's last position (and after it)
     top_k: int = 64
     restrict_vocabulary: bool = True  # logits over the train and validation rows' top-K tokens only
     calibrate_norm: bool = True
