@@ -1,7 +1,5 @@
 """Behavioural maps: the fit lowers the target's held-out KL, is deterministic; `auto` prefers behaviour."""
 
-import math
-
 import pytest
 import torch
 from tests.conftest import data_dir
@@ -134,10 +132,7 @@ def test_behavioural_artefacts_round_trip_their_behaviour_metrics(tiny_models, t
     assert info.method == "behavioural" and info.has_behaviour
     assert info.attribute_n + info.identity_n > 0
     back = read_info(registry.path(info.id))
-    for name in ("identity_rate", "attribute_accuracy", "attribute_reference", "unpatched_share"):
-        mine, theirs = getattr(info, name), getattr(back, name)
-        assert (math.isnan(mine) and math.isnan(theirs)) or mine == theirs, name
-    assert (back.identity_n, back.attribute_n) == (info.identity_n, info.attribute_n)
+    assert back == info  # every behaviour field, counts included, survives the file
     loaded = registry.load(info.id)
     assert loaded.map(torch.zeros(1, source.facts.hidden_size)).shape == (1, target.facts.hidden_size)
 

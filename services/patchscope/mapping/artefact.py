@@ -65,13 +65,14 @@ class MappingInfo:
     fit_seconds: float
     created: str
     format_version: str = FORMAT_VERSION
-    # Held-out behaviour (mapping/behavioural.py), NaN / 0 where not measured; absent in older files.
-    identity_rate: float = math.nan  # held-out words the patched target repeats
+    # Held-out behaviour (mapping/behavioural.py); a count of 0 means not measured (older files lack them).
+    # Not NaN: a NaN field would make two readings of one file compare unequal.
+    identity_rate: float = 0.0  # held-out words the patched target repeats
     identity_n: int = 0
-    attribute_accuracy: float = math.nan  # held-out LRE subjects the target knows: object named
-    attribute_reference: float = math.nan  # the same samples, same-model target patched at ℓ* itself
+    attribute_accuracy: float = 0.0  # held-out LRE subjects the target knows: object named
+    attribute_reference: float = 0.0  # the same samples, same-model target patched at ℓ* itself
     attribute_n: int = 0
-    unpatched_share: float = math.nan  # attribute explanations equal to the template's unpatched output
+    unpatched_share: float = 0.0  # attribute explanations equal to the template's unpatched output
 
     @property
     def has_behaviour(self) -> bool:

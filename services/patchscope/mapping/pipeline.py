@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,10 +367,15 @@ def _info(
         mapped_norm_mean=float(mapped.norm(dim=-1).mean()),
         fit_seconds=fitted.seconds,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        identity_rate=behaviour.identity_rate,
+        identity_rate=_measured(behaviour.identity_rate),
         identity_n=behaviour.identity_n,
-        attribute_accuracy=behaviour.attribute_accuracy,
-        attribute_reference=behaviour.attribute_reference,
+        attribute_accuracy=_measured(behaviour.attribute_accuracy),
+        attribute_reference=_measured(behaviour.attribute_reference),
         attribute_n=behaviour.attribute_n,
-        unpatched_share=behaviour.unpatched_share,
+        unpatched_share=_measured(behaviour.unpatched_share),
     )
+
+
+def _measured(value: float) -> float:
+    """The artefact's 0.0 for a figure not measured (its count says so), the figure otherwise."""
+    return 0.0 if math.isnan(value) else value
