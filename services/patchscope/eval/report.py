@@ -284,7 +284,9 @@ def attributes_section(result: dict | None, command: str) -> str:
         "tokens. "
         f"Probe: logistic regression, 3-fold CV over up to {result['probe_samples_per_relation']} samples "
         "per "
-        f"relation, read on the evaluated ones; the majority class uses the same folds. Dropped relations: "
+        f"relation, read on the evaluated ones; the majority class uses the same folds (neither can name an "
+        f"object absent from its training folds, so on relations with one object per subject both fail by "
+        f"construction). Dropped relations: "
         f"{dropped}. Paper tasks absent from the data: {absent}. Patchscope answers equal to the no-patch "
         f"answer: {_share(result['same_as_unpatched'])}.\n\n"
         + _deviation(
