@@ -323,10 +323,6 @@ def target_load(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - started
         return {"elapsed": elapsed, "done": done}
 
-    def percentile(values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
     clients_list = [int(c) for c in args.clients.split(",")]
     with ThreadPoolExecutor(1, thread_name_prefix="target") as executor:
         batchers = {name: make_batcher(cfg, runtimes, executor) for name, cfg in modes.items()}
@@ -335,50 +331,54 @@ def target_load(args: argparse.Namespace) -> None:
             return {i: (await one(batchers["off"], r))[2] for i, r in enumerate(pool)}
 
         reference = asyncio.run(alone())  # every request alone: the equivalence reference (and a warm-up)
-        rows: dict[tuple[str, int], list[dict]] = {}
-        for repeat in range(args.repeats):
-            for clients in clients_list:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        print(
+            f"(d) target batching without Ray · commit {commit.stdout.strip()} · "
+            f"{platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · 2 torch threads · "
+            f"{args.repeats} rounds x {args.requests} requests per client, Poisson arrivals {args.rate}/s "
+            f"per client · 3 sites + control, {NEW_TOKENS} new tokens, targets {', '.join(models)}, "
+            f"{len(TEMPLATES)} templates",
+            flush=True,
+        )
+        for clients in clients_list:
+            rows: dict[str, list[dict]] = {}
+            for repeat in range(args.repeats):
                 names = ["batches", "continuous"] + (["off"] if clients == 1 else [])
                 if repeat % 2:
                     names.reverse()  # interleaved, alternating order
                 for name in names:
                     result = asyncio.run(load(batchers[name], clients, seed=1000 * repeat + clients))
-                    rows.setdefault((name, clients), []).append(result)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    print(
-        f"(d) target batching without Ray · commit {commit.strip()} · "
-        f"{platform.processor() or platform.machine()}"
-        f" · {os.cpu_count()} CPUs · 2 torch threads · {args.repeats} rounds x {args.requests} requests per"
-        f" client, Poisson arrivals {args.rate}/s per client · 3 sites + control, {NEW_TOKENS} new tokens,"
-        f" targets {', '.join(models)}, {len(TEMPLATES)} templates"
-    )
-    for clients in clients_list:
-        summary = {}
-        for name in ("batches", "continuous", "off"):
-            runs = rows.get((name, clients))
-            if not runs:
-                continue
-            latencies = [d[1] for r in runs for d in r["done"]]
-            firsts = [d[2] for r in runs for d in r["done"]]
-            rates = [3 * len(r["done"]) / r["elapsed"] for r in runs]
-            differ = sum(d[3] != reference[d[0]] for r in runs for d in r["done"])
-            summary[name] = (
-                statistics.median(rates),
-                percentile(latencies, 0.5),
-                percentile(latencies, 0.99),
-            )
-            print(
-                f"    {clients:>2} clients  {name:<10} sites/s {statistics.median(rates):6.2f}"
-                f" [{min(rates):.2f}..{max(rates):.2f}]  p50 {summary[name][1]:.2f} s  p99"
-                f" {summary[name][2]:.2f} s  first token p50 {percentile(firsts, 0.5):.2f} s"
-                f"  n={len(latencies)}  differ from alone: {differ}"
-            )
-        b, c = summary["batches"], summary["continuous"]
-        line = f"    {clients:>2} clients  continuous / batches: sites/s {c[0] / b[0]:.2f}x"
-        line += f", p99 {c[2] / b[2]:.2f}x"
-        if "off" in summary:
-            line += f"; continuous / off latency p50 {c[1] / summary['off'][1]:.2f}"
-        print(line)
+                    rows.setdefault(name, []).append(result)
+            summarize(clients, rows, reference)
+
+
+def summarize(clients: int, rows: dict[str, list[dict]], reference: dict) -> None:
+    """One client count's figures per mode, and the paired ratios."""
+
+    def percentile(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    summary = {}
+    for name, runs in rows.items():
+        latencies = [d[1] for r in runs for d in r["done"]]
+        firsts = [d[2] for r in runs for d in r["done"]]
+        rates = [3 * len(r["done"]) / r["elapsed"] for r in runs]
+        differ = sum(d[3] != reference[d[0]] for r in runs for d in r["done"])
+        summary[name] = (statistics.median(rates), percentile(latencies, 0.5), percentile(latencies, 0.99))
+        print(
+            f"    {clients:>2} clients  {name:<10} sites/s {summary[name][0]:6.2f}"
+            f" [{min(rates):.2f}..{max(rates):.2f}]  p50 {summary[name][1]:.2f} s  p99"
+            f" {summary[name][2]:.2f} s  first token p50 {percentile(firsts, 0.5):.2f} s"
+            f"  n={len(latencies)}  differ from alone: {differ}",
+            flush=True,
+        )
+    b, c = summary["batches"], summary["continuous"]
+    line = f"    {clients:>2} clients  continuous / batches: sites/s {c[0] / b[0]:.2f}x"
+    line += f", p99 {c[2] / b[2]:.2f}x"
+    if "off" in summary:
+        line += f"; continuous / off: p50 latency {c[1] / summary['off'][1]:.2f}x"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

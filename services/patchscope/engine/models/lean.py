@@ -163,6 +163,11 @@ class RaggedCache:
         refs = self.keys if self.keys else like
         self.keys = [grown(self.keys[i] if self.keys else None, refs[i]) for i in range(len(refs))]
         self.values = [grown(self.values[i] if self.values else None, refs[i]) for i in range(len(refs))]
+        if self.bucket and self.keys[0].device.type == "cuda":
+            # A compiled step writes these in place: static addresses let CUDA graphs keep them as inputs
+            # instead of skipping graphs for mutated inputs (as transformers' StaticCache does).
+            for tensor in (*self.keys, *self.values):
+                torch._dynamo.mark_static_address(tensor)
 
     def admit(self, cache: LeanCache) -> list[int]:
         """Append the rows of a prefilled `cache` (all of its length); their slots, in its row order."""
