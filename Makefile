@@ -69,7 +69,7 @@ FIT_DEFAULT_PAIR = $(VENV)/bin/patchscope fit-mapping --source smollm2-135m --ta
 # fitted once on the packaged data if the registry lacks them.
 CALIBRATE_DEFAULTS = for pair in smollm2-135m:gemma3-270m smollm2-135m:smollm2-135m gemma3-270m:gemma3-270m; do \
 	$(VENV)/bin/patchscope calibrate --source $${pair%%:*} --target $${pair##*:} --preset identity,attribute \
-	--examples 80 --if-missing || exit 1; done
+	--examples 40 --if-missing || exit 1; done
 
 run: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m

@@ -25,6 +25,7 @@ def control_cells(control) -> tuple[str, str]:
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
+    from patchscope.calibration.registry import CalibrationRegistry
     from patchscope.engine import load_model
     from patchscope.engine.runtime import TargetRuntime
     from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
@@ -61,7 +62,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         ),
     )
     backend = LocalBackend([source], [TargetRuntime.build(target)])
-    result = explain(backend, request, registry_resolver(MappingRegistry(args.registry)))
+    mappings = MappingRegistry(args.registry)
+    calibrations = CalibrationRegistry(mappings.root)
+    result = explain(backend, request, registry_resolver(mappings), calibrators=calibrations.lookup)
     if args.json:
         print(json.dumps([r.to_json() for r in result.results], indent=2, ensure_ascii=False))
         return 0
