@@ -404,3 +404,94 @@ def test_documented_docker_runs_publish_on_localhost_only():
         for run in re.findall(r"docker run[^\n]*", path.read_text()):
             published = re.findall(r"-p\s+(\S+)", run)
             assert published and all(p.startswith("127.0.0.1:") for p in published), (path.name, run)
+
+
+API_SERVICER = "patchscope.serve.proxy.add_patchscope_servicer"
+HEALTH_SERVICER = "patchscope.serve.health.add_health_servicer"
+CONFIGS = sorted((DEPLOY / "config").glob("*.yaml"))
+
+
+def serve_configs() -> dict[str, dict]:
+    """Every Serve config that ships: deploy/config/*.yaml and each manifest's serveConfigV2."""
+    configs = {f"config/{p.name}": yaml.safe_load(p.read_text()) for p in CONFIGS}
+    for source, docs in manifests().items():
+        (doc,) = [d for d in docs if d["kind"] == "RayService"]
+        configs[source] = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    return configs
+
+
+def test_every_serve_config_names_the_api_and_the_health_servicer():
+    """The API's function (which registers patchscope_client._proto's add_PatchscopeServicer_to_server on
+    Serve's proxy) and the health service beside it, as serve/local.py starts them."""
+    import inspect
+
+    from patchscope.serve import local, proxy
+
+    assert local.HEALTH_SERVICER == HEALTH_SERVICER
+    assert "add_PatchscopeServicer_to_server(servicer, server)" in inspect.getsource(
+        proxy.add_patchscope_servicer
+    )
+    configs = serve_configs()
+    assert {"config/local.yaml", "config/gpu.yaml", "config/container.yaml"} <= set(configs)
+    for source, config in configs.items():
+        functions = config["grpc_options"]["grpc_servicer_functions"]
+        assert functions == [API_SERVICER, HEALTH_SERVICER], (source, functions)
+        assert all(callable(import_attr(f)) for f in functions)
+
+
+def cpu_image_command() -> str:
+    lines = (DEPLOY / "docker" / "Dockerfile.cpu").read_text().splitlines()
+    (cmd,) = [line for line in lines if line.startswith("CMD ")]
+    shell, flag, script = json.loads(cmd.removeprefix("CMD "))
+    assert (shell, flag) == ("sh", "-c")
+    return script
+
+
+def run_cpu_image_command(tmp_path: Path, tokens: str | None) -> tuple[subprocess.CompletedProcess, list]:
+    """The image's CMD under sh, the tokens path moved to tmp_path and a `patchscope` that records calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    fake = bin_dir / "patchscope"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    path = tmp_path / "tokens"
+    if tokens is not None:
+        path.write_text(tokens)
+    script = cpu_image_command().replace("/etc/patchscope/tokens", str(path))
+    result = subprocess.run(
+        ["sh", "-c", script], capture_output=True, text=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    )
+    return result, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_the_cpu_image_starts_only_with_a_tokens_file_and_then_requires_tokens(tmp_path):
+    from patchscope.cli.serve import ALL_INTERFACES, plaintext_host
+    from patchscope.serve.config import ServiceConfig
+
+    for tokens in (None, ""):  # no file, or an empty one: exit before Ray starts, saying why
+        result, calls = run_cpu_image_command(tmp_path, tokens)
+        assert result.returncode == 2 and not calls, (result, calls)
+        assert "no tokens file" in result.stderr and "mount one" in result.stderr
+    result, calls = run_cpu_image_command(tmp_path, "a-long-enough-bearer-token-0123456789\n")
+    assert result.returncode == 0, result.stderr
+    assert calls == [
+        "prepare smollm2-135m gemma3-270m",
+        "serve --config deploy/config/container.yaml --host 0.0.0.0",
+    ]
+    # What it serves: local.yaml with auth on, reading the file the documented run mounts.
+    config = yaml.safe_load((DEPLOY / "config" / "container.yaml").read_text())
+    local = yaml.safe_load((DEPLOY / "config" / "local.yaml").read_text())
+    args = config["applications"][0]["args"]
+    settings = ServiceConfig.model_validate(args)
+    assert settings.auth.required and settings.auth.tokens_file == "/etc/patchscope/tokens"
+    assert {k: v for k, v in args.items() if k not in ("auth", "quotas")} == {
+        k: v for k, v in local["applications"][0]["args"].items() if k != "auth"
+    }
+    assert config["applications"][0]["deployments"] == local["applications"][0]["deployments"]
+    # Auth off would bind loopback (unreachable through a published port); auth on binds every interface.
+    assert plaintext_host(None, tls=False, auth=False) == "127.0.0.1"
+    assert plaintext_host("0.0.0.0", tls=False, auth=settings.auth.required) == ALL_INTERFACES
+    for path in [DEPLOY / "README.md", DEPLOY / "docker" / "Dockerfile.cpu"]:
+        runs = re.findall(r"docker run[^\n]*", path.read_text())
+        assert runs and all(":/etc/patchscope/tokens:ro" in run for run in runs), (path.name, runs)

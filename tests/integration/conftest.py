@@ -25,6 +25,22 @@ PAIRS = [(1, 1), (2, 2), (3, 3)]
 CPUS = {"SourceModel": 0.5, "TargetModel": 1.0, "Explainer": 0.25}
 
 
+# Run last among the modules that share the session's service, in this order: test_faults.py kills its
+# processes and leaves it redeployed with tokens and quotas, and test_logs.py then reads every module's logs.
+LAST = ("test_faults.py", "test_logs.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    here = Path(__file__).parent
+    moved = [i for name in LAST for i in items if i.path.parent == here and i.path.name == name]
+    if not moved:
+        return
+    rest = [i for i in items if i not in moved]
+    ours = [k for k, i in enumerate(rest) if i.path.parent == here]
+    at = ours[-1] + 1 if ours else len(rest)
+    items[:] = rest[:at] + moved + rest[at:]
+
+
 def service_config(args: dict, deployments: dict[str, float] = CPUS) -> dict:
     """local.yaml with other application args and explicit CPUs per deployment."""
     config = copy.deepcopy(read_config(LOCAL_CONFIG))

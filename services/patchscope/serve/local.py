@@ -128,7 +128,12 @@ class LocalService:
                 rss = process.memory_info().rss
             except psutil.Error:  # gone between the listing and the look
                 continue
-            name = title.split("/")[-1].split(" ")[0] if not title.startswith("ray::") else title
+            # A Ray worker's title names the task it runs ("ray::ServeController.listen_for_change"):
+            # keep the actor's part, so one process has one name at the start and at the end.
+            if title.startswith("ray::"):
+                name = title.split(".")[0]
+            else:
+                name = title.split("/")[-1].split(" ")[0]
             memory[name if name not in memory else f"{name}#{process.pid}"] = rss
         return memory
 

@@ -14,12 +14,17 @@ Serve's proxy server, it makes every server-streaming handler of `patchscope.v1.
 that writes the messages itself; cancelled anywhere, it resumes the proxy's generator once and cancels it
 at its innermost wait, which is where the proxy cancels the replica call. On any other gRPC server it
 registers the generated servicer unchanged.
+
+It also makes a call whose ingress replica died (killed, out of memory) UNAVAILABLE, as a call whose
+model replica died already is (the ingress maps that one itself): Serve's proxy gives any `RayActorError`
+of the replica it called INTERNAL, which tells a client not to retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -61,12 +66,41 @@ def cancel_on_leave(handler: Callable[[Any, Any], AsyncIterator[Any]]) -> Callab
     return unary_stream
 
 
+REPLICA_DIED = "the replica serving this call died ({}); retry: Serve is starting another"
+
+
+def unavailable_when_the_replica_died(status_of: Callable[..., Any]) -> Callable[..., Any]:
+    """Serve's `get_grpc_response_status`, with a dead or unreachable replica UNAVAILABLE, not INTERNAL."""
+    if getattr(status_of, "patchscope", False):
+        return status_of
+
+    def get_grpc_response_status(exc: BaseException, *args: Any, **kwargs: Any) -> Any:
+        status = status_of(exc, *args, **kwargs)
+        import ray.exceptions
+
+        if status.code == grpc.StatusCode.INTERNAL and isinstance(exc, ray.exceptions.RayActorError):
+            message = REPLICA_DIED.format(type(exc).__name__)
+            return dataclasses.replace(status, code=grpc.StatusCode.UNAVAILABLE, message=message)
+        return status
+
+    get_grpc_response_status.patchscope = True  # type: ignore[attr-defined]
+    return get_grpc_response_status
+
+
+def patch_serve_proxy_status() -> None:
+    """In the proxy process: Serve's proxy module looks the function up at each call, so replace it there."""
+    from ray.serve._private import proxy
+
+    proxy.get_grpc_response_status = unavailable_when_the_replica_died(proxy.get_grpc_response_status)
+
+
 def add_patchscope_servicer(servicer: Any, server: Any) -> None:
     """Register `patchscope.v1.Patchscope`; on Serve's proxy, with cancellation that reaches the replicas."""
     factory = getattr(server, "service_handler_factory", None)
     if factory is None:
         add_PatchscopeServicer_to_server(servicer, server)
         return
+    patch_serve_proxy_status()
 
     def handler_factory(service_method: str, streaming_type: Any) -> Callable:
         handler = factory(service_method=service_method, streaming_type=streaming_type)

@@ -127,6 +127,7 @@ grpc_options:
   port: {{ .Values.ports.grpc }}
   grpc_servicer_functions:
     - patchscope.serve.proxy.add_patchscope_servicer
+    - patchscope.serve.health.add_health_servicer
 logging_config:
   encoding: JSON
   log_level: INFO
