@@ -279,10 +279,10 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    load = functools.partial(load_model, args.model, dtype=args.dtype, device=args.device)
-    m = load(options=EngineOptions(gemm="aten"))
+    load_weights = functools.partial(load_model, args.model, dtype=args.dtype, device=args.device)
+    m = load_weights(options=EngineOptions(gemm="aten"))
     options = EngineOptions(gemm=args.gemm)
-    engine = TargetRuntime.build(load(options=options), options)
+    engine = TargetRuntime.build(load_weights(options=options), options)
     transformers_forward = EngineOptions(gemm=args.gemm, forward="transformers")
     engine_transformers = TargetRuntime.build(engine.model, transformers_forward)
     stock = TargetRuntime.build(m, EngineOptions(gemm="aten", forward="transformers"))

@@ -304,7 +304,7 @@ def target_load(args: argparse.Namespace) -> None:
                     texts[e.row] = e.explanation
         return time.perf_counter() - started, first or 0.0, texts
 
-    async def load(batcher, clients: int, seed: int) -> dict:
+    async def offered_load(batcher, clients: int, seed: int) -> dict:
         rng = random.Random(seed)
         plan = [
             [(rng.expovariate(args.rate), rng.randrange(len(pool))) for _ in range(args.requests)]
@@ -347,7 +347,7 @@ def target_load(args: argparse.Namespace) -> None:
                 if repeat % 2:
                     names.reverse()  # interleaved, alternating order
                 for name in names:
-                    result = asyncio.run(load(batchers[name], clients, seed=1000 * repeat + clients))
+                    result = asyncio.run(offered_load(batchers[name], clients, seed=1000 * repeat + clients))
                     rows.setdefault(name, []).append(result)
             summarize(clients, rows, reference)
 

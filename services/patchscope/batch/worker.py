@@ -100,9 +100,11 @@ class Worker:
 
         torch.manual_seed(0)
         registry = model_registry(options.source, options.target)
-        load = functools.partial(load_model, registry=registry, dtype=options.dtype, device=options.device)
-        source = load(options.source)
-        target = source if options.target == options.source else load(options.target)
+        load_by_id = functools.partial(
+            load_model, registry=registry, dtype=options.dtype, device=options.device
+        )
+        source = load_by_id(options.source)
+        target = source if options.target == options.source else load_by_id(options.target)
         resolve = registry_resolver(MappingRegistry(options.registry))
         return cls(options, source, TargetRuntime.build(target), resolve)
 

@@ -34,11 +34,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     registry = registry_with_paths(args.source, args.target)
-    load = functools.partial(
+    load_by_id = functools.partial(
         load_model, registry=registry, dtype=args.dtype, device=args.device, progress=progress
     )
-    source = load(args.source)
-    target = load(args.target) if args.target != args.source else source
+    source = load_by_id(args.source)
+    target = load_by_id(args.target) if args.target != args.source else source
     request = ExplainRequest(
         source=source.id,
         prompt=args.prompt,
