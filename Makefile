@@ -67,9 +67,9 @@ FIT_DEFAULT_PAIR = $(VENV)/bin/patchscope fit-mapping --source smollm2-135m --ta
 
 # Confidence calibrators for the default pair and each model with itself (identity and attribute presets),
 # fitted once on the packaged data if the registry lacks them.
-CALIBRATE_DEFAULTS = for pair in smollm2-135m:gemma3-270m smollm2-135m:smollm2-135m gemma3-270m:gemma3-270m; do \
-	$(VENV)/bin/patchscope calibrate --source $${pair%%:*} --target $${pair##*:} --preset identity,attribute \
-	--examples 40 --if-missing || exit 1; done
+CALIBRATE_DEFAULTS = set -e; for pair in "smollm2-135m gemma3-270m" "smollm2-135m smollm2-135m" \
+	"gemma3-270m gemma3-270m"; do set -- $$pair; $(VENV)/bin/patchscope calibrate --source $$1 --target $$2 \
+	--preset identity,attribute --examples 40 --if-missing; done
 
 run: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m

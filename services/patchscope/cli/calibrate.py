@@ -92,9 +92,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     cal.add_argument("--source", required=True, help="source model id")
     cal.add_argument("--target", required=True, help="target model id (same as --source for same-model)")
-    cal.add_argument(
-        "--preset", default="identity", choices=["identity", "attribute"], help="default identity"
-    )
+    cal.add_argument("--preset", default="identity", help="identity, attribute, or both: identity,attribute")
     cal.add_argument("--examples", type=int, default=120, help="labelled items (× layer pairs = sites)")
     cal.add_argument("--seed", type=int, default=0, help="item sampling and the train/test split")
     cal.add_argument(
