@@ -95,9 +95,7 @@ def test_health_is_serving_on_the_proxy_and_through_the_tls_front_while_streams_
                 next(s)  # the first of them are streaming
             started = time.monotonic()
             assert health_pb2_grpc.HealthStub(secure).Check(request, timeout=10).status == SERVING
-            print(
-                f"health via the TLS front, 40 streams open: {(time.monotonic() - started) * 1000:.0f} ms"
-            )
+            print(f"health via the TLS front, 40 streams open: {(time.monotonic() - started) * 1000:.0f} ms")
             for s in streams:
                 s.cancel()
     finally:
