@@ -130,6 +130,7 @@ eval: install data-check
 	$(VENV)/bin/patchscope eval description --source gemma3-270m --layer-step 3 --lre-per-relation 4
 	$(VENV)/bin/patchscope eval description --source smollm2-135m --target gemma3-270m --lre-per-relation 4 \
 		--registry $(EVAL_MAPS)
+	$(VENV)/bin/patchscope calibrations --json > docs/results/calibration.json
 	$(VENV)/bin/patchscope eval report
 
 bench: bench-deps data-check
