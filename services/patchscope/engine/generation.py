@@ -73,25 +73,26 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
-    def validate(self) -> None:
-        check_positive("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS)
+    def validate(self, prefix: str = "") -> None:
+        """`prefix` places the fields in the caller's request (the service says `target.generation.`)."""
+        check_positive(f"{prefix}max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS)
         if len(self.stop) > MAX_STOP:
             raise InvalidArgument(
-                "stop", "too many stop sequences", limit=f"<= {MAX_STOP}", value=len(self.stop)
+                f"{prefix}stop", "too many stop sequences", limit=f"<= {MAX_STOP}", value=len(self.stop)
             )
         for k, text in enumerate(self.stop):
             if not isinstance(text, str) or not text or len(text) > MAX_STOP_CHARS:
                 raise InvalidArgument(
-                    f"stop[{k}]",
+                    f"{prefix}stop[{k}]",
                     "must be a non-empty string",
                     limit=f"1..{MAX_STOP_CHARS} characters",
                     value=len(text) if isinstance(text, str) else type(text).__name__,
                 )
         if not 0.0 <= self.temperature <= 100.0:
             raise InvalidArgument(
-                "temperature", "out of range", limit="0 (greedy) .. 100", value=self.temperature
+                f"{prefix}temperature", "out of range", limit="0 (greedy) .. 100", value=self.temperature
             )
-        check_probability("top_p", self.top_p)
+        check_probability(f"{prefix}top_p", self.top_p)
 
 
 @dataclass

@@ -8,7 +8,6 @@ the service (registry on a volume) and the CLI (registry on disk) and tests use 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,16 +15,25 @@ from typing import Protocol
 import torch
 
 from patchscope.engine.errors import IncompatibleModels, InvalidArgument
-from patchscope.engine.generation import MAX_STOP, MAX_STOP_CHARS, GenerationConfig
+from patchscope.engine.generation import GenerationConfig
 from patchscope.engine.presets import Preset, get_preset, resolve_template
 from patchscope.engine.validation import (
     ModelFacts,
     check_layers,
     check_positions,
     check_positive,
-    check_prompt,
 )
-from patchscope.explain.limits import MAX_TEMPERATURE, MIN_TEMPERATURE, Limits
+from patchscope.explain.checks import (
+    check_count,
+    check_decoding,
+    check_mapping_id,
+    check_prompt_size,
+    check_sites,
+    check_token_count,
+    check_token_steps,
+    per_row,
+)
+from patchscope.explain.limits import Limits
 from patchscope.explain.request import AUTO, ActivationsRequest, ExplainRequest, Site, TargetSpec
 from patchscope.explain.signals import Calibrator
 from patchscope.mapping.pipeline import depth_proportional
@@ -88,66 +96,12 @@ class Plan:
         return self.source.fingerprint == self.target.fingerprint
 
 
-def check_prompt_size(field: str, prompt: str, limits: Limits) -> None:
-    """The prompt's characters, checked before it is tokenised."""
-    check_prompt(field, prompt)
-    if len(prompt) > limits.max_prompt_chars:
-        raise InvalidArgument(
-            field, "too long", limit=f"<= {limits.max_prompt_chars} characters", value=len(prompt)
-        )
-
-
-def check_token_count(field: str, num_tokens: int, limits: Limits) -> None:
-    if num_tokens > limits.max_prompt_tokens:
-        raise InvalidArgument(
-            field, "too many tokens", limit=f"<= {limits.max_prompt_tokens} tokens", value=num_tokens
-        )
-
-
 @dataclass(frozen=True)
 class _Verbalise:
     preset: Preset
     template: str
     generation: GenerationConfig
     top_k: int
-
-
-def check_count(field: str, values: Sequence, maximum: int, what: str) -> None:
-    """A list's length, checked before its entries are looked at (a long list costs the ingress time)."""
-    if len(values) > maximum:
-        raise InvalidArgument(field, f"too many {what}", limit=f"<= {maximum}", value=len(values))
-
-
-def _check_decoding(generation: GenerationConfig) -> None:
-    """Finite and in range, or sampling would make NaN probabilities on the target."""
-    temperature = generation.temperature
-    if not (
-        isinstance(temperature, float | int)
-        and math.isfinite(temperature)
-        and (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)
-    ):
-        raise InvalidArgument(
-            "target.generation.temperature",
-            "out of range",
-            limit=f"0 (greedy) or {MIN_TEMPERATURE}..{MAX_TEMPERATURE:g}",
-            value=temperature,
-        )
-
-
-def _check_mapping_id(mapping: str, limits: Limits) -> None:
-    """A mapping id names a registry file: bounded, printable, no path separators."""
-    size = len(mapping.encode("utf-8", "surrogatepass"))
-    if size > limits.max_mapping_id_bytes:
-        raise InvalidArgument(
-            "target.mapping", "too long", limit=f"<= {limits.max_mapping_id_bytes} bytes", value=size
-        )
-    if not mapping.isprintable() or any(c in mapping for c in "/\\"):
-        raise InvalidArgument(
-            "target.mapping",
-            "must be printable, without path separators",
-            limit="'auto' or a mapping id",
-            value=mapping[:64],
-        )
 
 
 def _verbalise(spec: TargetSpec, limits: Limits) -> _Verbalise:
@@ -169,11 +123,10 @@ def _verbalise(spec: TargetSpec, limits: Limits) -> _Verbalise:
             limit=f"<= {limits.max_template_bytes} UTF-8 bytes (each token is at least one)",
             value=size,
         )
-    _check_mapping_id(spec.mapping, limits)
+    check_mapping_id(spec.mapping, limits)
     check_count("target.layers", spec.layers, limits.max_layers, "layers")
-    _check_decoding(spec.generation)
-    _check_stop(spec.generation)
-    spec.generation.validate()
+    check_decoding(spec.generation)
+    spec.generation.validate(prefix="target.generation.")
     if spec.generation.max_new_tokens > limits.max_new_tokens:
         raise InvalidArgument(
             "target.generation.max_new_tokens",
@@ -216,47 +169,11 @@ def _mapping(
     return resolve(source, target, pairs, spec.mapping)
 
 
-def check_token_steps(rows: int, template: str, filler: str, new_tokens: int, limits: Limits) -> None:
-    """The work of one request within the budget; a template's tokens bounded by its UTF-8 bytes + BOS."""
-    tokens = len(template.encode("utf-8", "surrogatepass")) + len(filler.encode("utf-8")) + 1
-    steps = rows * (tokens + new_tokens)
-    if steps > limits.max_token_steps:
-        raise InvalidArgument(
-            "target",
-            "too much work for one request: rows (sites + control) × (template tokens + max_new_tokens)",
-            limit=f"<= {limits.max_token_steps} token-steps",
-            value=steps,
-        )
-
-
-def _check_stop(generation: GenerationConfig) -> None:
-    for k, text in enumerate(generation.stop):
-        if not isinstance(text, str) or not text or len(text) > MAX_STOP_CHARS:
-            raise InvalidArgument(
-                f"target.generation.stop[{k}]",
-                "must be a non-empty string",
-                limit=f"1..{MAX_STOP_CHARS} characters",
-                value=len(text) if isinstance(text, str) else type(text).__name__,
-            )
-    if len(generation.stop) > MAX_STOP:
-        raise InvalidArgument(
-            "target.generation.stop",
-            "too many stop sequences",
-            limit=f"<= {MAX_STOP}",
-            value=len(generation.stop),
-        )
-
-
 def _check_work(sites: int, controls: bool, how: _Verbalise, limits: Limits) -> None:
     """The token-step budget of a generating preset (the logit lens decodes nothing)."""
     if how.preset.generates:
         rows = sites + controls
         check_token_steps(rows, how.template, how.preset.filler, how.generation.max_new_tokens, limits)
-
-
-def _check_sites(count: int, limits: Limits, field: str) -> None:
-    if count > limits.max_sites:
-        raise InvalidArgument(field, "too many sites", limit=f"<= {limits.max_sites}", value=count)
 
 
 def plan_explain(
@@ -278,7 +195,7 @@ def plan_explain(
     check_count("positions", request.positions, limits.max_sites, "positions")
     layers = check_layers("layers", list(request.layers), source.facts)
     positions = check_positions("positions", list(request.positions) or [-1], len(tokens))
-    _check_sites(len(layers) * len(positions), limits, "layers × positions")
+    check_sites(len(layers) * len(positions), limits, "layers × positions")
     target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for s, t in zip(layers, target_layers, strict=True) for p in positions)
     controls = request.target.controls and how.preset.generates
@@ -295,19 +212,6 @@ def plan_explain(
         mapping=_mapping(resolve, source, target, request.target, sites),
         prompt=request.prompt,
         controls=request.target.controls and how.preset.generates,
-    )
-
-
-def _per_row(field: str, values: Sequence, n: int, *, default=None, required: bool = False) -> list:
-    """One value per row: n values, one value for all, or (when not required) none for the default."""
-    if len(values) == n:
-        return list(values)
-    if len(values) == 1:
-        return list(values) * n
-    if not values and not required:
-        return [default] * n
-    raise InvalidArgument(
-        field, "must have one entry, or one per row of the states", limit=f"1 or {n}", value=len(values)
     )
 
 
@@ -328,7 +232,7 @@ def plan_activations(
             value=list(states.shape),
         )
     n = states.shape[0]
-    _check_sites(n, limits, "safetensors.shape[0]")
+    check_sites(n, limits, "safetensors.shape[0]")
     how = _verbalise(request.target, limits)
     for field, values in (
         ("provenance.layers", request.layers),
@@ -336,9 +240,9 @@ def plan_activations(
         ("provenance.tokens", request.tokens),
     ):
         check_count(field, values, limits.max_sites, "entries")
-    layers = _per_row("provenance.layers", request.layers, n, required=True)
+    layers = per_row("provenance.layers", request.layers, n, required=True)
     layers = check_layers("provenance.layers", layers, source.facts)
-    positions = _per_row("provenance.positions", request.positions, n, default=-1)
+    positions = per_row("provenance.positions", request.positions, n, default=-1)
     for k, position in enumerate(positions):
         if (
             not isinstance(position, int)
@@ -351,7 +255,7 @@ def plan_activations(
                 limit=f"-{limits.max_prompt_tokens}..{limits.max_prompt_tokens - 1}",
                 value=position,
             )
-    tokens = _per_row("provenance.tokens", request.tokens, n, default="")
+    tokens = per_row("provenance.tokens", request.tokens, n, default="")
     for k, token in enumerate(tokens):
         if len(token) > limits.max_token_chars:
             raise InvalidArgument(
@@ -371,7 +275,7 @@ def plan_activations(
         )
     if request.target.layers:
         target_layers = check_layers("target.layers", list(request.target.layers), target.facts)
-        target_layers = _per_row("target.layers", target_layers, n, required=True)
+        target_layers = per_row("target.layers", target_layers, n, required=True)
     else:
         target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for p, s, t in zip(positions, layers, target_layers, strict=True))

@@ -18,16 +18,10 @@ from patchscope.engine.errors import IncompatibleModels
 from patchscope.engine.hooks import HiddenStates
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.timings import Timings
+from patchscope.explain.checks import check_prompt_size
 from patchscope.explain.events import Event, Explanation, SiteFinished, SiteResult, SiteStarted, SiteToken
 from patchscope.explain.limits import Limits
-from patchscope.explain.plan import (
-    MappingResolver,
-    ModelInfo,
-    Plan,
-    check_prompt_size,
-    plan_activations,
-    plan_explain,
-)
+from patchscope.explain.plan import MappingResolver, ModelInfo, Plan, plan_activations, plan_explain
 from patchscope.explain.request import ActivationsRequest, ExplainRequest, Site
 from patchscope.explain.signals import Calibrator, control
 

@@ -19,7 +19,8 @@ from typing import Protocol
 
 from patchscope import __version__
 from patchscope.calibration.registry import CalibrationRegistry
-from patchscope.explain.plan import check_prompt_size, plan_extract
+from patchscope.explain.checks import check_prompt_size
+from patchscope.explain.plan import plan_extract
 from patchscope.explain.run import Pipeline
 from patchscope.mapping.registry import MappingRegistry
 from patchscope.mapping.resolve import registry_resolver
