@@ -196,6 +196,9 @@ def _cell(k: int, n: int) -> str:
 
 def behaviour(source, target, root: Path, args) -> None:
     """Every method at the same pairs on the same data; the behavioural ones start from the ridge map."""
+    from patchscope.mapping import behaviour_data as bd
+    from patchscope.mapping import behaviour_forward as bf
+    from patchscope.mapping import behaviour_metrics as bm
     from patchscope.mapping import behavioural as bh
 
     pairs = [tuple(int(v) for v in p.split(":")) for p in args.behaviour_pairs.split(",")]
@@ -203,8 +206,8 @@ def behaviour(source, target, root: Path, args) -> None:
     held_out = set(nouns)
     nouns = nouns[: args.nouns]
     started = time.perf_counter()
-    relations = bh.default_relations()
-    data = bh.build_data(
+    relations = bd.default_relations()
+    data = bd.build_data(
         source,
         target,
         relations,
@@ -214,7 +217,7 @@ def behaviour(source, target, root: Path, args) -> None:
         attribute_eval_per_relation=args.attribute_samples,
         exclude_words=held_out,
     )
-    metric_set = bh.metric_set(target, data)
+    metric_set = bm.metric_set(target, data)
     print(
         f"== behaviour at {args.behaviour_pairs}: rows { ({k: len(v) for k, v in data.rows.items()}) }, "
         f"{len(metric_set.words)} held-out words, {len(metric_set.samples)} of {len(data.attribute_samples)} "
@@ -263,15 +266,15 @@ def behaviour(source, target, root: Path, args) -> None:
         f"{'identity (nouns)':<24}{'attribute':<24}{'× same':>7}  {'= unpatched':<22}"
     )
     for a, b in pairs:
-        forwards = {name: bh.TemplateForward(target, t, b) for name, t in data.templates.items()}
-        test = bh.prepare(source, target, data.rows["test"], forwards, a, b)
+        forwards = {name: bf.TemplateForward(target, t, b) for name, t in data.templates.items()}
+        test = bf.prepare(source, target, data.rows["test"], forwards, a, b)
         print(f"-- pair {a}:{b}; same-model {target.id} {b}->{b} on the same attribute samples:", end=" ")
         lines = []
         for label in methods:
             info = fitted[label][(a, b)]
             loaded = MappingRegistry(root / label).load(info.id)
             kl = bh.split_kl(forwards, test, loaded.map)
-            m = bh.behaviour_metrics(source, target, a, b, loaded.map, data, metric_set)
+            m = bm.behaviour_metrics(source, target, a, b, loaded.map, data, metric_set)
             noun_hits = identity_rate(source, target, [(a, b)], MappingSet({(a, b): loaded}), nouns)[0]
             ratio = m.attribute_accuracy / m.attribute_reference if m.attribute_reference else float("nan")
             n_attr = m.attribute_n

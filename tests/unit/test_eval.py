@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests.conftest import data_dir
 
-from patchscope.eval import attributes, description, multihop, next_token
+from patchscope.eval import attributes, description, multihop, next_token, next_token_plots
 from patchscope.eval.common import (
     Relation,
     Sample,
@@ -74,7 +74,7 @@ def test_cross_model_next_token_goes_through_the_registered_mappings(tiny_models
     assert result["text_only"]["p_at_1"]["k"] == result["text_only"]["hits"].count("1")
     combined = next_token.combine([result, result])
     assert combined["summary"]["pairs"][0]["patchscope"]["spread"] == 0.0
-    next_token.plot_pairs(combined, tmp_path / "cross.png")
+    next_token_plots.plot_pairs(combined, tmp_path / "cross.png")
     assert (tmp_path / "cross.png").stat().st_size > 0
 
 
@@ -193,7 +193,7 @@ def test_the_report_renders_saved_results_and_names_the_commands_of_missing_ones
     name = "next_token.smollm2-135m.smollm2-135m"
     combined = next_token.combine([same_model_result])  # what `patchscope eval next-token` saves
     (folder / f"{name}.json").write_text(json.dumps(combined))
-    next_token.plot(combined, folder / f"{name}.png")
+    next_token_plots.plot(combined, folder / f"{name}.png")
     page = write_report(folder, tmp_path / "docs" / "results.md").read_text()
     assert f"| 0 | {same_model_result['pairs'][0]['patchscope']['precision_at_1']:.3f} ± 0.000 |" in page
     assert "(the saved result predates" not in page

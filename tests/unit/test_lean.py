@@ -14,7 +14,8 @@ from patchscope.engine.hooks import patching
 from patchscope.engine.kv_cache import cache_kwarg
 from patchscope.engine.models import LoadedModel, load_directory
 from patchscope.engine.models.layout import lean_families
-from patchscope.engine.models.lean import GROW, LeanCache, SharedRows, resolve_forward
+from patchscope.engine.models.lean import resolve_forward
+from patchscope.engine.models.lean_cache import GROW, LeanCache, SharedRows
 from patchscope.engine.options import EngineOptions
 from patchscope.engine.patch import Patch
 from patchscope.engine.presets import PRESETS

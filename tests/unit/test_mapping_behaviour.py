@@ -5,6 +5,8 @@ import torch
 from tests.conftest import data_dir
 
 from patchscope.eval.common import Relation, Sample
+from patchscope.mapping import behaviour_data as bd
+from patchscope.mapping import behaviour_forward as bf
 from patchscope.mapping import behavioural as bh
 from patchscope.mapping.artefact import read_info
 from patchscope.mapping.fit import RidgeBasis, apply, fit_affine
@@ -40,11 +42,11 @@ def relations(count: int = 2, obj: str | None = None) -> list[Relation]:
 def setup(tiny_models):
     """Source tiny-llama layer 2, target tiny-qwen2 layer 1, rows of both relations, ridge start."""
     source, target = tiny_models["llama"], tiny_models["qwen2"]
-    data = bh.build_data(source, target, relations(), subjects_per_relation=120, words=0, identity_eval=0)
-    forwards = {name: bh.TemplateForward(target, t, 1) for name, t in data.templates.items()}
+    data = bd.build_data(source, target, relations(), subjects_per_relation=120, words=0, identity_eval=0)
+    forwards = {name: bf.TemplateForward(target, t, 1) for name, t in data.templates.items()}
     # Two positions: the template's next token and the one after the greedy first (teacher-forced).
     prepared = {
-        part: bh.prepare(source, target, data.rows[part], forwards, 2, 1, positions=2) for part in bh.SPLITS
+        part: bf.prepare(source, target, data.rows[part], forwards, 2, 1, positions=2) for part in bd.SPLITS
     }
     train, val = prepared["train"], prepared["validation"]
     start = fit_affine(RidgeBasis.of(train.x), train.y, val.x, val.y)
@@ -53,13 +55,13 @@ def setup(tiny_models):
 
 def test_splits_are_by_subject_and_multi_token_subjects_are_read_at_their_last_token(setup):
     source, target, *_ = setup
-    data = bh.build_data(source, target, relations(), subjects_per_relation=120, words=0, identity_eval=0)
-    subjects = {part: {r.text for r in data.rows[part]} for part in bh.SPLITS}
+    data = bd.build_data(source, target, relations(), subjects_per_relation=120, words=0, identity_eval=0)
+    subjects = {part: {r.text for r in data.rows[part]} for part in bd.SPLITS}
     assert not subjects["train"] & subjects["test"] and not subjects["train"] & subjects["validation"]
     text = data.rows["test"][0].text
     ids = target.tokenizer(text).input_ids
     assert len(ids) > 2  # BOS and two words at least: the state must come from the last one
-    full = bh._last_token_states(target, [text], 1)[0]
+    full = bf._last_token_states(target, [text], 1)[0]
     from patchscope.engine.hooks import extract
 
     torch.testing.assert_close(full, extract(target, text, [1], [len(ids) - 1]).states[0, 0])
@@ -74,7 +76,7 @@ def test_the_identity_map_of_the_targets_own_state_has_zero_kl(setup):
         cont = test.reference.continuation[members]
         with torch.no_grad():
             lp = forwards[name].logprobs(test.y[members], cont)
-        assert float(bh.coarse_kl(lp, test.reference, members)) < 1e-5
+        assert float(bf.coarse_kl(lp, test.reference, members)) < 1e-5
         by_row[members] = 1
     assert bool(by_row.all())
 

@@ -65,7 +65,7 @@ def _finish(args: argparse.Namespace, result: dict, name: str, plot) -> int:
 
 
 def cmd_next_token(args: argparse.Namespace) -> int:
-    from patchscope.eval import next_token
+    from patchscope.eval import next_token, next_token_plots
 
     source = _load(args.source, args.dtype)
     target = source if args.target in (None, args.source) else _load(args.target, args.dtype)
@@ -101,7 +101,9 @@ def cmd_next_token(args: argparse.Namespace) -> int:
             f"{ps['mean']:.3f} ± {ps['spread']:.3f}",
             file=sys.stderr,
         )
-    return _finish(args, result, name, next_token.plot if result["same_model"] else next_token.plot_pairs)
+    return _finish(
+        args, result, name, next_token_plots.plot if result["same_model"] else next_token_plots.plot_pairs
+    )
 
 
 def cmd_attributes(args: argparse.Namespace) -> int:

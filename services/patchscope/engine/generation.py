@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.hooks import patching
 from patchscope.engine.kv_cache import KVCache, cache_kwarg
-from patchscope.engine.models.lean import LeanCache
+from patchscope.engine.models.lean_cache import LeanCache
 from patchscope.engine.models.loading import LoadedModel
 from patchscope.engine.patch import Patch
 from patchscope.engine.runtime import TargetRuntime

@@ -7,7 +7,7 @@ from functools import cache
 
 from transformers.cache_utils import Cache
 
-from patchscope.engine.models.lean import LeanCache
+from patchscope.engine.models.lean_cache import LeanCache
 
 KVCache = Cache | LeanCache  # transformers' caches, or the lean forward's (same batch methods)
 

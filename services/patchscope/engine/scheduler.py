@@ -36,7 +36,7 @@ from patchscope.engine.generation import (
     _resolve,
     stop_ids,
 )
-from patchscope.engine.models.lean import LeanCache, RaggedCache
+from patchscope.engine.models.lean_cache import LeanCache, RaggedCache
 from patchscope.engine.patch import Patch
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.static_decode import RaggedStep

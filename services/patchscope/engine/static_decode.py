@@ -34,7 +34,8 @@ from transformers.cache_utils import StaticCache
 from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.hooks import patching
 from patchscope.engine.kv_cache import cache_kwarg
-from patchscope.engine.models.lean import LeanDecoder, RaggedCache
+from patchscope.engine.models.lean import LeanDecoder
+from patchscope.engine.models.lean_cache import RaggedCache
 from patchscope.engine.models.loading import LoadedModel
 from patchscope.engine.options import Decode
 from patchscope.engine.patch import Patch, block_hidden, write_patches

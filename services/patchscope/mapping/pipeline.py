@@ -15,6 +15,9 @@ import torch
 from patchscope.engine.errors import IncompatibleModels, InvalidArgument
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.validation import check_layers
+from patchscope.mapping import behaviour_data as bd
+from patchscope.mapping import behaviour_forward as bf
+from patchscope.mapping import behaviour_metrics as bm
 from patchscope.mapping import behavioural as bh
 from patchscope.mapping.artefact import MappingInfo, mapping_id
 from patchscope.mapping.collect import PairedStates, collect_pairs, shared_words
@@ -184,13 +187,13 @@ def fit_mappings(
     corpus_fp = file_fingerprint(corpus)
     data = metric_set = None
     if behavioural or behaviour_eval:
-        relations = relations if relations is not None else bh.default_relations()
-        data = bh.build_data(source, target, relations, seed=seed, exclude_words=exclude_words)
+        relations = relations if relations is not None else bd.default_relations()
+        data = bd.build_data(source, target, relations, seed=seed, exclude_words=exclude_words)
     if behaviour_eval:
         assert data is not None
         progress.note("fit", "behaviour metrics: finding the held-out samples the target knows")
-        metric_set = bh.metric_set(target, data)
-    forwards_by_layer: dict[int, dict[str, bh.TemplateForward]] = {}
+        metric_set = bm.metric_set(target, data)
+    forwards_by_layer: dict[int, dict[str, bf.TemplateForward]] = {}
     for a, targets in by_source.items():
         basis = RidgeBasis.of(train.source[a]) if method != "identity" else None
         for b in targets:
@@ -214,7 +217,7 @@ def fit_mappings(
                     assert data is not None
                     if b not in forwards_by_layer:
                         forwards_by_layer[b] = {
-                            name: bh.TemplateForward(target, t, b) for name, t in data.templates.items()
+                            name: bf.TemplateForward(target, t, b) for name, t in data.templates.items()
                         }
                     fitted = _fit_behavioural(
                         source, target, a, b, fitted, data, forwards_by_layer[b], options, seed, progress
@@ -226,13 +229,13 @@ def fit_mappings(
             fitted.hyperparameters["split_seed"] = seed
             if exclude_words:
                 fitted.hyperparameters["excluded_words"] = len(exclude_words)
-            behaviour = bh.BehaviourMetrics()
+            behaviour = bm.BehaviourMetrics()
             if behaviour_eval:
                 assert data is not None and metric_set is not None
                 phase = f"behaviour {a}:{b}"
                 progress.note(phase, "measuring identity and attribute explanations on held-out data")
                 tensors = fitted.tensors()
-                behaviour = bh.behaviour_metrics(
+                behaviour = bm.behaviour_metrics(
                     source, target, a, b, lambda x, t=tensors: apply(t, x), data, metric_set
                 )
                 progress.note(phase, describe(behaviour))
@@ -251,8 +254,8 @@ def _fit_behavioural(
     a: int,
     b: int,
     start: FittedMap,
-    data: bh.BehaviourData,
-    forwards: dict[str, bh.TemplateForward],
+    data: bd.BehaviourData,
+    forwards: dict[str, bf.TemplateForward],
     options: bh.BehaviouralOptions,
     seed: int,
     progress: Progress,
@@ -260,7 +263,7 @@ def _fit_behavioural(
     phase = f"behavioural {a}:{b}"
     progress.note(phase, "reference behaviour of the target with its own states")
     prepared = {
-        part: bh.prepare(
+        part: bf.prepare(
             source, target, data.rows[part], forwards, a, b, positions=options.positions, top_k=options.top_k
         )
         for part in ("train", "validation")
@@ -291,7 +294,7 @@ def _fit_behavioural(
     return fitted
 
 
-def describe(m: bh.BehaviourMetrics) -> str:
+def describe(m: bm.BehaviourMetrics) -> str:
     """One line of behaviour metrics, as the CLI and the logs print them."""
     return (
         f"identity {m.identity_rate:.1%} (n={m.identity_n}), attribute {m.attribute_accuracy:.1%} "
@@ -331,9 +334,9 @@ def _info(
     test: PairedStates,
     corpus: Path,
     corpus_fp: str,
-    behaviour: bh.BehaviourMetrics | None = None,
+    behaviour: bm.BehaviourMetrics | None = None,
 ) -> MappingInfo:
-    behaviour = behaviour or bh.BehaviourMetrics()
+    behaviour = behaviour or bm.BehaviourMetrics()
     with torch.no_grad():
         mapped = apply(fitted.tensors(), test.source[a])
         metrics = evaluate(mapped, test.target[b])
