@@ -122,10 +122,13 @@ def test_attribute_figures_are_recomputed_from_the_stored_outcomes(llama, tmp_pa
 
 
 def test_the_probe_and_the_baselines_can_fail():
-    states = torch.cat([torch.randn(12, 8) + 6 * torch.eye(8)[0], torch.randn(12, 8) - 6 * torch.eye(8)[0]])
+    g = torch.Generator().manual_seed(0)  # seeded: the outcome must not depend on which tests ran before
+    shift = 6 * torch.eye(8)[0]
+    states = torch.cat([torch.randn(12, 8, generator=g) + shift, torch.randn(12, 8, generator=g) - shift])
     labels = ["a"] * 12 + ["b"] * 12
     assert sum(logistic_probe(states, labels)) >= 22
-    assert sum(logistic_probe(torch.randn(6, 8), ["u", "v", "w", "x", "y", "z"])) == 0  # unseen objects
+    unseen = ["u", "v", "w", "x", "y", "z"]
+    assert sum(logistic_probe(torch.randn(6, 8, generator=g), unseen)) == 0  # unseen objects
     assert sum(majority_baseline(["a"] * 9 + ["b"] * 3)) == 9
     assert mentions("It is a cat.", "a") and not mentions("What", "a") and mentions("São Paulo!", "são paulo")
     assert sign_test([1] * 8, [0] * 8)["p"] < 0.01 and sign_test([1, 0], [0, 1])["p"] == 1.0
