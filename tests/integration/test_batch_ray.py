@@ -1,14 +1,18 @@
 """`patchscope batch --ray`: Ray Data actors write the same table as the in-process run, even when one dies.
 
-A real local Ray instance (2 CPUs, private temp dir), two actors holding the tiny model. One actor is
-killed (SIGKILL) once it has written a part; Ray Data restarts it and retries its part, and the table
-still has every row exactly once and equals the in-process run's.
+A real local Ray instance (2 CPUs, private temp dir) of its own, in a child process (the suite's service
+cluster lives in this one and holds its CPUs), two actors holding the tiny model. One actor is killed
+(SIGKILL) once it has written a part; Ray Data restarts it and retries its part, and the table still has
+every row exactly once and equals the in-process run's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from patchscope.batch import BatchOptions, run_local
-from patchscope.batch.ray_data import run_ray
 from patchscope.batch.schema import KEY
 from tests.integration.test_batch import FILES, LAYER_IDS, write_dumps
 
@@ -41,8 +44,6 @@ def actor_pids() -> list[int]:
 def test_ray_data_table_equals_in_process_with_an_actor_killed(tiny_dirs, tiny_models, tmp_path):
     import tempfile
 
-    import ray
-
     model, facts = str(tiny_dirs["llama"]), tiny_models["llama"].facts
     inputs = tmp_path / "dumps"
     write_dumps(inputs, facts.hidden_size, facts.vocab_size)
@@ -64,26 +65,32 @@ def test_ray_data_table_equals_in_process_with_an_actor_killed(tiny_dirs, tiny_m
                 killed.append(pids[0])
             time.sleep(0.01)
 
-    os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"
     ray_dir = tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp")  # socket paths: <= 107 bytes
+    child = f"""
+import json
+from patchscope.batch import BatchOptions
+from patchscope.batch.ray_data import run_ray
+options = BatchOptions(source={model!r}, target={model!r}, vllm_layers={tuple(LAYER_IDS)!r}, files_per_part=2,
+                       max_new_tokens=12)
+summary = run_ray(options, [{str(inputs)!r}], {str(out)!r}, address="local", actors=2, cpus_per_actor=1,
+                  init_options={{"num_cpus": 2, "_temp_dir": {ray_dir.name!r}, "include_dashboard": False}})
+print(json.dumps({{"parts_run": summary.parts_run, "refusals": len(summary.refusals)}}))
+"""
+    env = {**os.environ, "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+    env.pop("RAY_ADDRESS", None)
     killer = threading.Thread(target=kill_one_actor_after_a_part, daemon=True)
     killer.start()
     try:
-        summary = run_ray(
-            options,
-            [str(inputs)],
-            str(out),
-            address="local",
-            actors=2,
-            cpus_per_actor=1,
-            init_options={"num_cpus": 2, "_temp_dir": ray_dir.name, "include_dashboard": False},
+        done = subprocess.run(
+            [sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=540
         )
     finally:
         killer.join(timeout=5)
-        ray.shutdown()
         ray_dir.cleanup()
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert killed, "no actor was killed: the test proved nothing"
-    assert summary.parts_run == FILES // 2 and summary.refusals == []
+    assert summary == {"parts_run": FILES // 2, "refusals": 0}
     got = pq.read_table(out)
     keys = [tuple(r[k] for k in KEY) for r in got.to_pylist()]
     assert len(keys) == len(set(keys)) == FILES * len(LAYER_IDS)
