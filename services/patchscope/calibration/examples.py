@@ -117,15 +117,15 @@ def label(
         by_template.setdefault(item.template, []).append((item, states))
         progress(k + 1, 2 * len(items))
     labelled: list[Labelled] = []
-    rows = [
-        (item, states[source_layers.index(a)], a, b)
-        for t in by_template.values()
-        for item, states in t
-        for a, b in layer_pairs
-    ]
+    total = sum(len(group) for group in by_template.values()) * len(layer_pairs)
     done = 0
-    for template in by_template:
-        group = [r for r in rows if r[0].template == template]
+    for template, group_items in by_template.items():
+        # one row per (item, layer pair), rows of one template batched together
+        group = [
+            (item, states[source_layers.index(a)], a, b)
+            for item, states in group_items
+            for a, b in layer_pairs
+        ]
         for start in range(0, len(group), CHUNK):
             chunk = group[start : start + CHUNK]
             request = ActivationsRequest(
@@ -156,7 +156,7 @@ def label(
                     )
                 )
             done += len(chunk)
-            progress(len(items) + done * len(items) // max(1, len(rows)), 2 * len(items))
+            progress(len(items) + done * len(items) // max(1, total), 2 * len(items))
     return labelled
 
 

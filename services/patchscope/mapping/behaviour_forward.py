@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from patchscope.engine.generation import stop_ids
 from patchscope.engine.kv_cache import cache_kwarg
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.patch import block_hidden
@@ -172,13 +173,6 @@ def _last_token_states(model: LoadedModel, texts: list[str], layer: int) -> torc
     return torch.stack([s[layer][0] for s in states])
 
 
-def _stop_ids(target: LoadedModel) -> set[int]:
-    ids = {target.tokenizer.eos_token_id}
-    eos = getattr(target.model.generation_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return {i for i in ids if i is not None}
-
-
 def prepare(
     source: LoadedModel,
     target: LoadedModel,
@@ -204,7 +198,7 @@ def prepare(
     index = torch.zeros(n, positions, top_k, dtype=torch.long)
     logprobs = torch.zeros(n, positions, top_k)
     continuation = torch.zeros(n, positions - 1, dtype=torch.long)
-    stops = torch.tensor(sorted(_stop_ids(target)))
+    stops = torch.tensor(sorted(stop_ids(target)))
     with torch.no_grad():
         for name, members in groups.items():
             forward = forwards[name]
