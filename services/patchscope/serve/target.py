@@ -9,6 +9,7 @@ its rows before the next step or prefill chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 
@@ -90,9 +91,13 @@ class TargetModel:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
         self.hosted.model(request.model)
         self.metrics.queue_rows(self.batcher.queued_rows + request.num_rows)
-        async for events in self.batcher.submit(request):
-            self.metrics.tokens(sum(1 for e in events if not e.stop))
-            yield events
+        try:
+            async with contextlib.aclosing(self.batcher.submit(request)) as stream:
+                async for events in stream:
+                    self.metrics.tokens(sum(1 for e in events if not e.stop))
+                    yield events
+        finally:  # the batcher counts the rows out as its stream closes (finished, failed or left)
+            self.metrics.queue_rows(self.batcher.queued_rows)
 
     async def logit_lens(
         self, model_id: str, vectors: list[torch.Tensor], top_k: int
