@@ -185,7 +185,16 @@ def test_entity_description_scores_rouge_l_beside_its_baselines(llama, tmp_path)
         recomputed = [rouge_l(d, e.reference) for d, e in zip(p["descriptions"], entities, strict=True)]
         assert p["all"]["per_item"] == recomputed and p["all"]["n"] == 4
         assert p["all"]["ci"][0] <= p["all"]["rouge_l"] <= p["all"]["ci"][1]
-    assert result["counts"]["popular"] + result["counts"]["rare"] == 4
+    # Popular vs rare splits at the median of the source's surprisal at each name: two and two here.
+    surprisals = [e["name_surprisal"] for e in result["entities"]]
+    assert len(set(surprisals)) == 4 and result["counts"] == {**result["counts"], "popular": 2, "rare": 2}
+    assert [e["popular"] for e in result["entities"]] == description.popular_by_median(surprisals)
+    assert description.popular_by_median([3.0, 1.0, 2.0, 4.0]) == [False, True, True, False]
+    assert description.popular_by_median([1.0, 1.0, 1.0]) == [False, False, False]
+    # Rescoring a saved result from its stored descriptions gives the figures the run gave.
+    again = description.rescore(json.loads(json.dumps(result)), llama)
+    assert [p["popular"] for p in again["pairs"]] == [p["popular"] for p in result["pairs"]]
+    assert again["text_only"] == result["text_only"] and again["counts"] == result["counts"]
     assert description.description_of(": American actor, Samsung: x") == "American actor"
     description.plot(result, tmp_path / "description.png")
 

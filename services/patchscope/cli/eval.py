@@ -85,6 +85,7 @@ def cmd_next_token(args: argparse.Namespace) -> int:
                         fit_positions=args.fit_positions,
                         per_text=args.per_text,
                         registry=_registry_for_seed(args.registry, seed),
+                        pairs=parse_pairs_option(args.pairs) if getattr(args, "pairs", None) else None,
                         seed=seed,
                         progress=update,
                     )
@@ -169,6 +170,13 @@ def cmd_description(args: argparse.Namespace) -> int:
     from patchscope.mapping.resolve import resolve_mappings
 
     source = _load(args.source, args.dtype)
+    name = f"description.{source.id}.{args.target or source.id}"
+    if args.rescore:
+        saved = Path(args.out) / f"{name}.json"
+        if not saved.is_file():
+            raise SystemExit(f"--rescore: {saved} does not exist: run the command without --rescore first")
+        result = description.rescore(json.loads(saved.read_text(encoding="utf-8")), source)
+        return _finish(args, result, name, description.plot)
     target = source if args.target in (None, args.source) else _load(args.target, args.dtype)
     entities = description.corpus_entities(_corpus(args))
     if args.lre_per_relation:
@@ -209,7 +217,7 @@ def cmd_description(args: argparse.Namespace) -> int:
         f"{result['no_patch_control']['all']['rouge_l']:.3f}",
         file=sys.stderr,
     )
-    return _finish(args, result, f"description.{source.id}.{target.id}", description.plot)
+    return _finish(args, result, name, description.plot)
 
 
 def parse_pairs_option(spec: str) -> list[tuple[int, int]]:
@@ -269,6 +277,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cm.add_argument("--source", default="smollm2-135m")
     cm.add_argument("--target", default="gemma3-270m")
     next_token_options(cm, 200)
+    cm.add_argument("--pairs", default=None, help="layer pairs 2:1,29:17 (default: every registered pair)")
     common(cm)
     cm.set_defaults(func=cmd_next_token)
 
@@ -316,6 +325,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--registry", default=None, help="mapping registry (cross-model); REGISTRY/seed-N for --seed N"
     )
     de.add_argument("--max-new-tokens", type=int, default=16)
+    de.add_argument(
+        "--rescore",
+        action="store_true",
+        help="redo the popular/rare split of the saved result from its stored descriptions (no generation)",
+    )
     lre(de)
     common(de)
     de.set_defaults(func=cmd_description)

@@ -15,23 +15,29 @@ The description is the continuation up to its first comma or line end (the promp
 
 Beside the Patchscope: the no-patch control (the prompt with `x`, nothing patched), the text-only
 baseline (the entity's name written in the prompt, nothing patched) and the share of descriptions equal
-to the control. Popular vs rare, by a stated proxy: an entity is *popular* when the source tokenizer
-spells its name in at most `POPULAR_TOKENS` tokens (byte-pair merges follow pretraining frequency).
+to the control. Popular vs rare, by a stated proxy (no page views offline): the source model's mean
+surprisal per token of the name in the source context (`name_surprisal`); an entity is *popular* when it
+is below the median of the entities evaluated, so the split is about even by construction. A token-count
+rule left one popular entity of 22, and corpus or LRE mention counts are zero for almost all of them.
 ROUGE-L is the F-measure of `common.rouge_l`, with a bootstrap interval over entities.
 """
 
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from patchscope.engine.generation import PatchedRow, RowPatch
 from patchscope.engine.hooks import extract
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.presets import get_preset
+from patchscope.engine.template import tokenize_prompt
 from patchscope.eval.attributes import SOURCE_CONTEXT
 from patchscope.eval.common import (
     Progress,
@@ -49,7 +55,7 @@ from patchscope.eval.common import (
 )
 from patchscope.mapping.corpus import detokenise, read_documents
 
-POPULAR_TOKENS = 2
+POPULARITY_PROXY = "source-model mean surprisal per name token (nats) in the source context, below the median"
 _COPULA = re.compile(r"\b(?:is|was|are|were)\b\s+(.*)$")
 
 
@@ -89,6 +95,33 @@ def lre_entities(relations: Sequence[Relation], per_relation: int, seed: int) ->
     return out
 
 
+@torch.inference_mode()
+def name_surprisal(model: LoadedModel, names: Sequence[str]) -> list[float]:
+    """Mean −ln p of each name's tokens after the source context's prefix: low for names the model knows.
+
+    A model's surprise at a name follows how often pretraining showed it, which is what the paper's page
+    views stand for; it is read from the source model, the one whose state is described.
+    """
+    prefix, _ = SOURCE_CONTEXT.split("{}")
+    lead = tokenize_prompt(model.tokenizer, prefix.rstrip())
+    out = []
+    for name in names:
+        tail = model.tokenizer(" " + name, add_special_tokens=False).input_ids
+        ids = torch.tensor([lead + tail], device=model.device)
+        logprobs = torch.log_softmax(model.model(ids, use_cache=False).logits[0].float(), dim=-1)
+        picked = logprobs[len(lead) - 1 : -1].gather(1, ids[0, len(lead) :, None])
+        out.append(float(-picked.mean()))
+    return out
+
+
+def popular_by_median(surprisals: Sequence[float]) -> list[bool]:
+    """Popular: surprisal strictly below the median (ties at the median count as rare)."""
+    if not surprisals:
+        return []
+    median = statistics.median(surprisals)
+    return [s < median for s in surprisals]
+
+
 def description_of(text: str) -> str:
     """The description a continuation gives: after a leading colon, up to the first comma or line end."""
     text = text.split("\n", 1)[0].lstrip(" :")
@@ -104,6 +137,82 @@ def _score(descriptions: Sequence[str], entities: Sequence[Entity], seed: int) -
         "n": len(scores),
         "per_item": scores,
     }
+
+
+def summarise(
+    entities: Sequence[Entity],
+    popular: Sequence[bool],
+    pairs: Sequence[tuple[int, int]],
+    pair_descriptions: Sequence[Sequence[str]],
+    text_descriptions: Sequence[str],
+    control_description: str,
+    seed: int,
+) -> dict:
+    """Every group's ROUGE-L from the descriptions alone, so a saved result can be rescored (`rescore`)."""
+
+    def split(values: Sequence[str], keep) -> tuple[list[str], list[Entity]]:
+        chosen = [k for k in range(len(entities)) if keep(k)]
+        return [values[k] for k in chosen], [entities[k] for k in chosen]
+
+    groups = {
+        "all": lambda k: True,
+        "popular": lambda k: popular[k],
+        "rare": lambda k: not popular[k],
+        "corpus": lambda k: entities[k].origin == "corpus",
+        "lre": lambda k: entities[k].origin != "corpus",
+    }
+    pairs_out = []
+    for (a, b), descriptions in zip(pairs, pair_descriptions, strict=True):
+        same_share = sum(d.lower() == control_description.lower() for d in descriptions)
+        pairs_out.append(
+            {
+                "source_layer": a,
+                "target_layer": b,
+                **{name: _score(*split(descriptions, keep), seed) for name, keep in groups.items()},
+                "same_as_unpatched": proportion(same_share, len(entities)),
+                "descriptions": list(descriptions),
+            }
+        )
+    controls = [control_description] * len(entities)
+    return {
+        "counts": {name: sum(1 for k in range(len(entities)) if keep(k)) for name, keep in groups.items()},
+        "text_only_descriptions": list(text_descriptions),
+        "text_only": {name: _score(*split(text_descriptions, keep), seed) for name, keep in groups.items()},
+        "no_patch_control": {name: _score(*split(controls, keep), seed) for name, keep in groups.items()},
+        "pairs": pairs_out,
+    }
+
+
+def rescore(result: dict, source: LoadedModel) -> dict:
+    """A saved result with its popular/rare split redone by `name_surprisal` from its stored descriptions.
+
+    Generation is greedy, so the stored descriptions are what a rerun would produce; only the grouping
+    changes, and the result records that it was rescored.
+    """
+    if result["source"] != source.id:
+        raise ValueError(f"the result's source is {result['source']}, not {source.id}")
+    entities = [Entity(e["name"], e["reference"], e["origin"]) for e in result["entities"]]
+    surprisals = name_surprisal(source, [e.name for e in entities])
+    popular = popular_by_median(surprisals)
+    pairs = [(p["source_layer"], p["target_layer"]) for p in result["pairs"]]
+    scored = summarise(
+        entities,
+        popular,
+        pairs,
+        [p["descriptions"] for p in result["pairs"]],
+        result["text_only_descriptions"],
+        description_of(result["control"]),
+        result["seed"],
+    )
+    for old, new in zip(result["pairs"], scored["pairs"], strict=True):
+        new.update({k: v for k, v in old.items() if k.startswith("mapping_")})
+    out = {k: v for k, v in result.items() if k != "popular_tokens"}
+    out.update(scored)
+    out["popularity_proxy"] = POPULARITY_PROXY
+    out["rescored"] = "popular/rare split redone from the stored descriptions (`eval description --rescore`)"
+    for entry, value, flag in zip(out["entities"], surprisals, popular, strict=True):
+        entry.update(name_surprisal=value, popular=flag)
+    return out
 
 
 def run(
@@ -131,10 +240,8 @@ def run(
         pairs = [(a, a) for a in layer_grid(source.facts.num_layers, layer_step)]
     source_layers = sorted({a for a, _ in pairs})
     preset = get_preset("description")
-    popular = [
-        len(source.tokenizer(" " + e.name, add_special_tokens=False).input_ids) <= POPULAR_TOKENS
-        for e in entities
-    ]
+    surprisals = name_surprisal(source, [e.name for e in entities])
+    popular = popular_by_median(surprisals)
 
     rows = []
     for k, entity in enumerate(entities):
@@ -155,40 +262,19 @@ def run(
         max_new_tokens,
         phase="text only",
     )
-    control_description = description_of(control)
-
-    def split(values: list[str], keep) -> tuple[list[str], list[Entity]]:
-        chosen = [k for k in range(len(entities)) if keep(k)]
-        return [values[k] for k in chosen], [entities[k] for k in chosen]
-
-    groups = {
-        "all": lambda k: True,
-        "popular": lambda k: popular[k],
-        "rare": lambda k: not popular[k],
-        "corpus": lambda k: entities[k].origin == "corpus",
-        "lre": lambda k: entities[k].origin != "corpus",
-    }
-    pairs_out = []
-    for p, (a, b) in enumerate(pairs):
-        descriptions = [description_of(texts[k * len(pairs) + p]) for k in range(len(entities))]
-        same_share = sum(d.lower() == control_description.lower() for d in descriptions)
-        pairs_out.append(
-            {
-                "source_layer": a,
-                "target_layer": b,
-                **{name: _score(*split(descriptions, keep), seed) for name, keep in groups.items()},
-                "same_as_unpatched": proportion(same_share, len(entities)),
-                "descriptions": descriptions,
-            }
-        )
-    text_descriptions = [description_of(t) for t in text_only]
-    baselines = {
-        "text_only": {name: _score(*split(text_descriptions, keep), seed) for name, keep in groups.items()},
-        "no_patch_control": {
-            name: _score(*split([control_description] * len(entities), keep), seed)
-            for name, keep in groups.items()
-        },
-    }
+    pair_descriptions = [
+        [description_of(texts[k * len(pairs) + p]) for k in range(len(entities))] for p in range(len(pairs))
+    ]
+    scored = summarise(
+        entities,
+        popular,
+        pairs,
+        pair_descriptions,
+        [description_of(t) for t in text_only],
+        description_of(control),
+        seed,
+    )
+    pairs_out = scored["pairs"]
     best = max(pairs_out, key=lambda e: e["all"]["rouge_l"]) if pairs_out else None
     return {
         "experiment": "description",
@@ -198,17 +284,20 @@ def run(
         "source_context": SOURCE_CONTEXT,
         "template": preset.template,
         "max_new_tokens": max_new_tokens,
-        "popular_tokens": POPULAR_TOKENS,
+        "popularity_proxy": POPULARITY_PROXY,
         "seed": seed,
         "entities": [
-            {"name": e.name, "reference": e.reference, "origin": e.origin, "popular": popular[k]}
+            {
+                "name": e.name,
+                "reference": e.reference,
+                "origin": e.origin,
+                "name_surprisal": surprisals[k],
+                "popular": popular[k],
+            }
             for k, e in enumerate(entities)
         ],
-        "counts": {name: sum(1 for k in range(len(entities)) if keep(k)) for name, keep in groups.items()},
         "control": control,
-        "text_only_descriptions": text_descriptions,
-        **baselines,
-        "pairs": pairs_out,
+        **scored,
         "best_pair": None if best is None else [best["source_layer"], best["target_layer"]],
         "mean_over_pairs": sum(e["all"]["rouge_l"] for e in pairs_out) / len(pairs_out) if pairs_out else 0.0,
         "seconds": round(time.perf_counter() - started, 1),

@@ -152,7 +152,10 @@ def cross_model_section(result: dict | None, command: str) -> str:
         "The reference is SmolLM2's own final-layer prediction, compared as a token string.\n\n"
         + _deviation(
             "the paper's Fig. 10 (Vicuna 7B → 13B) maps with affine maps trained on the paper's data and "
-            "reports all layer pairs; here a stated 5 × 5 grid, ~60 positions per seed, a 135M source and a "
+            f"reports all layer pairs; here a stated grid of {len(summary['pairs'])} pairs "
+            f"(ℓ ∈ {sorted({p['source_layer'] for p in summary['pairs']})}, "
+            f"ℓ* ∈ {sorted({p['target_layer'] for p in summary['pairs']})}), "
+            f"{result['positions_per_seed'][0]} positions per seed, a 135M source and a "
             "270M target with different tokenizers. The figures are **not comparable** in level with the "
             "paper's (0.5–0.8); only the shape (which pairs work) is."
         )
@@ -320,9 +323,21 @@ def multi_hop_section(result: dict | None, command: str) -> str:
     )
 
 
+def _popularity(result: dict) -> str:
+    """How the result split popular from rare entities, in the words of its own record."""
+    if "popularity_proxy" in result:
+        return (
+            "popular (proxy: the source model's mean surprisal per token of the name after "
+            f"`{result['source_context'].split('{}')[0].strip()}`, below the entities' median)"
+        )
+    return f"popular (name ≤ {result['popular_tokens']} source tokens)"
+
+
 def description_section(result: dict | None, command: str) -> str:
     if result is None:
         return _missing(command)
+    if "popularity_proxy" not in result:
+        return _missing(command + "  (the saved result predates the median popularity split)")
     counts = result["counts"]
     rows = [
         "| ℓ → ℓ* | ROUGE-L, all | popular | rare | corpus entities | LRE entities | same as unpatched |",
@@ -360,8 +375,8 @@ def description_section(result: dict | None, command: str) -> str:
     return (
         f"`{command}` — {counts['all']} entities ({counts['corpus']} WikiText titles with the predicate of "
         "their "
-        f"lead sentence, {counts['lre']} LRE subjects described from their relation's data); popular "
-        f"(name ≤ {result['popular_tokens']} source tokens): {counts['popular']}, rare: {counts['rare']}. "
+        f"lead sentence, {counts['lre']} LRE subjects described from their relation's data); "
+        f"{_popularity(result)}: {counts['popular']}, rare: {counts['rare']}. "
         "Source "
         f"prompt `{result['source_context']}`, the paper's few-shot description prompt as target, "
         f"{result['max_new_tokens']} greedy tokens, the description up to its first comma. ROUGE-L F "
@@ -370,7 +385,12 @@ def description_section(result: dict | None, command: str) -> str:
         + _deviation(
             "the paper describes Wikipedia entities with their Wikidata descriptions on 7B–13B models, "
             "popularity from page views; here small models, references built from the shipped corpus and LRE "
-            "data, and a token-count proxy for popularity."
+            "data, and the source model's surprisal at the name as the popularity proxy"
+            + (
+                f"; cross-model through the maps of {len(result['pairs'])} stated pairs."
+                if not result["same_model"]
+                else "."
+            )
         )
         + verdict
         + "\n\n"
