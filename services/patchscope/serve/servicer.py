@@ -1,7 +1,7 @@
 """The gRPC servicer of `patchscope.v1.Patchscope`: authenticate, convert, call the pipeline, stream.
 
 Serve's gRPC proxy calls the methods named like the RPCs. Nothing here validates or orchestrates: proto
-becomes a domain request (`wire.py`), the pipeline plans it (every check, before any model runs) and runs
+becomes a domain request (`wire/`), the pipeline plans it (every check, before any model runs) and runs
 it, and its events become proto again. Errors become status codes in one place (`status.py`); in a
 streaming method the code is set on the context *and* raised, since returning after setting it reaches
 the client as OK. The class runs without Ray given a backend (tests drive it with fakes).
