@@ -1,18 +1,20 @@
 """The SourceModel deployment: extracts hidden states of the source models it hosts.
 
 States leave as float32 CPU tensors (a CUDA tensor would arrive on the caller's `cuda:0` or fail where
-there is no GPU). Model work runs on one worker thread, so calls queue instead of racing on the model.
+there is no GPU). Model work runs on one worker thread, so calls queue instead of racing on the model; a
+long prompt's pass runs in chunks of `batching.prefill_chunk_tokens` positions (serve/chunked.py), so a
+caller that leaves frees the thread within one chunk and other calls run between chunks.
 """
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
-from patchscope.engine.hooks import HiddenStates, extract
+from patchscope.engine.hooks import HiddenStates, iter_extract
 from patchscope.engine.template import tokenize_prompt
+from patchscope.serve.chunked import run_chunked
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
 
 
@@ -23,6 +25,7 @@ class SourceModel:
     def __init__(self, config: dict) -> None:
         self.hosted = Hosted.start(config, "sources")
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="source")
+        self.chunk_tokens = self.hosted.config.batching.prefill_chunk_tokens
 
     def list_cards(self) -> list[ModelCard]:
         return list(self.hosted.cards.values())
@@ -39,5 +42,5 @@ class SourceModel:
         self, model_id: str, prompt: str, layers: list[int], positions: list[int] | None
     ) -> HiddenStates:
         model = self.hosted.model(model_id)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, extract, model, prompt, layers, positions)
+        work = iter_extract(model, prompt, layers, positions, chunk_tokens=self.chunk_tokens)
+        return await run_chunked(self.executor, work)
