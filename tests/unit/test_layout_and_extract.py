@@ -1,11 +1,11 @@
-"""Hook-site discovery and extraction, checked against transformers' own `output_hidden_states`."""
+"""Hook-point discovery and extraction, checked against transformers' own `output_hidden_states`."""
 
 import pytest
 import torch
 
 from patchscope.engine import extract
 from patchscope.engine.errors import UnsupportedArchitecture
-from patchscope.engine.models.layout import site_paths
+from patchscope.engine.models.layout import hook_points
 from patchscope.engine.template import tokenize_prompt
 
 PROMPT = "The European lobster is a species of lobster from the eastern Atlantic Ocean"
@@ -20,7 +20,7 @@ def test_discovery_finds_every_block_norm_and_unembedding(tiny):
 
 def test_unknown_architecture_error_lists_supported_ones():
     with pytest.raises(UnsupportedArchitecture, match=r"llama.*qwen3"):
-        site_paths("mamba")
+        hook_points("mamba")
 
 
 @torch.inference_mode()

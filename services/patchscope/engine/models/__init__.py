@@ -1,7 +1,7 @@
-"""Model registry, conversion cache, loading and hook-site discovery."""
+"""Model registry, conversion cache, loading and hook-point discovery."""
 
 from patchscope.engine.models.convert import convert_gguf, embedding_fingerprint
-from patchscope.engine.models.layout import ARCHITECTURES, Layout, SitePaths, discover
+from patchscope.engine.models.layout import ARCHITECTURES, HookPoints, Layout, discover
 from patchscope.engine.models.loading import DTYPES, LoadedModel, load_directory, load_model
 from patchscope.engine.models.registry import BUILTIN, ModelRegistry, ModelSpec, ModelStatus, patchscope_home
 
@@ -9,12 +9,12 @@ __all__ = [
     "ARCHITECTURES",
     "BUILTIN",
     "DTYPES",
+    "HookPoints",
     "Layout",
     "LoadedModel",
     "ModelRegistry",
     "ModelSpec",
     "ModelStatus",
-    "SitePaths",
     "convert_gguf",
     "discover",
     "embedding_fingerprint",

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from patchscope.engine.models.layout import site_paths
+from patchscope.engine.models.layout import hook_points
 
 
 def embedding_fingerprint(directory: Path, embed_key: str) -> str:
@@ -42,4 +42,4 @@ def convert_gguf(gguf: Path, out_dir: Path) -> str:
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return embedding_fingerprint(out_dir, site_paths(model.config.model_type).embed + ".weight")
+    return embedding_fingerprint(out_dir, hook_points(model.config.model_type).embed + ".weight")

@@ -1,4 +1,4 @@
-"""Hook sites as data: where each architecture keeps its decoder blocks, final norm and unembedding.
+"""Hook points as data: where each architecture keeps its decoder blocks, final norm and unembedding.
 
 Adding an architecture is one row in `ARCHITECTURES`; the hook code, the lean forward and the mapping's
 head lens never branch on model type. The client's capture helper, which may not import the server, reads
@@ -18,8 +18,8 @@ from patchscope.engine.models.packed import PackedLinear
 
 
 @dataclass(frozen=True)
-class SitePaths:
-    """Dotted module paths of the logical sites of one architecture."""
+class HookPoints:
+    """Dotted module paths of one architecture's hook points (a *site* is a position and its layers)."""
 
     blocks: str
     final_norm: str
@@ -32,7 +32,7 @@ class SitePaths:
     lean: bool = False
 
 
-_LLAMA_LIKE = SitePaths(
+_LLAMA_LIKE = HookPoints(
     blocks="model.layers",
     final_norm="model.norm",
     unembed="lm_head",
@@ -41,7 +41,7 @@ _LLAMA_LIKE = SitePaths(
 )
 _LEAN = dataclasses.replace(_LLAMA_LIKE, lean=True)
 
-ARCHITECTURES: dict[str, SitePaths] = {
+ARCHITECTURES: dict[str, HookPoints] = {
     "llama": _LEAN,
     "mistral": _LEAN,
     "qwen2": _LEAN,
@@ -49,10 +49,10 @@ ARCHITECTURES: dict[str, SitePaths] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LEAN,
-    "gpt2": SitePaths(
+    "gpt2": HookPoints(
         blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.wte"
     ),
-    "gpt_neox": SitePaths(
+    "gpt_neox": HookPoints(
         blocks="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",
         unembed="lm_head",
@@ -65,7 +65,7 @@ ARCHITECTURES: dict[str, SitePaths] = {
 class Layout:
     """The resolved modules of one loaded model."""
 
-    paths: SitePaths
+    paths: HookPoints
     blocks: nn.ModuleList
     final_norm: nn.Module
     unembed: nn.Module
@@ -98,20 +98,20 @@ class Layout:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
 
-def site_paths(model_type: str) -> SitePaths:
+def hook_points(model_type: str) -> HookPoints:
     """The table row for `model_type`, or a clear error listing what is supported."""
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedArchitecture(
-            f"architecture {model_type!r} has no hook-site entry; "
+            f"architecture {model_type!r} has no hook-point entry; "
             f"supported: {', '.join(sorted(ARCHITECTURES))}"
         ) from None
 
 
 def discover(model: nn.Module) -> Layout:
-    """Resolve the site table against a loaded causal LM."""
-    paths = site_paths(model.config.model_type)
+    """Resolve the hook-point table against a loaded causal LM."""
+    paths = hook_points(model.config.model_type)
     blocks = model.get_submodule(paths.blocks)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) != model.config.num_hidden_layers:
         raise UnsupportedArchitecture(

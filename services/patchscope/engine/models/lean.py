@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from patchscope.engine.models.layout import ARCHITECTURES, lean_families, site_paths
+from patchscope.engine.models.layout import ARCHITECTURES, hook_points, lean_families
 from patchscope.engine.models.lean_cache import LeanCache, RaggedCache, SharedRows
 from patchscope.engine.options import FORWARDS, Forward
 from patchscope.engine.patch import Patch, write_patches
@@ -43,7 +43,7 @@ def _layer_types(model: PreTrainedModel) -> list[str]:
 
 def _rope_types(model: PreTrainedModel) -> set[str]:
     rope_type = getattr(
-        model.get_submodule(site_paths(model.config.model_type).rotary), "rope_type", "default"
+        model.get_submodule(hook_points(model.config.model_type).rotary), "rope_type", "default"
     )
     return set(rope_type.values()) if isinstance(rope_type, dict) else {rope_type}  # Gemma 3: per layer type
 
@@ -103,7 +103,7 @@ class LeanDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the lean forward does not support this model: {reason}")
-        config, paths = model.config, site_paths(model.config.model_type)
+        config, paths = model.config, hook_points(model.config.model_type)
         self.embed = model.get_submodule(paths.embed)
         self.layers = model.get_submodule(paths.blocks)
         self.norm = model.get_submodule(paths.final_norm)
