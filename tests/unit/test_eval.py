@@ -24,6 +24,7 @@ from patchscope.eval.common import (
     wilson,
 )
 from patchscope.eval.report import write_report
+from patchscope.eval.timed import record
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
 
@@ -217,6 +218,15 @@ def test_the_report_renders_saved_results_and_names_the_commands_of_missing_ones
     )
     page = write_report(folder, tmp_path / "docs" / "results.md").read_text()
     assert "Nothing was evaluated, so nothing is concluded." in page
+    # Run times come from the recorded runs; a rerun of a command replaces its entry, and the sum is shown.
+    entry = {"status": 0, "cpus": 2, "load_start": 1.0, "load_end": 2.0, "finished": "2026-01-01T00:00:00"}
+    record(folder / "timings.json", {**entry, "command": "patchscope eval a", "wall_s": 600.0})
+    record(folder / "timings.json", {**entry, "command": "patchscope eval b", "wall_s": 60.0})
+    entries = record(folder / "timings.json", {**entry, "command": "patchscope eval a", "wall_s": 120.0})
+    assert [e["command"] for e in entries] == ["patchscope eval b", "patchscope eval a"]
+    page = write_report(folder, tmp_path / "docs" / "results.md").read_text()
+    assert "took **3 min** of wall time in all on this 2-CPU machine" in page
+    assert "| `patchscope eval a` | 2.0 min | 1.0 → 2.0 |" in page
 
 
 def test_the_eval_commands_parse():
@@ -227,4 +237,6 @@ def test_the_eval_commands_parse():
     args = build_parser().parse_args(["eval", "multi-hop", "--layer-step", "2", "--lre", "a", "--lre", "b"])
     assert args.layer_step == 2 and args.lre == ["a", "b"]
     args = build_parser().parse_args(["eval", "description", "--corpus", "x.txt"])
-    assert args.func.__name__ == "cmd_description" and args.corpus == "x.txt"
+    assert args.func.__name__ == "cmd_description" and args.corpus == "x.txt" and not args.rescore
+    args = build_parser().parse_args(["eval", "cross-model", "--pairs", "2:1,29:17"])
+    assert args.pairs == "2:1,29:17"

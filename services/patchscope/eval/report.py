@@ -78,14 +78,21 @@ def comparison_table(folder: Path) -> str:
             "(grid of "
             "layers, word-boundary rule) |"
         )
-    for model in ("smollm2-135m", "gemma3-270m"):
-        de = _load(folder, f"description.{model}.{model}")
-        if de:
+    for model, target in (
+        ("smollm2-135m", "smollm2-135m"),
+        ("gemma3-270m", "gemma3-270m"),
+        ("smollm2-135m", "gemma3-270m"),
+    ):
+        de = _load(folder, f"description.{model}.{target}")
+        if de and "popularity_proxy" in de:
+            label = model if model == target else f"{model} → {target}"
             best = max(de["pairs"], key=lambda p: p["all"]["rouge_l"])
             rows.append(
                 "| §4.3 Fig. 4: entity description ROUGE-L | Patchscope above the baselines in early-mid "
                 "layers | "
-                f"{model}: best layer {best['source_layer']} {best['all']['rouge_l']:.3f}, text-only "
+                f"{label}: best pair {best['source_layer']} → {best['target_layer']} "
+                f"{best['all']['rouge_l']:.3f} [{best['all']['ci'][0]:.2f}, {best['all']['ci'][1]:.2f}] "
+                f"(n={best['all']['n']}), text-only "
                 f"{de['text_only']['all']['rouge_l']:.3f}, no-patch "
                 f"{de['no_patch_control']['all']['rouge_l']:.3f} | "
                 "partly (references built from shipped data) |"
@@ -151,6 +158,34 @@ def calibration_section(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timings_section(path: Path) -> str:
+    """Each eval command's wall time as `patchscope.eval.timed` recorded it, and their sum."""
+    if not path.exists():
+        return (
+            "Not recorded: run the commands through `python -m patchscope.eval.timed` (`make eval` does).\n"
+        )
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    lines = [
+        "| command | wall time | load average (start → end) | finished (UTC) |",
+        "|---|---:|---|---|",
+    ]
+    for e in entries:
+        failed = "" if e["status"] == 0 else f" (exit {e['status']})"
+        lines.append(
+            f"| `{e['command']}` | {e['wall_s'] / 60:.1f} min{failed} | {e['load_start']:.1f} → "
+            f"{e['load_end']:.1f} | {e['finished']} |"
+        )
+    total = sum(e["wall_s"] for e in entries)
+    cpus = sorted({e["cpus"] for e in entries})
+    return (
+        f"The commands below took **{total / 60:.0f} min** of wall time in all on this "
+        f"{'/'.join(map(str, cpus))}-CPU machine, shared with other work (the load average says how "
+        "much); each section's own `seconds` in its JSON is the run's time inside the process.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
 def write_report(folder: Path, page: Path) -> Path:
     """Render the page from `folder`'s results; plots are linked relative to the page."""
     rel = folder.relative_to(page.parent) if folder.is_relative_to(page.parent) else folder
@@ -210,6 +245,8 @@ def write_report(folder: Path, page: Path) -> Path:
     parts.append(picture(name, "CoT Patchscope accuracy per layer pair"))
     parts.append("\n## 6. Faithfulness: confidence calibrators\n\n")
     parts.append(calibration_section(folder / "calibration.json"))
+    parts.append("\n## 7. Run times\n\n")
+    parts.append(timings_section(folder / "timings.json"))
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("".join(parts), encoding="utf-8")
     return page
