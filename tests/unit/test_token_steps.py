@@ -13,7 +13,7 @@ from patchscope.explain.request import ActivationsRequest, ExplainRequest, Targe
 
 SOURCE = ModelInfo("src", "fp-src", ModelFacts("src", num_layers=4, hidden_size=8, vocab_size=100))
 TOKENS = ["<s>", "hello", " world"]
-TEMPLATE = "x" * 40 + " {}"  # 43 bytes: at most 43 + 1 (filler) + 1 (BOS) = 45 tokens
+TEMPLATE = "x" * 40 + " {}"  # 43 bytes: at most 43 + 1 (filler "?") + 2 = 46 tokens (template_token_bound)
 
 
 def plan(limits: Limits, positions=(1, 2), **target):
@@ -23,7 +23,7 @@ def plan(limits: Limits, positions=(1, 2), **target):
 
 def test_a_request_over_the_token_step_budget_is_refused_naming_it():
     generation = GenerationConfig(max_new_tokens=5)
-    steps = 5 * (45 + 5)  # 4 sites + the control row, (template + new) tokens each
+    steps = 5 * (46 + 5)  # 4 sites + the control row, (template + new) tokens each
     plan(Limits(max_token_steps=steps), template=TEMPLATE, generation=generation)
     with pytest.raises(InvalidArgument) as error:
         plan(Limits(max_token_steps=steps - 1), template=TEMPLATE, generation=generation)

@@ -21,9 +21,11 @@ class Limits(BaseModel):
     max_prompt_tokens: int = Field(2048, ge=1)
     # Templates are prompts too: a long one is a long prefill on the target's only worker thread.
     max_template_chars: int = Field(4096, ge=1)
-    # UTF-8 bytes of a template: a bound on its tokens without the target's tokenizer, since every token
-    # of a byte-level BPE or byte-fallback SentencePiece vocabulary covers at least one byte (tokens <=
-    # bytes + BOS + the filler's tokens).
+    # UTF-8 bytes of a template: a bound on its target tokens without the target's tokenizer. Every token
+    # of a byte-level BPE or a byte-fallback SentencePiece vocabulary covers at least one byte and neither
+    # normalises text into more bytes, so tokens <= bytes + the filler's bytes + 2 (BOS and up to three
+    # dummy-prefix "▁" less the placeholder's two bytes: checks.template_token_bound, shown on random text
+    # for every supported family in tests/unit/test_template_token_bound.py).
     max_template_bytes: int = Field(4096, ge=1)
     max_sites: int = Field(512, ge=1)
     # Layers of one ExtractHiddenStates call, or of one Explain, checked before they are resolved; an
@@ -48,6 +50,6 @@ class Limits(BaseModel):
     # Rows waiting for the target model; more is RESOURCE_EXHAUSTED with retry advice.
     max_queued_rows: int = Field(4096, ge=1)
     # Token-steps of one request on the target: rows (sites + the control) × (template tokens + new
-    # tokens), the template's tokens bounded by its UTF-8 bytes. No single request may hold the target's
-    # worker longer than this bound allows.
+    # tokens), the template's tokens bounded by `checks.template_token_bound`. No single request may hold
+    # the target's worker longer than this bound allows.
     max_token_steps: int = Field(1 << 20, ge=1)
