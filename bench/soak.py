@@ -6,11 +6,20 @@ Explain of one or several sites and lengths, the logit lens, ExplainActivations 
 ExtractHiddenStates, ListModels) and records latency and outcome. Prints p50/p99 per shape and overall,
 the errors (any non-OK status; there should be none), and the resident memory of every Ray process (GCS,
 raylet, controller, proxy, replicas, quota keeper) at start and end. Prints figures; asserts nothing.
+
+Memory growth: every `--sample-s` seconds a sampler records the calls done so far and every Ray process's
+resident memory; at the end each process's growth is the least-squares slope of its memory against calls,
+in MiB per 1,000 calls with a 95 % interval, over the whole run and per quarter (a slope that falls
+towards 0 quarter by quarter is memory levelling off; a steady one is a leak). The interval treats the
+samples as independent, which successive memory readings are not: the per-quarter slopes are the check on
+it. `--samples-json PATH` keeps the samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import statistics
@@ -83,6 +92,46 @@ def mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
+def t95(df: int) -> float:
+    """Two-sided 95 % Student t quantile (Cornish-Fisher expansion; within 0.01 of the table for df >= 10)."""
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def slope(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """Least-squares slope of ys on xs and the half-width of its 95 % interval; None under 4 points."""
+    n = len(xs)
+    if n < 4:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    residual = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, ys, strict=True))
+    return b, t95(n - 2) * math.sqrt(residual / (n - 2) / sxx)
+
+
+def growth(samples: list[tuple[float, int, dict[str, int]]]) -> None:
+    """Each process's memory slope per 1,000 calls: over the run, then per quarter of the samples."""
+    names = sorted({name for _, _, memory in samples for name in memory})
+    print(f"memory growth per 1,000 calls (n = {len(samples)} samples; 95 % intervals; then per quarter):")
+    for name in names:
+        points = [(calls, memory[name]) for _, calls, memory in samples if name in memory]
+        whole = slope([c / 1000 for c, _ in points], [m / (1 << 20) for _, m in points])
+        if whole is None:
+            continue
+        quarters = []
+        for q in range(4):
+            part = points[q * len(points) // 4 : (q + 1) * len(points) // 4]
+            fit = slope([c / 1000 for c, _ in part], [m / (1 << 20) for _, m in part])
+            quarters.append("-" if fit is None else f"{fit[0]:+.1f}")
+        print(
+            f"  {name[:52]:52s} {whole[0]:+7.2f} ± {whole[1]:5.2f} MiB  "
+            f"({mib(points[0][1])} -> {mib(points[-1][1])}; quarters {' '.join(quarters)})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "deploy" / "config" / "local.yaml"))
@@ -90,6 +139,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--num-cpus", type=float, default=None)
+    parser.add_argument("--sample-s", type=float, default=30.0, help="seconds between memory samples")
+    parser.add_argument("--samples-json", default=None, help="write the memory samples here")
     args = parser.parse_args()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
@@ -129,14 +180,28 @@ def main() -> None:
                             errors[outcome] += 1
                     r += 1
 
+            samples: list[tuple[float, int, dict[str, int]]] = [(0.0, 0, memory_start)]
+            done = threading.Event()
+
+            def sampler() -> None:
+                while not done.wait(args.sample_s):
+                    with lock:
+                        calls = sum(len(v) for v in latencies.values())
+                    samples.append((time.perf_counter() - began, calls, service.process_memory()))
+
             threads = [threading.Thread(target=client, args=(k,)) for k in range(args.concurrency)]
             began = time.perf_counter()
+            watcher = threading.Thread(target=sampler)
+            watcher.start()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
+            done.set()
+            watcher.join()
             elapsed = time.perf_counter() - began
             memory_end = service.process_memory()
+            samples.append((elapsed, sum(len(v) for v in latencies.values()), memory_end))
     finally:
         service.stop()
 
@@ -162,6 +227,10 @@ def main() -> None:
         a, b = memory_start.get(name), memory_end.get(name)
         change = f" ({(b / a - 1) * 100:+.1f}%)" if a and b else ""
         print(f"  {name[:60]:60s} {mib(a) if a else '-':>9s} -> {mib(b) if b else '-':>9s}{change}")
+    growth(samples)
+    if args.samples_json:
+        rows = [{"seconds": t, "calls": c, "rss_bytes": m} for t, c, m in samples]
+        Path(args.samples_json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":
