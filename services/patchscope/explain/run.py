@@ -24,6 +24,7 @@ from patchscope.explain.limits import Limits
 from patchscope.explain.plan import MappingResolver, ModelInfo, Plan, plan_activations, plan_explain
 from patchscope.explain.request import ActivationsRequest, ExplainRequest, Site
 from patchscope.explain.signals import Calibrator, control
+from patchscope.serve import tracing
 
 __all__ = ["Backend", "GenerateRequest", "Pipeline", "RowEvent", "collect"]
 
@@ -116,11 +117,15 @@ class Pipeline:
         timings = Timings()
         if states is None:
             started = time.perf_counter()
-            site_states = await self._extract(plan)
+            with tracing.span(tracing.SOURCE_PASS, source=plan.source.id, sites=len(plan.sites)):
+                site_states = await self._extract(plan)
             timings.source_s = time.perf_counter() - started
         else:
             site_states = list(states)
-        vectors = map_states(plan, site_states)
+        with tracing.span(
+            tracing.MAP, source=plan.source.id, target=plan.target.id, identity=plan.mapping is None
+        ):
+            vectors = map_states(plan, site_states)
         for index, (site, vector) in enumerate(zip(plan.sites, vectors, strict=True)):
             mapping_id, r2 = ("", None)
             if plan.mapping is not None:
@@ -151,8 +156,10 @@ class Pipeline:
         n = len(plan.sites)  # with controls, row n is the unpatched control
         tokens: list[list[int]] = [[] for _ in range(n + 1)]
         held: dict[int, RowEvent] = {}  # finished rows waiting for the control to end
-        async with contextlib.aclosing(self.backend.generate(request)) as steps:
+        spans = tracing.generation(target=plan.target.id, sites=n, rows=request.num_rows)
+        async with spans, contextlib.aclosing(self.backend.generate(request)) as steps:
             async for events in steps:
+                spans.tokens(sum(1 for e in events if not e.stop))
                 for e in events:
                     if not e.stop:
                         tokens[e.row].append(e.token_id)

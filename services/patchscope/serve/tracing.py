@@ -74,7 +74,9 @@ def span(name: str, **values: Attribute) -> Iterator[Any]:
 class Generation:
     """The prefill and decode spans of one patched generation, as the pipeline sees its stream.
 
-    `tokens` is told every step's token count; the first step with a token ends prefill and opens decode.
+    Opened on construction; `tokens` is told every step's token count, and the first step with a token
+    ends prefill and opens decode. Used as a context manager (plain or async, to sit beside the stream's
+    `aclosing`) it ends whichever span is open, however the block ends.
     """
 
     def __init__(self, **values: Attribute) -> None:
@@ -105,18 +107,24 @@ class Generation:
             open_span.end()
         self._prefill = self._decode = None
 
+    def __enter__(self) -> Generation:
+        return self
 
-@contextlib.contextmanager
-def generation(**values: Attribute) -> Iterator[Generation]:
-    """A `Generation` closed when the block ends, however it ends."""
-    spans = Generation(**values)
-    try:
-        yield spans
-    except Exception as error:
-        spans.close(error)
-        raise
-    finally:
-        spans.close()
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> None:
+        self.close(error if isinstance(error, Exception) else None)
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: object
+    ) -> None:
+        self.close(error if isinstance(error, Exception) else None)
+
+
+def generation(**values: Attribute) -> Generation:
+    """The spans of a patched generation about to be requested, with `values` as their attributes."""
+    return Generation(**values)
 
 
 def otlp_span_processors() -> list[Any]:
