@@ -176,3 +176,15 @@ def test_cancel_between_lens_chunks_stops_the_lens_and_the_next_call_is_served(l
         executor.shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
+def test_real_models_chunked_source_pass_gives_the_one_pass_states(fixture, request):
+    model = request.getfixturevalue(fixture)
+    prompt = " ".join(["The river runs past the old mill, and the miller counts his sacks of grain."] * 12)
+    full = extract(model, prompt, [0, 5, -1], [3, 100, -1])
+    assert len(full.token_ids) > 3 * 64
+    got = drain(iter_extract(model, prompt, [0, 5, -1], [3, 100, -1], chunk_tokens=64))
+    scale = full.states.abs().amax(dim=-1, keepdim=True)  # per state: the residual stream grows with depth
+    assert ((got.states - full.states).abs() / scale).max() < 1e-3
