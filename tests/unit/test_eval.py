@@ -227,6 +227,14 @@ def test_the_report_renders_saved_results_and_names_the_commands_of_missing_ones
     page = write_report(folder, tmp_path / "docs" / "results.md").read_text()
     assert "took **3 min** of wall time in all on this 2-CPU machine" in page
     assert "| `patchscope eval a` | 2.0 min | 1.0 → 2.0 |" in page
+    # A saved result no recorded command wrote is listed with its own in-process time.
+    assert "Run before times were recorded" in page and "`multi_hop.smollm2-135m`" in page
+    record(
+        folder / "timings.json", {**entry, "command": "c", "wall_s": 1.0, "wrote": ["multi_hop.smollm2-135m"]}
+    )
+    assert (
+        "`multi_hop.smollm2-135m`" not in write_report(folder, tmp_path / "docs" / "results.md").read_text()
+    )
 
 
 def test_the_eval_commands_parse():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from patchscope.eval.report_format import _deviation
+from patchscope.eval.report_format import _deviation, _pm
 from patchscope.eval.report_sections import (
     attributes_section,
     cross_model_section,
@@ -100,11 +100,20 @@ def comparison_table(folder: Path) -> str:
     cm = _load(folder, "cross_model.smollm2-135m.gemma3-270m")
     if cm and "summary" in cm:
         best = max(cm["summary"]["pairs"], key=lambda p: p["patchscope"]["mean"])
+        best_ts = max(cm["summary"]["pairs"], key=lambda p: p.get("same_prompt", {"mean": -1.0})["mean"])
+        text = [r["text_only"]["p_at_1"] for r in cm["runs"] if "text_only" in r]
+        text_k, text_n = sum(t["k"] for t in text), sum(t["n"] for t in text)
+        same_prompt = (
+            f"; T = S best {best_ts['source_layer']} → {best_ts['target_layer']}: "
+            f"{_pm(best_ts['same_prompt'])}"
+            if "same_prompt" in best_ts
+            else ""
+        )
         rows.append(
-            "| §4.4 Fig. 10: cross-model next token (Vicuna 7B → 13B) | 0.5–0.8 P@1 on good pairs | best "
-            f"{best['source_layer']} → {best['target_layer']}: {best['patchscope']['mean']:.3f} | no (not "
-            "comparable: "
-            "other models, tokenizers, maps) |"
+            "| §4.4 Fig. 10: cross-model next token (Vicuna 7B → 13B) | 0.5–0.8 P@1 on good pairs | identity "
+            f"prompt best {best['source_layer']} → {best['target_layer']}: {_pm(best['patchscope'])}"
+            f"{same_prompt}; text-only {text_k}/{text_n} ({len(cm['seeds'])} seeds, n={cm['positions']}) | "
+            "no (not comparable: other models, tokenizers, maps) |"
         )
     mh = _load(folder, "multi_hop.smollm2-135m")
     if mh:
@@ -177,6 +186,19 @@ def timings_section(path: Path) -> str:
         )
     total = sum(e["wall_s"] for e in entries)
     cpus = sorted({e["cpus"] for e in entries})
+    covered = {stem for e in entries for stem in e.get("wrote", [])}
+    earlier = []
+    for result in sorted(path.parent.glob("*.json")):
+        if result.name in (path.name, "calibration.json") or result.stem in covered:
+            continue
+        seconds = json.loads(result.read_text(encoding="utf-8")).get("seconds", float("nan"))
+        earlier.append(f"`{result.stem}` {seconds / 60:.1f} min")
+    if earlier:
+        lines.append(
+            "\nRun before times were recorded (their time inside the process, from their JSON): "
+            + ", ".join(earlier)
+            + "."
+        )
     return (
         f"The commands below took **{total / 60:.0f} min** of wall time in all on this "
         f"{'/'.join(map(str, cpus))}-CPU machine, shared with other work (the load average says how "

@@ -2,8 +2,8 @@
 
 Why: the results page says how long `make eval` takes on the machine that made it, and that figure must
 come from the runs themselves, not be typed. Each call appends (command, wall seconds, CPU count, load
-average at start and end, UTC time) to `docs/results/timings.json`, replacing an earlier entry for the
-same command; the report renders the table from it. The command's exit status is passed through.
+average at start and end, UTC time, the result files it wrote) to `docs/results/timings.json`, replacing
+an earlier entry for the same command; the report renders the table from it. The exit status is passed on.
 """
 
 from __future__ import annotations
@@ -29,14 +29,21 @@ def record(path: Path, entry: dict) -> list[dict]:
     return entries
 
 
+def _written(folder: Path) -> dict[str, float]:
+    """Each result JSON's modification time, so the entry can name the results its command wrote."""
+    return {p.stem: p.stat().st_mtime for p in folder.glob("*.json") if p.name != TIMINGS.name}
+
+
 def main(argv: list[str]) -> int:
     """Run `argv` as a command, then record its wall time (also when it fails, with its status)."""
     if not argv:
         raise SystemExit("usage: python -m patchscope.eval.timed COMMAND [ARGS...]")
     load_start = os.getloadavg()[0]
+    before = _written(TIMINGS.parent)
     started = time.perf_counter()
     status = subprocess.call(argv)
     wall = time.perf_counter() - started
+    after = _written(TIMINGS.parent)
     program = Path(argv[0]).name
     record(
         TIMINGS,
@@ -48,6 +55,7 @@ def main(argv: list[str]) -> int:
             "load_start": round(load_start, 2),
             "load_end": round(os.getloadavg()[0], 2),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "wrote": sorted(stem for stem, mtime in after.items() if before.get(stem) != mtime),
         },
     )
     print(f"[patchscope] {program}: {wall:.1f} s wall (status {status})", file=sys.stderr)
