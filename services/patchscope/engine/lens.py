@@ -14,7 +14,8 @@ import torch
 
 from patchscope.engine.models.loading import LoadedModel
 
-# States per chunk: one chunk is a few unembeddings and top-k decodes, short next to a decoding step.
+# States per chunk: on the real models a chunk of 8 (unembeddings, softmaxes over the vocabulary, top-k
+# decodes) costs about what a 128-token prefill chunk does (bench/bench_chunks.py).
 LENS_CHUNK_SITES = 8
 
 Reading = tuple[str, list[tuple[str, float]]]
