@@ -3,9 +3,10 @@
 `python bench/soak.py --minutes 10` (the default config, deploy/config/local.yaml: smollm2-135m as
 source and target; gemma3-270m is hosted too). Each client loops over a mix of request shapes (same-model
 Explain of one or several sites and lengths, the logit lens, ExplainActivations of extracted states,
-ExtractHiddenStates, ListModels) and records latency and outcome. Prints p50/p99 per shape and overall,
-the errors (any non-OK status; there should be none), and the resident memory of every Ray process (GCS,
-raylet, controller, proxy, replicas, quota keeper) at start and end. Prints figures; asserts nothing.
+ExtractHiddenStates of a short prompt and of a long one whose source pass runs in chunks, ListModels)
+and records latency and outcome. Prints p50/p99 per shape and overall, the errors (any non-OK status;
+there should be none), and the resident memory of every Ray process (GCS, raylet, controller, proxy,
+replicas, quota keeper) at start and end. Prints figures; asserts nothing.
 
 Memory growth: every `--sample-s` seconds a sampler records the calls done so far and every Ray process's
 resident memory; at the end each process's growth is the least-squares slope of its memory against calls,
@@ -67,6 +68,11 @@ def shapes(model: str):
         )
         return list(stub.ExtractHiddenStates(request, timeout=60))
 
+    def extract_long(stub, k):  # 240 tokens: the source pass runs in 2 chunks (prefill_chunk_tokens 128)
+        prompt = " ".join(PROMPTS[(k + j) % 4] for j in range(40))
+        request = pb.ExtractHiddenStatesRequest(model=model, prompt=prompt, layers=[6], positions=[-1])
+        return list(stub.ExtractHiddenStates(request, timeout=60))
+
     def activations(stub, k):
         messages = extract(stub, k)
         request = pb.ExplainActivationsRequest(
@@ -83,6 +89,7 @@ def shapes(model: str):
         ("explain 1 site x 24 tokens", explain([10], [-1], 24)),
         ("logit lens 3 sites", explain([2, 6, 10], [-1], 1, preset="logit-lens")),
         ("extract 2 layers", extract),
+        ("extract 1 layer, long prompt", extract_long),
         ("activations 1 site", activations),
         ("list models", lambda stub, k: stub.ListModels(pb.ListModelsRequest(), timeout=30)),
     ]
