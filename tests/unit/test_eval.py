@@ -13,6 +13,7 @@ from patchscope.eval import attributes, description, multihop, next_token, next_
 from patchscope.eval.common import (
     Relation,
     Sample,
+    batched_plain_texts,
     logistic_probe,
     majority_baseline,
     mentions,
@@ -248,3 +249,9 @@ def test_the_eval_commands_parse():
     assert args.func.__name__ == "cmd_description" and args.corpus == "x.txt" and not args.rescore
     args = build_parser().parse_args(["eval", "cross-model", "--pairs", "2:1,29:17"])
     assert args.pairs == "2:1,29:17"
+
+
+def test_batched_plain_prompts_give_the_engine_s_greedy_texts(llama):
+    prompts = ["The capital of France is", "Hi", "One two three four five six seven", "x"]
+    expected = plain_texts(llama, prompts, 6)
+    assert batched_plain_texts(llama, prompts, 6, batch=3) == expected

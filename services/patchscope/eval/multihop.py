@@ -6,7 +6,8 @@ every sample the data joins (the Eiffel Tower → France → Paris).
 The query τ is split as in the paper into π1, a phrase that names the bridge (`the {range} of {subject}`,
 the range name from the first relation's LRE properties: "the country of the Eiffel Tower"), and π2, the
 second relation's template with π1 in its placeholder ("The capital city of [π1] is"). Only queries whose
-two hops the model answers on their own are kept, as in the paper. Methods, all greedy, `max_new_tokens`:
+two hops the model answers on their own are kept, as in the paper. Methods, all greedy, `max_new_tokens`
+(the plain prompts in padded batches, `common.batched_plain_texts`, since every query's prompt differs):
 
 - **vanilla**: τ itself;
 - **"Let's think step by step"**: the paper's baseline, literally (`COT_PROMPT`), reported even if a
@@ -37,13 +38,13 @@ from patchscope.engine.models import LoadedModel
 from patchscope.eval.common import (
     Progress,
     Relation,
+    batched_plain_texts,
     hits_string,
     layer_grid,
     mentions,
     no_progress,
     patched_texts,
     placeholder_template,
-    plain_texts,
     proportion,
     pyplot,
     save_figure,
@@ -166,10 +167,10 @@ def run(
         "max_samples": max_samples,
     }
     if queries:
-        hop1 = plain_texts(
+        hop1 = batched_plain_texts(
             model, [q.composition.first.template.format(q.subject) for q in queries], max_new_tokens
         )
-        hop2 = plain_texts(
+        hop2 = batched_plain_texts(
             model, [q.composition.second.template.format(q.bridge) for q in queries], max_new_tokens
         )
         kept = [
@@ -184,12 +185,12 @@ def run(
         result["queries"] = []
         return result
     progress("hops", 1, 4)
-    vanilla = plain_texts(model, [q.composition.query(q.subject) for q in queries], max_new_tokens)
-    step_by_step = plain_texts(
+    vanilla = batched_plain_texts(model, [q.composition.query(q.subject) for q in queries], max_new_tokens)
+    step_by_step = batched_plain_texts(
         model, [COT_PROMPT.format(q.composition.query(q.subject)) for q in queries], max_new_tokens
     )
     progress("hops", 2, 4)
-    chained = plain_texts(
+    chained = batched_plain_texts(
         model,
         [q.composition.second.template.format(first_answer(h)) for q, h in zip(queries, hop1, strict=True)],
         max_new_tokens,
