@@ -1,7 +1,9 @@
 """Service benchmark on the default pair (smollm2-135m -> gemma3-270m), on a real local Ray instance.
 
-(a) One `Explain` through the service (gRPC proxy, ingress, SourceModel, TargetModel) against `explain`
-    in this process for the same request; target: service / engine <= 1.15.
+(a) One `Explain` through the service (gRPC proxy, ingress, SourceModel, TargetModel) against the same
+    pipeline in this process for the same request; target: service / engine <= 1.15. Paired per round,
+    with where each side's time went (the events' timings, and when the client saw each kind of event).
+    `--one-explain` runs only this section, on one service start.
 (b) `ExtractHiddenStates` of every layer over loopback against extracting and encoding the same tensors in
     this process.
 (c) 1, 4, 8 and 16 concurrent clients with cross-request batching on and off (two deployments, same config
@@ -18,6 +20,7 @@ Cross-model mappings come from the default registry (`make run` fits them).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import os
 import platform
@@ -36,7 +39,10 @@ from patchscope.engine.hooks import extract
 from patchscope.engine.options import DEFAULTS, GEMMS, EngineOptions
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.template import tokenize_prompt
-from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec, explain
+from patchscope.explain import ExplainRequest, LocalBackend, TargetSpec
+from patchscope.explain.events import SiteFinished, SiteStarted, SiteToken
+from patchscope.explain.local import LOCAL_LIMITS
+from patchscope.explain.run import Pipeline
 from patchscope.mapping.registry import MappingRegistry
 from patchscope.mapping.resolve import registry_resolver
 from patchscope.serve.local import free_port, read_config, start
@@ -110,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gemm", default=DEFAULTS.gemm, choices=GEMMS, help="linear kernels, both sides")
     parser.add_argument("--target-only", action="store_true", help="(d) only: the target's batching, no Ray")
+    parser.add_argument("--one-explain", action="store_true", help="(a) only, on one service start")
     parser.add_argument("--clients", default="1,4,8,16", help="(d): client counts")
     parser.add_argument("--requests", type=int, default=3, help="(d): requests per client per round")
     parser.add_argument("--rate", type=float, default=2.0, help="(d): each client's arrivals per second")
@@ -140,11 +147,11 @@ def main() -> None:
         ),
     )
 
-    def in_process() -> None:
-        explain(backend, engine_request, resolve)
+    def in_process() -> dict[str, float]:
+        return asyncio.run(pipeline_marks(Pipeline(backend, LOCAL_LIMITS, resolve), engine_request))
 
     results: dict[str, float] = {}
-    for batching in (True, False):
+    for batching in (True,) if args.one_explain else (True, False):
         service = start(
             config(batching, args.gemm), grpc_port=free_port(), http_port=free_port(), timeout_s=600
         )
@@ -155,6 +162,8 @@ def main() -> None:
                 list(stub.Explain(explain_request(PROMPTS[0]), timeout=600))  # warm
                 if batching:
                     results |= one_request(stub, in_process, args.repeats)
+                    if args.one_explain:
+                        break
                     results |= extraction(stub, source, args.repeats)
                 key = "batched" if batching else "unbatched"
                 for clients, rounds in CONCURRENCY:
@@ -164,25 +173,92 @@ def main() -> None:
                     results[f"{key}_{clients}_mean_batch_rows"] = statistics.mean(sizes)
         finally:
             service.stop()
+    if args.one_explain:
+        report_one(results, args.repeats)
+        return
     report(results, args, source.facts.num_layers)
 
 
-def one_request(stub, in_process: Callable[[], None], repeats: int) -> dict[str, float]:
-    """(a) the same request through the service and in process, interleaved."""
+# When the caller saw each kind of event (seconds from the call), and the last site's own timings.
+MARKS = ("started", "first_token", "last_token", "finished", "source_s", "queue_s", "prefill_s", "decode_s")
+
+
+async def pipeline_marks(pipeline: Pipeline, request: ExplainRequest) -> dict[str, float]:
+    """One Explain in this process (what `explain` runs), with the marks `service_marks` reads."""
+    started = time.perf_counter()
+    marks: dict[str, float] = {}
+    plan = await pipeline.plan(request)
+    kinds = {SiteStarted: "started", SiteToken: "token", SiteFinished: "finished"}
+    async for event in pipeline.run(plan):
+        kind, now = kinds[type(event)], time.perf_counter() - started
+        marks.setdefault("first_token" if kind == "token" else kind, now)
+        if kind == "token":
+            marks["last_token"] = now
+        elif kind == "finished":
+            marks["finished"] = now
+            t = event.timings
+            marks |= {"source_s": t.source_s, "queue_s": t.queue_s}
+            marks |= {"prefill_s": t.prefill_s, "decode_s": t.decode_s}
+    marks["total"] = time.perf_counter() - started
+    return marks
+
+
+def service_marks(stub) -> dict[str, float]:
+    started = time.perf_counter()
+    marks: dict[str, float] = {}
+    for event in stub.Explain(explain_request(PROMPTS[0]), timeout=600):
+        kind, now = event.WhichOneof("event"), time.perf_counter() - started
+        marks.setdefault("first_token" if kind == "token" else kind, now)
+        if kind == "token":
+            marks["last_token"] = now
+        elif kind == "finished":
+            marks["finished"] = now
+            t = event.finished.timings
+            marks |= {"source_s": t.source_s, "queue_s": t.queue_s}
+            marks |= {"prefill_s": t.prefill_s, "decode_s": t.decode_s, "server_total_s": t.total_s}
+    marks["total"] = time.perf_counter() - started
+    return marks
+
+
+def one_request(stub, in_process: Callable[[], dict[str, float]], repeats: int) -> dict[str, float]:
+    """(a) the same request through the service and in process, interleaved, alternating which goes first."""
     in_process()
-    svc, eng, first = [], [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for event in stub.Explain(explain_request(PROMPTS[0]), timeout=600):
-            if event.WhichOneof("event") == "token" and len(first) < len(svc) + 1:
-                first.append(time.perf_counter() - started)
-        svc.append(time.perf_counter() - started)
-        eng.append(timed(in_process))
-    return {
-        "service_s": statistics.median(svc),
-        "engine_s": statistics.median(eng),
-        "first_token_s": statistics.median(first),
+    svc: list[dict[str, float]] = []
+    eng: list[dict[str, float]] = []
+    for k in range(repeats):
+        if k % 2:
+            eng.append(in_process())
+            svc.append(service_marks(stub))
+        else:
+            svc.append(service_marks(stub))
+            eng.append(in_process())
+    ratios = [s["total"] / e["total"] for s, e in zip(svc, eng, strict=True)]
+    results = {
+        "service_s": statistics.median(s["total"] for s in svc),
+        "engine_s": statistics.median(e["total"] for e in eng),
+        "first_token_s": statistics.median(s["first_token"] for s in svc),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
     }
+    for name in (*MARKS, "server_total_s"):
+        results[f"service_{name}"] = statistics.median(s.get(name, 0.0) for s in svc)
+        results[f"engine_{name}"] = statistics.median(e.get(name, 0.0) for e in eng)
+    return results
+
+
+def report_one(r: dict[str, float], repeats: int) -> None:
+    print(
+        f"(a) one Explain, {len(LAYERS)} sites + the control row, {NEW_TOKENS} new tokens, n={repeats} pairs"
+    )
+    print(f"    service {r['service_s']:.3f} s   in-process pipeline {r['engine_s']:.3f} s (medians)")
+    print(
+        f"    service / in-process, paired: median {r['ratio']:.3f} "
+        f"[{r['ratio_min']:.3f}..{r['ratio_max']:.3f}]   (target <= 1.15)"
+    )
+    print("    medians, s from the call (marks) and the last site's timings:   service   in-process")
+    for name in (*MARKS, "server_total_s"):
+        print(f"      {name:<16} {r[f'service_{name}']:9.3f} {r[f'engine_{name}']:12.3f}")
 
 
 def extraction(stub, source, repeats: int) -> dict[str, float]:
@@ -212,9 +288,7 @@ def extraction(stub, source, repeats: int) -> dict[str, float]:
 
 
 def report(r: dict[str, float], args: argparse.Namespace, num_layers: int) -> None:
-    print(f"(a) one Explain, {len(LAYERS)} sites, {NEW_TOKENS} new tokens")
-    print(f"    service {r['service_s']:.3f} s   in-process engine {r['engine_s']:.3f} s")
-    print(f"    service / engine = {r['service_s'] / r['engine_s']:.3f}   (target <= 1.15)")
+    report_one(r, args.repeats)
     print(
         f"(b) ExtractHiddenStates, {num_layers} layers x {r['positions']:.0f} positions = "
         f"{r['mb']:.1f} MB F32"
@@ -252,7 +326,6 @@ TEMPLATES = {  # mixed templates: two presets' and a custom one
 
 def target_load(args: argparse.Namespace) -> None:
     """(d) the target deployment's batching without Ray: per-template batches vs continuous batching."""
-    import asyncio
     import random
     from concurrent.futures import ThreadPoolExecutor
 

@@ -296,3 +296,22 @@ def test_the_config_picks_continuous_batching_its_row_cap_and_its_step(llama_run
         assert scheduler.fast is not None and scheduler.fast.mode is None
         off = ServiceConfig(**base, batching={"continuous": False})
         assert type(make_batcher(off, runtimes, executor)) is Batcher
+
+
+def test_continuous_steps_go_on_while_the_event_loop_is_busy(llama, llama_runtime, continuous):
+    (request,) = requests(llama, 1, max_new_tokens=24)
+    scheduler = continuous.schedulers["tiny-llama"]
+
+    async def main() -> tuple[int, int, int]:
+        stream = continuous.submit(request)
+        await anext(stream)  # the request is running
+        before = scheduler.steps_run
+        time.sleep(1.0)  # the event loop streams nothing meanwhile (a slow consumer, a busy replica)
+        during = scheduler.steps_run
+        async for _ in stream:
+            pass
+        return before, during, scheduler.steps_run
+
+    before, during, end = run(main())
+    assert end - before >= 3, "the request must still have steps to run when the loop blocks"
+    assert during - before >= 3, "the next step must not wait for the event loop to stream the last one"

@@ -247,3 +247,60 @@ def test_finished_events_carry_the_control_and_can_go_without(service):
     assert all(not f.control.HasField("confidence") and f.control.calibrator_id == "" for f in finished)
     off = run_stream(servicer.Explain(explain_request(controls=False), Context()))
     assert not any(e.finished.HasField("control") for e in off if e.HasField("finished"))
+
+
+class FakeMethod:
+    """A deployment handle's method: `.remote(...)` gives an awaitable result, and calls are counted."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    def remote(self, *args):
+        self.calls += 1
+
+        async def result():
+            await asyncio.sleep(0)  # concurrent callers overlap at this await
+            value = self.answer(*args)
+            if isinstance(value, BaseException):
+                raise value
+            return value
+
+        return result()
+
+
+class FakeHandle:
+    def __init__(self, **methods) -> None:
+        self.__dict__.update({name: FakeMethod(answer) for name, answer in methods.items()})
+
+    def options(self, **_):
+        return self
+
+
+def test_the_ingress_tokenizes_with_the_sources_own_tokenizer_fetched_once(llama):
+    from patchscope.serve.ingress import IngressBackend
+    from patchscope.serve.source import prompt_tokens
+
+    card = warm_up(llama)
+    failures = [RuntimeError("replica restarting")]  # the first fetch fails, the next one is retried
+    source = FakeHandle(
+        list_cards=lambda: [card],
+        tokenizer=lambda model_id: failures.pop() if failures else llama.tokenizer,
+    )
+    backend = IngressBackend(source, FakeHandle(list_cards=lambda: [card]))
+    with pytest.raises(RuntimeError, match="restarting"):
+        asyncio.run(backend.tokenize("tiny-llama", "hello"))
+
+    async def many() -> list[list[str]]:
+        prompts = ["hello there", "the cat sat", "hello there", "x"]
+        return await asyncio.gather(*(backend.tokenize("tiny-llama", p) for p in prompts))
+
+    tokens = asyncio.run(many())
+    assert tokens == [
+        prompt_tokens(llama.tokenizer, p) for p in ["hello there", "the cat sat", "hello there", "x"]
+    ]
+    assert tokens[0][0] == llama.tokenizer.decode([llama.tokenizer.bos_token_id])  # specials as extract adds
+    assert source.tokenizer.calls == 2  # one failed fetch, then one for every later call
+    with pytest.raises(PatchscopeError, match="tiny-llama"):  # NOT_FOUND names the hosted sources
+        asyncio.run(backend.tokenize("gpt-9", "hello"))
+    assert source.tokenizer.calls == 2

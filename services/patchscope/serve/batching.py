@@ -2,24 +2,18 @@
 
 Two batchers with one interface (`submit`). `ContinuousBatcher` (the default for lean-forward targets)
 runs every request's rows in shared decoding steps that rows join and leave at any step
-(engine/scheduler.py). `Batcher`, below, is the per-template batching that targets on transformers'
-forward keep, and what the service runs with `batching.continuous` off:
-
-Concurrent `Explain` calls that use the same target model, template and decoding options become rows of
-one batched generation: the prompt pass and every decoding step run once for all of them. A batch opens
-when the first request of a key arrives and starts `wait_s` later (or when it holds `max_rows`, the most
-one batch takes); requests of that key arriving meanwhile join it. Model work runs on one worker thread per
-replica, so the event loop keeps streaming tokens while steps run, and steps of different batches
-interleave.
-
-At most `max_active` batches run at once (their steps interleave on the worker thread); requests arriving
-while that many run wait, and when a batch ends, everything waiting with one key starts as one batch.
-Under load this is what merges requests: on the CPU a decoding step costs about the same for 1 or 30
-rows, so a waiting request loses little and the batch gains a row for free.
+(engine/scheduler.py). `Batcher` is the per-template batching that targets on transformers' forward keep,
+and what the service runs with `batching.continuous` off: concurrent calls with the same target model,
+template and decoding options become rows of one batched generation. A batch opens when the first request
+of a key arrives and starts `wait_s` later (or when it holds `max_rows`); requests of that key arriving
+meanwhile join it. At most `max_active` batches run at once, their steps interleaved on the replica's one
+worker thread (the event loop streams tokens meanwhile); requests arriving while that many run wait, and
+when a batch ends everything waiting with one key starts as one batch. On the CPU a decoding step costs
+about the same for 1 or 30 rows, so a waiting request loses little and the batch gains a row for free.
 
 A request whose caller goes away (client cancel, deadline) is marked dropped; the engine asks after every
-step and removes its rows from the batch, so no further step is spent on them. Sampled requests
-(temperature > 0) never share a batch, so that a seed reproduces an explanation.
+step and removes its rows, so no further step is spent on them. Sampled requests (temperature > 0) never
+share a batch, so that a seed reproduces an explanation.
 """
 
 from __future__ import annotations
@@ -27,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -41,6 +37,8 @@ from patchscope.engine.scheduler import Scheduler, SchedulerFull, supported
 from patchscope.engine.streaming import GenerateRequest, RowEvent, RowEventStream, row_events
 from patchscope.engine.timings import Timings
 from patchscope.engine.validation import check_vector
+
+logger = logging.getLogger("patchscope.serve")
 
 
 class QueueFull(PatchscopeError):
@@ -83,13 +81,8 @@ class Batcher:
         on_batch: Callable[[int], None] = lambda _rows: None,
         generate: Callable[..., Iterator[Step]] = _iter_patched_generate,
     ) -> None:
-        self.models = models
-        self.executor = executor
-        self.enabled = enabled
-        self.wait_s = wait_s
-        self.max_rows = max_rows
-        self.max_queued_rows = max_queued_rows
-        self.max_active = max_active
+        self.models, self.executor, self.enabled, self.wait_s = models, executor, enabled, wait_s
+        self.max_rows, self.max_queued_rows, self.max_active = max_rows, max_queued_rows, max_active
         self._active = 0
         self._waiting: deque[_Key] = deque()  # keys whose batch is due but all workers are busy
         self._generate = generate
@@ -239,14 +232,13 @@ class Batcher:
 
 
 class ContinuousBatcher:
-    """Continuous batching (engine/scheduler.py) for lean-forward targets, `Batcher` for the others.
+    """Continuous batching (engine/scheduler.py) for lean-forward targets, `fallback`'s batches for the rest.
 
-    Every request of a lean target is admitted at once (or refused at once: the row cap, the queue) and
-    joins the running rows at the next step; one driver task runs the schedulers' steps on the worker
-    thread while any has work, so the logit lens and scoring interleave with steps on that thread. Each
-    request's steps become its row events on the worker thread, then cross to the event loop.
-    Targets on transformers' forward (families the lean forward does not cover) keep `fallback`'s
-    per-template batches.
+    A request is admitted at once (or refused at once: the row cap, the queue) and joins the running rows
+    at the next step. Steps drive themselves on the worker thread, each queueing the next behind whatever
+    else waits for that thread (the logit lens, scoring, which so interleave with steps), so no step waits
+    for the event loop to stream the one before it. A request's steps become its row events on the worker
+    thread, then cross to the event loop. Targets on transformers' forward keep per-template batches.
     """
 
     def __init__(
@@ -273,7 +265,8 @@ class ContinuousBatcher:
             models, executor, max_rows=max_rows, max_queued_rows=max_queued_rows, on_batch=on_batch
         )
         self.on_batch = on_batch
-        self._driver: asyncio.Task | None = None
+        self._lock = threading.Lock()
+        self._driving = False  # a `_drive` is queued or running on the worker thread
         self._jobs: dict = {}  # open jobs -> (loop, queue), so a failed step reaches their callers
         self._queued = 0  # rows submitted to the schedulers and not yet finished
 
@@ -359,20 +352,39 @@ class ContinuousBatcher:
             self._jobs.pop(job, None)
 
     def _wake(self) -> None:
-        if self._driver is None or self._driver.done():
-            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        with self._lock:
+            if self._driving:
+                return
+            self._driving = True
+        self.executor.submit(self._drive)
 
-    async def _drive(self) -> None:
-        loop = asyncio.get_running_loop()
-        while busy := [s for s in self.schedulers.values() if s.busy()]:
-            for scheduler in busy:
-                try:
-                    await loop.run_in_executor(self.executor, scheduler.run_once)
-                except Exception as error:  # delivered to every request of that target, never swallowed
-                    for job in scheduler.fail():
-                        if job in self._jobs:
-                            _, queue = self._jobs[job]
-                            queue.put_nowait(error)
+    def _drive(self) -> None:
+        """On the worker thread: one step of every busy scheduler, then queue the next while work remains."""
+        try:
+            for scheduler in self.schedulers.values():
+                if scheduler.busy():
+                    try:
+                        scheduler.run_once()
+                    except Exception as error:  # delivered to every request of that target, never swallowed
+                        self._fail(scheduler, error)
+            with self._lock:  # admission appends before it wakes: a job admitted now is seen, or wakes anew
+                more = any(s.busy() for s in self.schedulers.values())
+                self._driving = more
+        except BaseException:  # nobody awaits this task: say so, and let the next admission drive again
+            logger.exception("continuous batching: the driver stopped")
+            self._driving = False
+            raise
+        if more:
+            try:
+                self.executor.submit(self._drive)
+            except RuntimeError:  # the executor is shut down: the replica is stopping
+                self._driving = False
+
+    def _fail(self, scheduler: Scheduler, error: Exception) -> None:
+        for job in scheduler.fail():  # every open job of that target hears the error
+            if (entry := self._jobs.get(job)) is not None:
+                loop, queue = entry
+                loop.call_soon_threadsafe(queue.put_nowait, error)
 
 
 def _with_queue_time(event: RowEvent, enqueued_at: float) -> RowEvent:

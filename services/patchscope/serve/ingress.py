@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from transformers import PreTrainedTokenizerBase
 
 from patchscope.serve.backend import ServeBackend
 from patchscope.serve.config import ServiceConfig
@@ -11,6 +14,28 @@ from patchscope.serve.hosting import rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
 from patchscope.serve.quotas import QuotaClient
 from patchscope.serve.servicer import Servicer
+from patchscope.serve.source import prompt_tokens
+
+
+class IngressBackend(ServeBackend):
+    """The handles' backend, with each source's tokenizer held here once it has been asked for.
+
+    Planning needs the prompt's tokens before any model runs; a handle call to SourceModel for them
+    cost every Explain one more round trip through Ray. The tokenizer is the hosted model's own object
+    (fetched once per source and replica), so the tokens are the ones SourceModel's `extract` sees.
+    """
+
+    def __init__(self, source: DeploymentHandle, target: DeploymentHandle) -> None:
+        super().__init__(source, target)
+        self._tokenizers: dict[str, asyncio.Task[PreTrainedTokenizerBase]] = {}
+
+    async def tokenize(self, model_id: str, prompt: str) -> list[str]:
+        await self.source_card(model_id)  # NOT_FOUND, naming the hosted sources, before any fetch
+        task = self._tokenizers.get(model_id)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.ensure_future(self.source.tokenizer.remote(model_id))  # retried after a failure
+            self._tokenizers[model_id] = task
+        return prompt_tokens(await asyncio.shield(task), prompt)
 
 
 class Explainer(Servicer):
@@ -25,7 +50,7 @@ class Explainer(Servicer):
             else None
         )
         super().__init__(
-            ServeBackend(source, target), settings, metrics=ServiceMetrics(), quotas=keeper_handle
+            IngressBackend(source, target), settings, metrics=ServiceMetrics(), quotas=keeper_handle
         )
 
     def stats(self) -> dict[str, object]:

@@ -11,11 +11,17 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
+from transformers import PreTrainedTokenizerBase
 
 from patchscope.engine.hooks import HiddenStates, iter_extract
 from patchscope.engine.template import tokenize_prompt
 from patchscope.serve.chunked import run_chunked
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
+
+
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[str]:
+    """The prompt's tokens as `extract` sees them (specials added as the model adds them), one string each."""
+    return [tokenizer.decode([t]) for t in tokenize_prompt(tokenizer, prompt)]
 
 
 @serve.deployment(name="SourceModel", max_ongoing_requests=64)
@@ -35,8 +41,14 @@ class SourceModel:
 
     def tokenize(self, model_id: str, prompt: str) -> list[str]:
         """The prompt's tokens as `extract` sees them: the ingress plans with them before any model runs."""
-        tokenizer = self.hosted.model(model_id).tokenizer
-        return [tokenizer.decode([t]) for t in tokenize_prompt(tokenizer, prompt)]
+        return prompt_tokens(self.hosted.model(model_id).tokenizer, prompt)
+
+    def tokenizer(self, model_id: str) -> PreTrainedTokenizerBase:
+        """The hosted model's own tokenizer, for an ingress that tokenizes prompts without a call per request.
+
+        It crosses as Ray's own serialisation (a handle call inside the cluster), once per ingress replica.
+        """
+        return self.hosted.model(model_id).tokenizer
 
     async def extract(
         self, model_id: str, prompt: str, layers: list[int], positions: list[int] | None
