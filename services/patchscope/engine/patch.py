@@ -38,6 +38,12 @@ def write_patches(
 
     `positions` are relative to the forward's first new token. Scalar `rows` and `positions` write one
     vector ([d]). The vectors take the hidden states' dtype and device: a state extracted in fp32 on the
-    CPU patches a bf16 model on a GPU.
+    CPU patches a bf16 model on a GPU. Index tensors follow the hidden states too: in a model placed
+    across devices (models/placement.py) the installer builds them on the first device, while the block
+    they patch may run on another, and torch indexes a tensor only with indices on its device or the CPU.
     """
+    if isinstance(rows, torch.Tensor):
+        rows = rows.to(hidden.device)
+    if isinstance(positions, torch.Tensor):
+        positions = positions.to(hidden.device)
     hidden[rows, positions] = vectors.to(hidden.device, hidden.dtype)

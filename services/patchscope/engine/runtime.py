@@ -3,6 +3,10 @@
 `LoadedModel` says what was loaded; a `TargetRuntime` says how patched generation runs on it. Keeping the
 two apart lets the readers of a model (extract, capture, the logit lens) take the record alone, and lets
 one model serve as source and target without its record carrying generation state.
+
+A model placed across devices by blocks (models/placement.py) runs transformers' forward and the eager
+loop: the lean forward and the static decoders call the blocks' submodules directly, past the hooks that
+move each block's inputs to its device.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import dataclass, field
 
 from patchscope.engine.models.lean import LeanDecoder, resolve_forward
 from patchscope.engine.models.loading import LoadedModel
+from patchscope.engine.models.placement import placement_of
 from patchscope.engine.options import DEFAULTS, EngineOptions
 from patchscope.engine.prefix_cache import PrefixCache
 from patchscope.engine.static_decode import StaticDecoder, static_decoder
@@ -34,5 +39,13 @@ class TargetRuntime:
         `options.gemm` acted at load already (it changes the model's modules): pass the options the model
         was loaded with.
         """
+        placement = placement_of(model)
+        if placement is not None:
+            if options.forward == "lean" or options.decode != "eager":
+                raise ValueError(
+                    f"forward {options.forward!r}, decode {options.decode!r}: {model.id} is placed across "
+                    f"{placement.describe()}, which runs transformers' forward and the eager loop only"
+                )
+            return cls(model)
         lean = LeanDecoder(model.model) if resolve_forward(options.forward, model.model) == "lean" else None
         return cls(model, lean=lean, static_decoder=static_decoder(model, options.decode))

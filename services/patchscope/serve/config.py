@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from patchscope.engine.options import EngineOptions, Forward, Gemm
 from patchscope.explain.limits import Limits
+
+if TYPE_CHECKING:
+    from patchscope.engine.models.placement import BlockPlacement
 
 
 class Batching(BaseModel):
@@ -52,6 +55,44 @@ class Batching(BaseModel):
         if self.step == "eager":
             return {"compiled_step": False}
         return {"compiled_step": True, "compile_mode": modes[self.step]}
+
+
+class Placement(BaseModel):
+    """A target larger than one GPU, split by decoder blocks across the replica's GPUs.
+
+    Give the replica as many GPUs in `ray_actor_options.num_gpus` (Ray makes them cuda:0 .. N-1 inside
+    it). A placed model runs transformers' forward and the eager loop (engine/models/placement.py says
+    why), so its rows batch per template, not continuously.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Spread the blocks evenly over cuda:0 .. num_gpus-1 ...
+    num_gpus: int | None = Field(None, ge=1)
+    # ... or over these devices, in block order ("cuda:0", "cuda:1"; "cpu" runs the same code on a CPU).
+    devices: list[str] | None = Field(None, min_length=1)
+    # Blocks per device, in the same order (their sum must be the model's layer count); default even.
+    blocks: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Placement:
+        if (self.num_gpus is None) == (self.devices is None):
+            raise ValueError("placement: set exactly one of num_gpus or devices")
+        if self.blocks is not None and len(self.blocks) != len(self.device_names()):
+            raise ValueError(
+                f"placement.blocks has {len(self.blocks)} counts for {len(self.device_names())} devices"
+            )
+        return self
+
+    def device_names(self) -> list[str]:
+        """The devices the blocks are spread over, in block order."""
+        return list(self.devices) if self.devices is not None else [f"cuda:{k}" for k in range(self.num_gpus)]
+
+    def block_placement(self, num_blocks: int) -> BlockPlacement:
+        """The device of each of a model's `num_blocks` blocks (checked against this process's devices)."""
+        from patchscope.engine.models.placement import spread  # torch and transformers: only when placing
+
+        return spread(num_blocks, self.device_names(), self.blocks)
 
 
 class Quotas(BaseModel):
@@ -112,6 +153,8 @@ class ServiceConfig(BaseModel):
     # Torch threads per model process: one where source and target share a small machine (None: torch's
     # default, for GPUs).
     torch_threads: int | None = Field(1, ge=1)
+    # Split every hosted model by blocks across several devices (None: each model on `device`).
+    placement: Placement | None = None
     limits: Limits = Limits()
     batching: Batching = Batching()
     auth: Auth = Field(default_factory=Auth)
@@ -124,6 +167,18 @@ class ServiceConfig(BaseModel):
     def engine_options(self) -> EngineOptions:
         """The options the hosted models are loaded and run with."""
         return EngineOptions(gemm=self.gemm, forward=self.forward)
+
+    @model_validator(mode="after")
+    def _placement_fits(self) -> ServiceConfig:
+        if self.placement is None:
+            return self
+        if self.device != "auto":
+            raise ValueError("placement names the devices: leave device at auto when placement is set")
+        if self.forward == "lean":
+            raise ValueError("a placed model runs transformers' forward: set forward to auto or transformers")
+        if self.gemm != "aten":
+            raise ValueError("oneDNN-packed linears stay on the CPU: set gemm to aten when placement is set")
+        return self
 
     @model_validator(mode="after")
     def _known_dtype(self) -> ServiceConfig:
