@@ -178,6 +178,7 @@ def build(
 
 
 ENGINE = "(d) engine"
+BATCHED = "(b) batched generate + hooks"
 CONTROLS = "(d0) engine, controls on"  # its ratio is what the controls cost (issue bar: <= 1.2x)
 NNSIGHT_LOOP = "(e) nnsight per-site loop"
 NNSIGHT_BATCHED = "(f) nnsight batched"
@@ -268,6 +269,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-loop", action="store_true", help="skip (a), the slowest baseline")
     parser.add_argument(
+        "--controls-only",
+        action="store_true",
+        help="time only (d) and (d0): what the controls cost, without the peers (nnsight skipped too)",
+    )
+    parser.add_argument(
         "--skip-nnsight-loop",
         action="store_true",
         help="skip timing (e), nnsight's per-site loop (its first 3 layers are still checked)",
@@ -289,9 +295,11 @@ def main() -> None:
     cases = build(m, engine, engine_transformers, stock, args.new_tokens)
     if args.skip_loop:
         cases.pop("(a) per-site loop")
-    nnsight = import_nnsight()
+    if args.controls_only:
+        cases = {name: cases[name] for name in (ENGINE, CONTROLS)}
+    nnsight = None if args.controls_only else import_nnsight()
     nnsight_cases = build_nnsight(nnsight, m, args.new_tokens) if nnsight else {}
-    if nnsight is None:
+    if nnsight is None and not args.controls_only:
         print("nnsight not installed: pip install nnsight==0.8.1 (or .[bench])")
     cases.update(nnsight_cases)
     if args.skip_nnsight_loop:
@@ -348,7 +356,7 @@ def main() -> None:
                 ratios[name].append(took / ((before + after) / 2))
                 before = after
         breakdown = sweep(engine, args.new_tokens)
-        reference = cases["(b) batched generate + hooks"]()
+        reference = build(m, engine, engine_transformers, stock, args.new_tokens)[BATCHED]()
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     speedup = {name: statistics.median(rs) for name, rs in ratios.items()} | {ENGINE: 1.0}
@@ -356,7 +364,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'method':<36}{'median s':>10}{'engine speed-up':>17}{'÷ floor (c)':>13}")
     for name, t in med.items():
-        print(f"{name:<36}{t:>10.3f}{speedup[name]:>16.2f}×{speedup[name] / speedup[floor]:>12.2f}")
+        versus = f"{speedup[name] / speedup[floor]:>12.2f}" if floor in speedup else f"{'-':>12}"
+        print(f"{name:<36}{t:>10.3f}{speedup[name]:>16.2f}×{versus}")
     t = breakdown.timings
     print(
         f"engine breakdown: source pass {t.source_s:.3f}s, prefill {t.prefill_s:.3f}s, "
@@ -370,11 +379,14 @@ def main() -> None:
             f"RESULT engine vs per-site loop: {speedup['(a) per-site loop']:.1f}× faster (target ≥ 20×; "
             f"per round {min(loop):.1f}–{max(loop):.1f}×)"
         )
-    print(f"RESULT engine ÷ unpatched batch: {1 / speedup[floor]:.2f} (target ≤ 0.8)")
+    if floor in speedup:
+        print(f"RESULT engine ÷ unpatched batch: {1 / speedup[floor]:.2f} (target ≤ 0.8)")
     cost = ratios[CONTROLS]
     print(
         f"RESULT controls on ÷ off: {speedup[CONTROLS]:.2f}× (target ≤ 1.2×; per round "
-        f"{min(cost):.2f}–{max(cost):.2f}×, n = {len(cost)})"
+        f"{min(cost):.2f}–{max(cost):.2f}×, n = {len(cost)}; rounds "
+        + ", ".join(f"{c:.3f}" for c in cost)
+        + ")"
     )
     nnsight_timed = [name for name in nnsight_cases if name in speedup]
     if nnsight_timed:

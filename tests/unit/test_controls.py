@@ -87,3 +87,77 @@ def test_teacher_forced_scores_equal_the_generations_own(tiny, tiny_runtime):
     (scored,) = score_continuations(tiny_runtime, PRESET.template, PRESET.filler, [tokens])
     assert finished.patch_effect == 0.0
     assert scored == pytest.approx(finished.logprob, abs=1e-4)  # two forwards, one summation order apart
+
+
+def _reference_logprobs(runtime, continuation):
+    """Per-token log-probabilities of a continuation alone, log_softmax over the causal LM's own logits."""
+    model = runtime.model
+    tokens = tokenize_template(model.tokenizer, PRESET.template, PRESET.filler)
+    ids = torch.tensor([[*tokens.ids, *continuation]])
+    with torch.inference_mode():
+        logits = model.model(ids).logits[0].float()  # [T + l, V]
+    lp = torch.log_softmax(logits[len(tokens.ids) - 1 : -1], dim=-1)  # [l, V]
+    return lp.gather(1, torch.tensor(continuation)[:, None])[:, 0].tolist()
+
+
+def test_repeated_and_prefix_continuations_score_as_each_one_alone(tiny, tiny_runtime):
+    """Scoring each distinct prefix once (repeats, prefixes of longer ones) changes no score."""
+    v = tiny.tokenizer.vocab_size
+    a, b = [5 % v, 9 % v, 3 % v, 7 % v], [5 % v, 9 % v, 11 % v]
+    continuations = [a, a, a[:2], b, [], a[:1], b]
+    got = score_continuations(tiny_runtime, PRESET.template, PRESET.filler, continuations)
+    want = [sum(lp) / len(lp) for lp in (_reference_logprobs(tiny_runtime, c) for c in continuations if c)]
+    assert got[4] is None
+    assert [g for g in got if g is not None] == pytest.approx(want, abs=1e-4)
+
+
+def test_prefixes_the_control_generated_are_read_from_its_own_logprobs(tiny, tiny_runtime):
+    """`known` log-probabilities are used for every continuation's prefixes they cover, and only those."""
+    v = tiny.tokenizer.vocab_size
+    control, other = [4 % v, 8 % v, 2 % v], [4 % v, 8 % v, 6 % v, 1 % v]
+    marked = [9.0, 9.0, 9.0]  # no log-probability is positive: shows which terms came from `known`
+    got = score_continuations(
+        tiny_runtime, PRESET.template, PRESET.filler, [control, other, control[:2]], [(control, marked)]
+    )
+    tail = _reference_logprobs(tiny_runtime, other)[2:]
+    assert got[0] == got[2] == 9.0
+    assert got[1] == pytest.approx((9.0 + 9.0 + sum(tail)) / 4, abs=1e-4)
+    true = _reference_logprobs(tiny_runtime, control)
+    honest = score_continuations(
+        tiny_runtime, PRESET.template, PRESET.filler, [control, other], [(control, true)]
+    )
+    alone = score_continuations(tiny_runtime, PRESET.template, PRESET.filler, [control, other])
+    assert honest == pytest.approx(alone, abs=1e-4)
+
+
+def test_the_control_event_comes_last_with_every_rows_unpatched_score(tiny, tiny_runtime):
+    """The target scores the rows itself: the control's finished event is the last and carries them."""
+    tokens = tokenize_template(tiny.tokenizer, PRESET.template, PRESET.filler)
+    ids = torch.tensor([tokens.ids])
+    own = capture(tiny, ids, [1], [tokens.placeholder])[1][0]  # [d]
+    vectors = [own.float(), torch.randn_like(own).float() * own.norm(), own.float()]
+    request = GenerateRequest(
+        model=tiny.id,
+        template=PRESET.template,
+        filler=PRESET.filler,
+        layers=[1, 1, 1],
+        vectors=vectors,
+        config=CONFIG,
+        control=True,
+    )
+
+    async def events():
+        out = []
+        async for step in LocalBackend.of(tiny, tiny_runtime).generate(request):
+            out.append(step)
+        return out
+
+    steps = asyncio.run(events())
+    last = steps[-1][-1]
+    assert last.row == 3 and last.finished
+    assert all(e.row != 3 or not e.finished for step in steps[:-1] for e in step)
+    assert sum(e.finished for step in steps for e in step) == 4
+    generated = [[e.token_id for step in steps for e in step if e.row == r and not e.stop] for r in range(3)]
+    assert last.unpatched_logprobs == pytest.approx(
+        score_continuations(tiny_runtime, PRESET.template, PRESET.filler, generated), abs=1e-4
+    )

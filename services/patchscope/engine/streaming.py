@@ -69,6 +69,11 @@ class RowEvent:
     # control row's (0 for the control row itself).
     logprob: float | None = None
     patch_effect: float | None = None
+    # On a control row's finished event: its tokens' log-probabilities (stop token excluded), which the
+    # teacher-forced scoring reuses for every continuation that starts like the control's; then, once the
+    # request's rows are scored (engine/scoring.py), each other row's unpatched mean log-probability.
+    token_logprobs: tuple[float, ...] | None = None
+    unpatched_logprobs: tuple[float | None, ...] | None = None
 
 
 class TextDecoder:
@@ -148,6 +153,7 @@ class RowEventStream:
     ) -> None:
         self.tokenizer, self.max_new_tokens, self.timings = tokenizer, max_new_tokens, timings
         self.controls, self.stop = controls, tuple(stop)
+        self.control_rows = set(controls.values()) if controls else set()
         self.decoders: dict[int, TextDecoder] = {}
         self.logprobs: dict[int, list[float]] = {}
         self.effects: dict[int, float] = {}
@@ -177,6 +183,7 @@ class RowEventStream:
                     dataclasses.replace(self.timings),
                     logprob=sum(scores) / len(scores) if scores else None,
                     patch_effect=self.effects.get(row),
+                    token_logprobs=tuple(scores or ()) if row in self.control_rows else None,
                 )
             else:
                 event = RowEvent(row, index, token, text, False)
@@ -191,18 +198,28 @@ def _observe(
     effects: dict[int, float],
     new: list,
 ) -> None:
-    """Log-probabilities of the chosen tokens (stop tokens excluded), and first-step distances."""
+    """Log-probabilities of the chosen tokens (stop tokens excluded), and first-step distances.
+
+    The chosen token's log-probability is its logit minus the row's log-sum-exp, so no [B, V]
+    log-softmax is written at every step; probabilities are formed only on a row's first step, for the
+    rows whose distance is measured and their controls.
+    """
     if step.logits is None:
         raise ValueError("signals need the steps' logits (iter_patched_generate(..., keep_logits=True))")
-    lp = torch.log_softmax(step.logits.float(), dim=-1)  # [B, V]
-    chosen = lp.gather(1, torch.tensor(step.token_ids, device=lp.device)[:, None])[:, 0].tolist()
+    logits = step.logits.float()  # [B, V]; a no-op for the float32 logits generation keeps
+    ids = torch.tensor(step.token_ids, device=logits.device)[:, None]  # [B, 1]
+    chosen = (logits.gather(1, ids)[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
     for k, (row, stop) in enumerate(zip(step.rows, step.finished, strict=True)):
         if not stop:
             logprobs.setdefault(row, []).append(chosen[k])
-    if new:
-        where = {row: k for k, row in enumerate(step.rows)}
-        probs = lp.exp()
-        for row in new:
-            control = controls.get(row)
-            if control is not None and control in where:
-                effects[row] = float(total_variation(probs[where[row]], probs[where[control]]))
+    if not new:
+        return
+    where = {row: k for k, row in enumerate(step.rows)}
+    pairs = [(row, controls[row]) for row in new if controls.get(row) in where]
+    if not pairs:
+        return
+    needed = sorted({where[r] for pair in pairs for r in pair})
+    at = {k: j for j, k in enumerate(needed)}
+    probs = torch.softmax(logits[needed], dim=-1)  # [n, V]
+    for row, control in pairs:
+        effects[row] = float(total_variation(probs[at[where[row]]], probs[at[where[control]]]))

@@ -17,7 +17,7 @@ from patchscope.engine.hooks import HiddenStates, extract
 from patchscope.engine.lens import logit_lens
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.runtime import TargetRuntime
-from patchscope.engine.scoring import score_continuations
+from patchscope.engine.scoring import with_unpatched_scores
 from patchscope.engine.streaming import GenerateRequest, RowEvent, row_events
 from patchscope.engine.template import tokenize_prompt
 from patchscope.engine.timings import Timings
@@ -76,6 +76,12 @@ class LocalBackend:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
         target = self._target(request.model)
+        async for events in with_unpatched_scores(request, self._generate(target, request), target):
+            yield events
+
+    async def _generate(
+        self, target: TargetRuntime, request: GenerateRequest
+    ) -> AsyncIterator[list[RowEvent]]:
         timings = Timings()
         rows = request.rows()
         steps = iter_patched_generate(
@@ -92,11 +98,6 @@ class LocalBackend:
     ) -> list[tuple[str, list[tuple[str, float]]]]:
         model = self._target(model_id).model
         return [logit_lens(model, vector, top_k) for vector in vectors]
-
-    async def score(
-        self, model_id: str, template: str, filler: str, continuations: list[list[int]]
-    ) -> list[float | None]:
-        return score_continuations(self._target(model_id), template, filler, continuations)
 
 
 def explain(

@@ -47,18 +47,16 @@ class Backend(Protocol):
     ) -> HiddenStates: ...
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
-        """Row events per decoding step; closing the iterator early drops the rows from the target."""
+        """Row events per decoding step; closing the iterator early drops the rows from the target.
+
+        With `request.control`, the control row's finished event comes last and carries the other rows'
+        unpatched scores (`engine.scoring.with_unpatched_scores`, run where the target runs).
+        """
         ...
 
     async def logit_lens(
         self, model_id: str, vectors: list[torch.Tensor], top_k: int
     ) -> list[tuple[str, list[tuple[str, float]]]]: ...
-
-    async def score(
-        self, model_id: str, template: str, filler: str, continuations: list[list[int]]
-    ) -> list[float | None]:
-        """Mean log-probability per token of each continuation after the unpatched template."""
-        ...
 
 
 # (source, target, preset) -> the registered calibrator, or None.
@@ -154,15 +152,12 @@ class Pipeline:
             control=plan.controls,
         )
         n = len(plan.sites)  # with controls, row n is the unpatched control
-        tokens: list[list[int]] = [[] for _ in range(n + 1)]
         held: dict[int, RowEvent] = {}  # finished rows waiting for the control to end
         spans = tracing.generation(target=plan.target.id, sites=n, rows=request.num_rows)
         async with spans, contextlib.aclosing(self.backend.generate(request)) as steps:
             async for events in steps:
                 spans.tokens(sum(1 for e in events if not e.stop))
                 for e in events:
-                    if not e.stop:
-                        tokens[e.row].append(e.token_id)
                     if e.row == n:
                         held[n] = e if e.finished else held.get(n)
                         continue
@@ -173,9 +168,9 @@ class Pipeline:
                     elif e.finished:
                         yield self._finished(plan, e, timings)
         if plan.controls:
-            unpatched = await self.backend.score(
-                plan.target.id, plan.template, plan.preset.filler, tokens[:n]
-            )
+            unpatched = held[n].unpatched_logprobs  # the target scored every row once they had all ended
+            if unpatched is None or len(unpatched) != n:
+                raise RuntimeError(f"the control row's finished event carries no scores for the {n} sites")
             for index in range(n):
                 yield self._finished(plan, held[index], timings, held[n], unpatched[index])
 

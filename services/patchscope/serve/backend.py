@@ -81,8 +81,3 @@ class ServeBackend:
         self, model_id: str, vectors: list[torch.Tensor], top_k: int
     ) -> list[tuple[str, list[tuple[str, float]]]]:
         return await self.target.logit_lens.remote(model_id, vectors, top_k)
-
-    async def score(
-        self, model_id: str, template: str, filler: str, continuations: list[list[int]]
-    ) -> list[float | None]:
-        return await self.target.score.remote(model_id, template, filler, continuations)

@@ -1,4 +1,4 @@
-"""The TargetModel deployment: batched patched generation (streamed), the logit lens, control scores.
+"""The TargetModel deployment: batched patched generation (streamed, with its controls), the logit lens.
 
 Concurrent requests share decoding steps through the `ContinuousBatcher` (per-template batches through
 the `Batcher` where continuous batching is off or the target runs transformers' forward); a request
@@ -18,7 +18,7 @@ from ray import serve
 
 from patchscope.engine.lens import logit_lens
 from patchscope.engine.runtime import TargetRuntime
-from patchscope.engine.scoring import score_continuations
+from patchscope.engine.scoring import with_unpatched_scores
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.validation import check_vector
 from patchscope.serve.batching import Batcher, ContinuousBatcher
@@ -89,11 +89,24 @@ class TargetModel:
         }
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
+        """The request's row events; with a control, its rows' unpatched scores come on the control's last.
+
+        The scores are computed here, on the worker thread, once the rows have ended: no second call.
+        """
         self.hosted.model(request.model)
         self.metrics.queue_rows(self.batcher.queued_rows + request.num_rows)
+        loop = asyncio.get_running_loop()
+
+        def on_worker(work: Callable[[], list[float | None]]) -> asyncio.Future[list[float | None]]:
+            return loop.run_in_executor(self.executor, work)
+
+        runtime = self.runtimes[request.model]
         try:
-            async with contextlib.aclosing(self.batcher.submit(request)) as stream:
-                async for events in stream:
+            async with (
+                contextlib.aclosing(self.batcher.submit(request)) as stream,
+                contextlib.aclosing(with_unpatched_scores(request, stream, runtime, on_worker)) as scored,
+            ):
+                async for events in scored:
                     self.metrics.tokens(sum(1 for e in events if not e.stop))
                     yield events
         finally:  # the batcher counts the rows out as its stream closes (finished, failed or left)
@@ -110,13 +123,3 @@ class TargetModel:
             return [logit_lens(model, vector, top_k) for vector in vectors]
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
-
-    async def score(
-        self, model_id: str, template: str, filler: str, continuations: list[list[int]]
-    ) -> list[float | None]:
-        """Teacher-forced mean log-probabilities of continuations in the unpatched template (controls)."""
-        self.hosted.model(model_id)  # NOT_FOUND for a model this replica does not host
-        runtime = self.runtimes[model_id]
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, score_continuations, runtime, template, filler, continuations
-        )
