@@ -372,6 +372,18 @@ def description_section(result: dict | None, command: str) -> str:
         )
     elif best["all"]["rouge_l"] < text_only["rouge_l"]:
         verdict += " It beats the no-patch control but not the text-only baseline."
+    else:
+        inside = best["all"]["ci"][0] <= text_only["rouge_l"]
+        verdict += (
+            " It is above both baselines' means"
+            + (
+                ", but its interval holds the text-only mean"
+                if inside
+                else ", the text-only mean below its interval"
+            )
+            + "; the pair is the best of "
+            f"{len(result['pairs'])}, chosen after seeing the scores, so this is an upper estimate."
+        )
     return (
         f"`{command}` — {counts['all']} entities ({counts['corpus']} WikiText titles with the predicate of "
         "their "
@@ -381,11 +393,19 @@ def description_section(result: dict | None, command: str) -> str:
         f"prompt `{result['source_context']}`, the paper's few-shot description prompt as target, "
         f"{result['max_new_tokens']} greedy tokens, the description up to its first comma. ROUGE-L F "
         f"(rouge-score's rule: lower case, alphanumeric tokens, no stemmer), mean with a bootstrap 95% "
-        f"interval over entities. Control output: {result['control'][:60]!r}.\n\n"
+        f"interval over entities. Control output: {result['control'][:60]!r}."
+        + (
+            " The popular/rare split was redone from the saved descriptions (`--rescore`; greedy, so a "
+            "rerun generates the same texts)."
+            if result.get("rescored")
+            else ""
+        )
+        + "\n\n"
         + _deviation(
             "the paper describes Wikipedia entities with their Wikidata descriptions on 7B–13B models, "
             "popularity from page views; here small models, references built from the shipped corpus and LRE "
-            "data, and the source model's surprisal at the name as the popularity proxy"
+            "data, and the source model's surprisal at the name as the popularity proxy (a weak stand-in: "
+            "per-token surprisal favours long names whose later tokens are predictable)"
             + (
                 f"; cross-model through the maps of {len(result['pairs'])} stated pairs."
                 if not result["same_model"]
