@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from patchscope.eval.report_format import _deviation, _pm
+from patchscope.eval.report_format import _deviation, _mean, _pm, _share
 from patchscope.eval.report_sections import (
     attributes_section,
     cross_model_section,
@@ -27,10 +27,11 @@ named in each section save under `docs/results/`; every figure can be recomputed
 outcomes stored there. Models: SmolLM2-135M-Instruct (30 layers) and Gemma-3-270M (18 layers), float32 on
 a shared 2-core CPU, so the sizes are small and stated with each figure (n, and a 95% Wilson interval for
 shares or a bootstrap interval over items for means). Data: the WikiText-2 validation file and the LRE
-relations packaged in `services/patchscope/data/`. `make eval` reruns all of it (fits the eval's own maps
-per split seed, then every command below). The runs on this page were made on a CPU shared with other
-work, some at smaller sizes than `make eval`'s; each section states the n it rests on, and a section
-whose command has not been run at the current protocol says so instead of showing old numbers.
+relations packaged in `services/patchscope/data/`. `make eval` reruns all of it at the sizes shown here
+(fits the eval's own maps per split seed, then every command below; section 7 gives each command's time
+on this CPU). The sizes are small because the CPU was shared with other work; each section states the n
+it rests on, and a section whose command has not been run at the current protocol says so instead of
+showing old numbers.
 
 **Controls beside every figure.** The *no-patch control* is the target prompt with its placeholder and
 nothing patched; the *text-only* baseline is the target asked the same question with the source text in
@@ -51,20 +52,24 @@ def _load(folder: Path, name: str) -> dict | None:
 def comparison_table(folder: Path) -> str:
     """Paper figure | paper value | ours | same protocol?, filled from whichever results exist."""
     rows = ["| paper figure | paper value | ours | same protocol? |", "|---|---|---|---|"]
-    nt = _load(folder, "next_token.smollm2-135m.smollm2-135m")
-    if nt and "summary" in nt:
-        late = [p for p in nt["summary"]["pairs"] if p["source_layer"] >= len(nt["summary"]["pairs"]) // 2]
-        wins = sum(
-            p["patchscope"]["mean"]
-            > {e["layer"]: e for e in nt["summary"]["layers"]}[p["source_layer"]]["logit_lens"]["mean"]
-            for p in late
+    ours = []
+    for model in ("smollm2-135m", "gemma3-270m"):
+        nt = _load(folder, f"next_token.{model}.{model}")
+        if not (nt and "summary" in nt):
+            continue
+        pairs = nt["summary"]["pairs"]
+        lens = {e["layer"]: e for e in nt["summary"]["layers"]}
+        late = [p for p in pairs if p["source_layer"] >= len(pairs) // 2]
+        wins = sum(p["patchscope"]["mean"] > lens[p["source_layer"]]["logit_lens"]["mean"] for p in late)
+        ours.append(
+            f"{model}: above at {wins} of {len(late)} upper layers ({len(nt['seeds'])} seeds, "
+            f"n={nt['positions']} per layer)"
         )
+    if ours:
         rows.append(
             "| §4.1 Fig. 2: token identity Patchscope vs logit lens, P@1 per layer | Patchscope above the "
-            "logit lens "
-            f"from the middle layers on | SmolLM2: above at {wins} of {len(late)} upper layers | yes, at ℓ* "
-            "= ℓ "
-            "(smaller n; ridge tuned lens, not the paper's) |"
+            f"logit lens from the middle layers on | {'; '.join(ours)} | yes, at ℓ* = ℓ (smaller n; ridge "
+            "tuned lens, not the paper's) |"
         )
     at = _load(folder, "attributes.smollm2-135m")
     if at and "all" in at and at["all"]["n"]:
@@ -73,10 +78,10 @@ def comparison_table(folder: Path) -> str:
             "| §4.2 Table 2: attribute extraction, Patchscope vs probe | Patchscope ahead of the probe on "
             "most of "
             f"12 tasks | paper's tasks here (n={s['n']}): Patchscope "
-            f"{s['paper_mean_over_l_of_any_l_star']['mean']:.3f}, "
-            f"probe {s['probe_mean_over_l']['mean']:.3f}, majority {s['majority_class']['p']:.3f} | partly "
-            "(grid of "
-            "layers, word-boundary rule) |"
+            f"{_mean(s['paper_mean_over_l_of_any_l_star'])}, probe {_mean(s['probe_mean_over_l'])}, "
+            f"majority {_share(s['majority_class'])}; sign test {s['vs_probe']['wins']} wins, "
+            f"{s['vs_probe']['losses']} losses, p = {s['vs_probe']['p']:.3g} | partly (grid of layers, "
+            "word-boundary rule, ≤ 6 samples per task) |"
         )
     for model, target in (
         ("smollm2-135m", "smollm2-135m"),
@@ -95,7 +100,7 @@ def comparison_table(folder: Path) -> str:
                 f"(n={best['all']['n']}), text-only "
                 f"{de['text_only']['all']['rouge_l']:.3f}, no-patch "
                 f"{de['no_patch_control']['all']['rouge_l']:.3f} | "
-                "partly (references built from shipped data) |"
+                "partly (small models, references built from shipped data, a popularity proxy) |"
             )
     cm = _load(folder, "cross_model.smollm2-135m.gemma3-270m")
     if cm and "summary" in cm:
@@ -119,10 +124,9 @@ def comparison_table(folder: Path) -> str:
     if mh:
         if mh.get("evaluated") and isinstance(mh.get("vanilla"), dict):
             ours = (
-                f"n={mh['evaluated']}: vanilla {mh['vanilla']['p']:.3f}, step by step "
-                f"{mh['step_by_step']['p']:.3f}, "
-                f"best pair {mh['patchscope_best_pair_accuracy']['p']:.3f}, no-patch "
-                f"{mh['no_patch_control']['p']:.3f}"
+                f"n={mh['evaluated']}: vanilla {_share(mh['vanilla'])}, step by step "
+                f"{_share(mh['step_by_step'])}, best pair {_share(mh['patchscope_best_pair_accuracy'])}, "
+                f"oracle {_share(mh['patchscope_oracle'])}, no-patch {_share(mh['no_patch_control'])}"
             )
         else:
             ours = "nothing evaluated"
