@@ -220,6 +220,38 @@ def service_marks(stub) -> dict[str, float]:
     return marks
 
 
+def cpu_seconds() -> dict[str, float]:
+    """User + system CPU seconds of this process and of every Ray process it started, by role."""
+    import psutil
+
+    me = psutil.Process()
+    seconds: dict[str, float] = {}
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            title = " ".join(process.cmdline()[:1]) or process.name()
+            times = process.cpu_times()
+        except psutil.Error:  # gone between the listing and the look
+            continue
+        if process.pid == me.pid:
+            role = "this process"
+        elif title.startswith("ray::ServeReplica:"):
+            role = title.split(":")[-1].split(".")[0]  # Explainer, SourceModel, TargetModel
+        elif title.startswith("ray::ProxyActor"):
+            role = "gRPC proxy"
+        else:
+            role = "rest of Ray"
+        seconds[role] = seconds.get(role, 0.0) + times.user + times.system
+    return seconds
+
+
+def with_cpu(run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """`run`'s marks, and the CPU seconds each role spent meanwhile (keys `cpu <role>`)."""
+    before = cpu_seconds()
+    marks = run()
+    after = cpu_seconds()
+    return marks | {f"cpu {role}": after[role] - before.get(role, 0.0) for role in after}
+
+
 def one_request(stub, in_process: Callable[[], dict[str, float]], repeats: int) -> dict[str, float]:
     """(a) the same request through the service and in process, interleaved, alternating which goes first."""
     in_process()
@@ -227,11 +259,11 @@ def one_request(stub, in_process: Callable[[], dict[str, float]], repeats: int) 
     eng: list[dict[str, float]] = []
     for k in range(repeats):
         if k % 2:
-            eng.append(in_process())
-            svc.append(service_marks(stub))
+            eng.append(with_cpu(in_process))
+            svc.append(with_cpu(lambda: service_marks(stub)))
         else:
-            svc.append(service_marks(stub))
-            eng.append(in_process())
+            svc.append(with_cpu(lambda: service_marks(stub)))
+            eng.append(with_cpu(in_process))
     ratios = [s["total"] / e["total"] for s, e in zip(svc, eng, strict=True)]
     results = {
         "service_s": statistics.median(s["total"] for s in svc),
@@ -241,7 +273,8 @@ def one_request(stub, in_process: Callable[[], dict[str, float]], repeats: int) 
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
     }
-    for name in (*MARKS, "server_total_s"):
+    names = [*MARKS, "server_total_s", *sorted({k for s in svc for k in s if k.startswith("cpu ")})]
+    for name in names:
         results[f"service_{name}"] = statistics.median(s.get(name, 0.0) for s in svc)
         results[f"engine_{name}"] = statistics.median(e.get(name, 0.0) for e in eng)
     return results
@@ -256,9 +289,12 @@ def report_one(r: dict[str, float], repeats: int) -> None:
         f"    service / in-process, paired: median {r['ratio']:.3f} "
         f"[{r['ratio_min']:.3f}..{r['ratio_max']:.3f}]   (target <= 1.15)"
     )
-    print("    medians, s from the call (marks) and the last site's timings:   service   in-process")
-    for name in (*MARKS, "server_total_s"):
-        print(f"      {name:<16} {r[f'service_{name}']:9.3f} {r[f'engine_{name}']:12.3f}")
+    print(
+        "    medians: s from the call (marks), the last site's timings, CPU s by role   service   in-process"
+    )
+    names = [*MARKS, "server_total_s", *sorted(k[8:] for k in r if k.startswith("service_cpu "))]
+    for name in names:
+        print(f"      {name:<28} {r[f'service_{name}']:9.3f} {r[f'engine_{name}']:12.3f}")
 
 
 def extraction(stub, source, repeats: int) -> dict[str, float]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import logging
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,8 +35,7 @@ from patchscope.engine.scheduler import Scheduler, SchedulerFull, supported
 from patchscope.engine.streaming import GenerateRequest, RowEvent, RowEventStream, row_events
 from patchscope.engine.timings import Timings
 from patchscope.engine.validation import check_vector
-
-logger = logging.getLogger("patchscope.serve")
+from patchscope.serve.stepping import StepDriver
 
 
 class QueueFull(PatchscopeError):
@@ -81,8 +78,13 @@ class Batcher:
         on_batch: Callable[[int], None] = lambda _rows: None,
         generate: Callable[..., Iterator[Step]] = _iter_patched_generate,
     ) -> None:
-        self.models, self.executor, self.enabled, self.wait_s = models, executor, enabled, wait_s
-        self.max_rows, self.max_queued_rows, self.max_active = max_rows, max_queued_rows, max_active
+        self.models = models
+        self.executor = executor
+        self.enabled = enabled
+        self.wait_s = wait_s
+        self.max_rows = max_rows
+        self.max_queued_rows = max_queued_rows
+        self.max_active = max_active
         self._active = 0
         self._waiting: deque[_Key] = deque()  # keys whose batch is due but all workers are busy
         self._generate = generate
@@ -235,10 +237,10 @@ class ContinuousBatcher:
     """Continuous batching (engine/scheduler.py) for lean-forward targets, `fallback`'s batches for the rest.
 
     A request is admitted at once (or refused at once: the row cap, the queue) and joins the running rows
-    at the next step. Steps drive themselves on the worker thread, each queueing the next behind whatever
-    else waits for that thread (the logit lens, scoring, which so interleave with steps), so no step waits
-    for the event loop to stream the one before it. A request's steps become its row events on the worker
-    thread, then cross to the event loop. Targets on transformers' forward keep per-template batches.
+    at the next step. The steps run on the worker thread, driven there a bounded lead ahead of the event
+    loop (serve/stepping.py), so the logit lens and scoring interleave with them and no step waits for the
+    loop to stream the one before it. A request's steps become its row events on the worker thread, then
+    cross to the event loop. Targets on transformers' forward keep per-template batches.
     """
 
     def __init__(
@@ -265,8 +267,7 @@ class ContinuousBatcher:
             models, executor, max_rows=max_rows, max_queued_rows=max_queued_rows, on_batch=on_batch
         )
         self.on_batch = on_batch
-        self._lock = threading.Lock()
-        self._driving = False  # a `_drive` is queued or running on the worker thread
+        self.driver = StepDriver(self.schedulers, executor, self._fail)
         self._jobs: dict = {}  # open jobs -> (loop, queue), so a failed step reaches their callers
         self._queued = 0  # rows submitted to the schedulers and not yet finished
 
@@ -337,7 +338,7 @@ class ContinuousBatcher:
         self._jobs[job] = (loop, queue)
         self._queued += rows
         self.on_batch(rows)
-        self._wake()
+        self.driver.wake()
         completed = False
         try:
             while (item := await queue.get()) is not _DONE:
@@ -350,35 +351,6 @@ class ContinuousBatcher:
                 dropped = True  # the scheduler drops its rows before its next step or chunk
             self._queued -= rows
             self._jobs.pop(job, None)
-
-    def _wake(self) -> None:
-        with self._lock:
-            if self._driving:
-                return
-            self._driving = True
-        self.executor.submit(self._drive)
-
-    def _drive(self) -> None:
-        """On the worker thread: one step of every busy scheduler, then queue the next while work remains."""
-        try:
-            for scheduler in self.schedulers.values():
-                if scheduler.busy():
-                    try:
-                        scheduler.run_once()
-                    except Exception as error:  # delivered to every request of that target, never swallowed
-                        self._fail(scheduler, error)
-            with self._lock:  # admission appends before it wakes: a job admitted now is seen, or wakes anew
-                more = any(s.busy() for s in self.schedulers.values())
-                self._driving = more
-        except BaseException:  # nobody awaits this task: say so, and let the next admission drive again
-            logger.exception("continuous batching: the driver stopped")
-            self._driving = False
-            raise
-        if more:
-            try:
-                self.executor.submit(self._drive)
-            except RuntimeError:  # the executor is shut down: the replica is stopping
-                self._driving = False
 
     def _fail(self, scheduler: Scheduler, error: Exception) -> None:
         for job in scheduler.fail():  # every open job of that target hears the error
