@@ -153,7 +153,8 @@ class ServiceConfig(BaseModel):
     # Torch threads per model process: one where source and target share a small machine (None: torch's
     # default, for GPUs).
     torch_threads: int | None = Field(1, ge=1)
-    # Split every hosted model by blocks across several devices (None: each model on `device`).
+    # Split the TargetModel replica's models by blocks across its devices (None: each on `device`; sources
+    # always load on `device`).
     placement: Placement | None = None
     limits: Limits = Limits()
     batching: Batching = Batching()
