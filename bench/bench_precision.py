@@ -20,6 +20,7 @@ import torch
 
 from bench_engine import sweep  # bench/ is the script's own directory
 from patchscope.engine import StaticDecoder, load_model
+from patchscope.engine.cpu import detect
 from patchscope.engine.options import EngineOptions
 from patchscope.engine.runtime import TargetRuntime
 
@@ -72,6 +73,7 @@ def main() -> None:
         f"{args.model}: {len(PROMPTS)} prompts × {fp32.layout.num_layers} layers = {len(reference)} "
         f"explanations, {args.new_tokens} new tokens, on the CPU (bf16 rounds as on a GPU)"
     )
+    print(detect().summary())  # bf16 products run on AMX where the CPU has it, AVX-512 or AVX2 otherwise
     print(f"{'way':<14}{'explanations differing':>24}{'first tokens differing':>24}{'seconds':>9}")
     for label, sweeps in results.items():
         got = [e for sweep_ in sweeps for e in sweep_]
