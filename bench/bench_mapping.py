@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from patchscope.engine.presets import PRESETS, identity_answer
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.eval.common import wilson
 from patchscope.mapping.artefact import MappingInfo
-from patchscope.mapping.pipeline import fit_mappings
+from patchscope.mapping.pipeline import Progress, fit_mappings
 from patchscope.mapping.registry import MappingRegistry
 from patchscope.mapping.resolve import MappingSet
 
@@ -194,6 +195,16 @@ def _cell(k: int, n: int) -> str:
     return f"{k / n:>6.1%} [{lo:.0%},{hi:.0%}] n={n:<3}"
 
 
+class Notes(Progress):
+    """Phase notes on stderr with the seconds since the part began, so a long run shows where it is."""
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+
+    def note(self, phase: str, text: str) -> None:
+        print(f"[{time.perf_counter() - self.began:6.0f}s] {phase}: {text}", file=sys.stderr, flush=True)
+
+
 def behaviour(source, target, root: Path, args) -> None:
     """Every method at the same pairs on the same data; the behavioural ones start from the ridge map."""
     from patchscope.mapping import behaviour_data as bd
@@ -243,7 +254,7 @@ def behaviour(source, target, root: Path, args) -> None:
                 "learned",
                 {"learned_options": {"hidden": 256, "max_epochs": 20}, "kl_weight": 1.0},
             ),
-        }.get(label, (label, {"behavioural_options": options.get(label), "relations": relations}))
+        }.get(label, (label, {"behavioural_options": options.get(label), "behaviour_data": data}))
         began = time.perf_counter()
         report = fit_mappings(
             source,
@@ -254,6 +265,7 @@ def behaviour(source, target, root: Path, args) -> None:
             MappingRegistry(root / label),
             behaviour_eval=False,
             paired_states=states,
+            progress=Notes(),
             **common,
             **extra,
         )
@@ -326,7 +338,7 @@ def main() -> None:
     parser.add_argument("--attribute-samples", type=int, default=8, help="held-out subjects per relation")
     parser.add_argument("--nouns", type=int, default=249, help="held-out nouns of the identity figure")
     parser.add_argument("--steps", type=int, default=300, help="behavioural: most Adam steps")
-    parser.add_argument("--lr", type=float, default=3e-4, help="behavioural: Adam learning rate")
+    parser.add_argument("--lr", type=float, default=1e-4, help="behavioural: Adam learning rate")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     commit = subprocess.run(

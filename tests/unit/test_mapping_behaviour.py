@@ -164,3 +164,28 @@ def test_auto_prefers_behaviour_metrics_over_r2(tiny_models, tmp_path):
     _save(registry, base, id="behaves-b", r2=0.1, identity_rate=0.6, attribute_accuracy=0.6, **weak)
     chosen = resolve_mappings(registry, source, target, [(2, 1)])
     assert chosen.describe(2, 1)[0] == "behaves-b"
+
+
+def test_fit_mappings_trains_on_the_rows_it_is_given(tiny_models, tmp_path):
+    """A caller comparing methods passes its rows; the fit must not build default-sized ones instead."""
+    import json
+
+    source, target = tiny_models["llama"], tiny_models["qwen2"]
+    data = bd.build_data(source, target, relations(), subjects_per_relation=10, words=0, identity_eval=0)
+    options = bh.BehaviouralOptions(max_steps=2, eval_every=1, gains=(1.0,))
+    (info,) = fit_mappings(
+        source,
+        target,
+        [(2, 1)],
+        "behavioural",
+        WIKITEXT,
+        MappingRegistry(tmp_path),
+        max_words=300,
+        vocab_words=0,
+        behavioural_options=options,
+        behaviour_eval=False,
+        behaviour_data=data,
+    ).infos
+    hyper = json.loads(info.hyperparameters)
+    assert hyper["train_rows"] == len(data.rows["train"]) == 40  # 10 subjects × 2 relations × 2 templates
+    assert hyper["val_rows"] == len(data.rows["validation"])

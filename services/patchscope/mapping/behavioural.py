@@ -41,7 +41,7 @@ class BehaviouralOptions:
     """Hyperparameters of `fit_behavioural` (recorded in the artefact)."""
 
     hidden: int = 0  # 0: affine; > 0: affine + a GELU MLP residual of this width
-    lr: float = 3e-4
+    lr: float = 1e-4  # an absolute Adam step: ridge weights are small beside large target states
     batch_size: int = 32
     max_steps: int = 300
     eval_every: int = 10

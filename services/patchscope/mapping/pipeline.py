@@ -112,6 +112,7 @@ def fit_mappings(
     behaviour_eval: bool | None = None,
     relations: list | None = None,
     paired_states: dict[str, PairedStates] | None = None,
+    behaviour_data: bd.BehaviourData | None = None,
 ) -> FitReport:
     """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`.
 
@@ -121,7 +122,8 @@ def fit_mappings(
     `behaviour_eval` (default: on for the behavioural methods only) measures and records the held-out
     behaviour metrics that `auto` prefers to R²; it costs a few hundred patched generations per map.
     `paired_states` (a previous report's `states`, fitted with the same corpus, words and layers) skips the
-    extraction.
+    extraction. `behaviour_data` (from `build_data`, same seed and excluded words) replaces the default-sized
+    rows, so that a caller comparing methods fits and measures every one on the same rows.
     """
     progress = progress or Progress()
     if method not in METHODS:
@@ -186,7 +188,9 @@ def fit_mappings(
     done = 0
     corpus_fp = file_fingerprint(corpus)
     data = metric_set = None
-    if behavioural or behaviour_eval:
+    if behaviour_data is not None:
+        data = behaviour_data
+    elif behavioural or behaviour_eval:
         relations = relations if relations is not None else bd.default_relations()
         data = bd.build_data(source, target, relations, seed=seed, exclude_words=exclude_words)
     if behaviour_eval:
