@@ -161,3 +161,57 @@ def test_the_control_event_comes_last_with_every_rows_unpatched_score(tiny, tiny
     assert last.unpatched_logprobs == pytest.approx(
         score_continuations(tiny_runtime, PRESET.template, PRESET.filler, generated), abs=1e-4
     )
+
+
+LENS = PRESETS["logit-lens"]
+
+
+def _lens_run(model, runtime, **spec):
+    request = ExplainRequest(
+        source=model.id,
+        prompt="The lobster is red",
+        layers=(1, model.layout.num_layers - 1),
+        target=TargetSpec(model=model.id, preset="logit-lens", top_k=3, **spec),
+    )
+    return explain(LocalBackend.of(model, runtime), request).results
+
+
+def test_the_logit_lens_control_is_the_unpatched_reading_at_the_site(tiny, tiny_runtime):
+    """The lens's control reads the target's own state at the placeholder; at the last block that is the
+    target's next-token distribution of the template with no patch."""
+    results = _lens_run(tiny, tiny_runtime)
+    tokens = tokenize_template(tiny.tokenizer, LENS.template, LENS.filler)
+    ids = torch.tensor([tokens.ids])
+    for r in results:
+        own = capture(tiny, ids, [r.site.target_layer], [tokens.placeholder])[r.site.target_layer][0]
+        probs = torch.softmax(tiny.layout.logits(own[None]).float(), dim=-1)[0]
+        c = r.control
+        assert c.unpatched_explanation == tiny.tokenizer.decode([int(probs.argmax())])
+        assert [p for _, p in c.unpatched_top_k] == pytest.approx(probs.topk(3).values.tolist(), rel=1e-5)
+        assert c.unpatched_answer == LENS.answer(c.unpatched_explanation)
+        assert c.same_as_unpatched == (r.answer.casefold() == c.unpatched_answer.casefold())
+        assert 0.0 <= c.patch_effect <= 1.0
+        assert c.dependence == pytest.approx(c.explanation_logprob - c.unpatched_logprob)
+    with torch.inference_mode():
+        next_token = tiny.model(ids).logits[0, -1].float().argmax()
+    assert results[-1].control.unpatched_explanation == tiny.tokenizer.decode([int(next_token)])
+
+
+def test_the_lens_of_the_targets_own_state_has_no_effect(tiny, tiny_runtime):
+    tokens = tokenize_template(tiny.tokenizer, LENS.template, LENS.filler)
+    own = capture(tiny, torch.tensor([tokens.ids]), [2], [tokens.placeholder])[2][0]  # [d]
+    request = ActivationsRequest(
+        source=tiny.id,
+        states=own[None].float(),
+        layers=(2,),
+        target=TargetSpec(model=tiny.id, preset="logit-lens", layers=(2,)),
+    )
+    (result,) = explain(LocalBackend.of(tiny, tiny_runtime), request).results
+    c = result.control
+    assert c.patch_effect == pytest.approx(0.0, abs=1e-6)
+    assert c.dependence == pytest.approx(0.0, abs=1e-5)
+    assert c.same_as_unpatched and result.explanation == c.unpatched_explanation
+
+
+def test_logit_lens_controls_can_be_turned_off(llama, llama_runtime):
+    assert all(r.control is None for r in _lens_run(llama, llama_runtime, controls=False))

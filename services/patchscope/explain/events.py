@@ -38,6 +38,8 @@ class Control:
     log-probability per token of the explanation in the patched run) minus `unpatched_logprob` (the same
     tokens scored teacher-forced without the patch), in nats per token: near 0, the target would have said
     it anyway. `confidence` is a calibrator's probability that the answer is right (None without one).
+    For the logit lens the control is the unpatched reading at the same site, and the log-probabilities
+    are those of the site's top-1 token in the two readings (engine/lens_control.py says why).
     """
 
     unpatched_explanation: str
@@ -49,6 +51,8 @@ class Control:
     dependence: float | None
     confidence: float | None = None
     calibrator_id: str = ""  # empty: no calibrator registered for this (source, target, preset)
+    # The logit lens only: the unpatched reading's (token, probability) pairs (engine/lens_control.py).
+    unpatched_top_k: list[tuple[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class SiteFinished:
     answer: str
     top_k: list[tuple[str, float]] | None = None  # the logit lens only
     timings: Timings = field(default_factory=Timings)
-    control: Control | None = None  # None when the request turned controls off (or the logit lens)
+    control: Control | None = None  # None when the request turned controls off
 
 
 Event = SiteStarted | SiteToken | SiteFinished
@@ -93,6 +97,8 @@ class SiteResult:
         if self.top_k is not None:
             record["top_k"] = [{"token": t, "prob": p} for t, p in self.top_k]
         c = self.control
+        if c is not None and c.unpatched_top_k is not None:
+            record["unpatched_top_k"] = [{"token": t, "prob": p} for t, p in c.unpatched_top_k]
         record.update(
             unpatched_answer=c.unpatched_answer if c else None,
             same_as_unpatched=c.same_as_unpatched if c else None,

@@ -15,6 +15,7 @@ from patchscope.engine.errors import ModelNotFound
 from patchscope.engine.generation import iter_patched_generate
 from patchscope.engine.hooks import HiddenStates, extract
 from patchscope.engine.lens import logit_lens
+from patchscope.engine.lens_control import LensControlRequest, LensReadings, lens_controls
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.scoring import with_unpatched_scores
@@ -94,10 +95,16 @@ class LocalBackend:
             yield events
 
     async def logit_lens(
-        self, model_id: str, vectors: list[torch.Tensor], top_k: int
-    ) -> list[tuple[str, list[tuple[str, float]]]]:
+        self,
+        model_id: str,
+        vectors: list[torch.Tensor],
+        top_k: int,
+        control: LensControlRequest | None = None,
+    ) -> LensReadings:
         model = self._target(model_id).model
-        return [logit_lens(model, vector, top_k) for vector in vectors]
+        readings = [logit_lens(model, vector, top_k) for vector in vectors]
+        controls = lens_controls(model, vectors, control, top_k) if control is not None else None
+        return LensReadings(readings, controls)
 
 
 def explain(

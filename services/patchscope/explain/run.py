@@ -16,6 +16,7 @@ import torch
 
 from patchscope.engine.errors import IncompatibleModels
 from patchscope.engine.hooks import HiddenStates
+from patchscope.engine.lens_control import LensControlRequest, LensReadings
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.timings import Timings
 from patchscope.explain.checks import check_prompt_size
@@ -55,8 +56,14 @@ class Backend(Protocol):
         ...
 
     async def logit_lens(
-        self, model_id: str, vectors: list[torch.Tensor], top_k: int
-    ) -> list[tuple[str, list[tuple[str, float]]]]: ...
+        self,
+        model_id: str,
+        vectors: list[torch.Tensor],
+        top_k: int,
+        control: LensControlRequest | None = None,
+    ) -> LensReadings:
+        """The lens of each state; with `control`, each site's unpatched reading (engine/lens_control.py)."""
+        ...
 
 
 # (source, target, preset) -> the registered calibrator, or None.
@@ -106,6 +113,10 @@ class Pipeline:
             check_prompt_size("prompt", request.prompt, self.limits)
             tokens = await self.backend.tokenize(source.id, request.prompt)
             plan = plan_explain(request, source, target, tokens, self.limits, self.resolve)
+        if not plan.preset.generates and request.target.controls:
+            # plan.py counts control rows for the generating presets only; the lens's control is no row
+            # but the unpatched reading at each site (engine/lens_control.py).
+            plan = dataclasses.replace(plan, controls=True)
         if not plan.controls:
             return plan
         return dataclasses.replace(plan, calibrator=self.calibrators(source, target, plan.preset.name))
@@ -137,10 +148,8 @@ class Pipeline:
                 target_layer_norm=norms[site.target_layer] if norms else None,
             )
         if not plan.preset.generates:
-            lens = await self.backend.logit_lens(plan.target.id, vectors, plan.top_k)
-            for index, (explanation, pairs) in enumerate(lens):
-                answer = plan.preset.answer(explanation)
-                yield SiteFinished(index, explanation, answer, top_k=pairs, timings=timings)
+            async for event in self._lens(plan, vectors, timings):
+                yield event
             return
         request = GenerateRequest(
             model=plan.target.id,
@@ -173,6 +182,35 @@ class Pipeline:
                 raise RuntimeError(f"the control row's finished event carries no scores for the {n} sites")
             for index in range(n):
                 yield self._finished(plan, held[index], timings, held[n], unpatched[index])
+
+    async def _lens(
+        self, plan: Plan, vectors: list[torch.Tensor], timings: Timings
+    ) -> AsyncIterator[SiteFinished]:
+        """The logit lens of every site; with controls, beside the unpatched reading at the same site."""
+        spec = None
+        if plan.controls:
+            layers = [s.target_layer for s in plan.sites]
+            spec = LensControlRequest(plan.template, plan.preset.filler, layers)
+        lens = await self.backend.logit_lens(plan.target.id, vectors, plan.top_k, spec)
+        for index, (explanation, pairs) in enumerate(lens.readings):
+            answer = plan.preset.answer(explanation)
+            site_control = None
+            if lens.controls is not None:
+                c, site = lens.controls[index], plan.sites[index]
+                r2 = plan.mapping.describe(site.source_layer, site.target_layer)[1] if plan.mapping else None
+                site_control = control(
+                    answer=answer,
+                    unpatched_explanation=c.explanation,
+                    unpatched_answer=plan.preset.answer(c.explanation),
+                    patch_effect=c.patch_effect,
+                    explanation_logprob=c.explanation_logprob,
+                    unpatched_logprob=c.unpatched_logprob,
+                    depths=depths(plan, site),
+                    mapping_r2=r2,
+                    calibrator=plan.calibrator,
+                    unpatched_top_k=c.top_k,
+                )
+            yield SiteFinished(index, explanation, answer, top_k=pairs, timings=timings, control=site_control)
 
     def _finished(
         self,

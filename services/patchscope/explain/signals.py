@@ -78,6 +78,7 @@ def control(
     depths: tuple[float, float],
     mapping_r2: float | None,
     calibrator: Calibrator | None,
+    unpatched_top_k: list[tuple[str, float]] | None = None,
 ) -> Control:
     """The control record of one site, with its confidence when a calibrator is registered."""
     same = same_answer(answer, unpatched_answer)
@@ -106,4 +107,5 @@ def control(
         dependence=dependence,
         confidence=confidence,
         calibrator_id=calibrator.id if calibrator is not None else "",
+        unpatched_top_k=unpatched_top_k,
     )

@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from patchscope.engine.errors import ModelNotFound
 from patchscope.engine.hooks import HiddenStates
+from patchscope.engine.lens_control import LensControlRequest, LensReadings
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.explain.plan import ModelInfo
 from patchscope.serve.hosting import ModelCard
@@ -78,6 +79,10 @@ class ServeBackend:
             tokens.cancel()
 
     async def logit_lens(
-        self, model_id: str, vectors: list[torch.Tensor], top_k: int
-    ) -> list[tuple[str, list[tuple[str, float]]]]:
-        return await self.target.logit_lens.remote(model_id, vectors, top_k)
+        self,
+        model_id: str,
+        vectors: list[torch.Tensor],
+        top_k: int,
+        control: LensControlRequest | None = None,
+    ) -> LensReadings:
+        return await self.target.logit_lens.remote(model_id, vectors, top_k, control)

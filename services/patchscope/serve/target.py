@@ -17,6 +17,7 @@ import torch
 from ray import serve
 
 from patchscope.engine.lens import logit_lens
+from patchscope.engine.lens_control import LensControlRequest, LensReadings, lens_controls
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.scoring import with_unpatched_scores
 from patchscope.engine.streaming import GenerateRequest, RowEvent
@@ -113,13 +114,20 @@ class TargetModel:
             self.metrics.queue_rows(self.batcher.queued_rows)
 
     async def logit_lens(
-        self, model_id: str, vectors: list[torch.Tensor], top_k: int
-    ) -> list[tuple[str, list[tuple[str, float]]]]:
+        self,
+        model_id: str,
+        vectors: list[torch.Tensor],
+        top_k: int,
+        control: LensControlRequest | None = None,
+    ) -> LensReadings:
+        """The lens of each state; with `control`, each site's unpatched reading and signals too."""
         model = self.hosted.model(model_id)
         for k, vector in enumerate(vectors):
             check_vector(f"vectors[{k}]", vector, model.facts)
 
-        def run() -> list[tuple[str, list[tuple[str, float]]]]:
-            return [logit_lens(model, vector, top_k) for vector in vectors]
+        def run() -> LensReadings:
+            readings = [logit_lens(model, vector, top_k) for vector in vectors]
+            controls = lens_controls(model, vectors, control, top_k) if control is not None else None
+            return LensReadings(readings, controls)
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
