@@ -69,13 +69,16 @@ def _rows(model, layers=(0, 2, 3)):
     ]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])  # lean family, sliding windows, neither
 @torch.inference_mode()
-def test_a_placed_model_explains_as_the_unplaced_one(placed_llama, llama_runtime):
-    runtime = TargetRuntime.build(placed_llama)
+def test_a_placed_model_explains_as_the_unplaced_one(arch, tiny_dirs, tiny_runtimes):
+    model = load_directory(f"tiny-{arch}", tiny_dirs[arch])
+    place(model, spread(model.layout.num_layers, ["cpu", "cpu"]))
+    runtime = TargetRuntime.build(model)
     assert runtime.lean is None and runtime.static_decoder is None  # transformers' forward, eager loop
     config = GenerationConfig(max_new_tokens=6)
-    got = patched_generate(runtime, _rows(placed_llama), config)
-    want = patched_generate(llama_runtime, _rows(placed_llama), config)
+    got = patched_generate(runtime, _rows(model), config)
+    want = patched_generate(tiny_runtimes[arch], _rows(model), config)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
