@@ -131,7 +131,7 @@ eval: install data-check
 		--per-text 2 --fit-positions 600 --registry $(EVAL_MAPS) --pairs $(EVAL_GRID) \
 		--seeds $$(echo $(EVAL_SEEDS) | tr ' ' ',')
 	$(TIMED) eval attributes --model smollm2-135m --layer-step 7 --max-samples 6 --probe-samples 24
-	$(TIMED) eval multi-hop --model smollm2-135m --layer-step 10 --max-samples 2 --max-new-tokens 12
+	$(TIMED) eval multi-hop --model smollm2-135m --layer-step 7 --max-samples 10
 	$(TIMED) eval description --source smollm2-135m --layer-step 6 --lre-per-relation 2
 	$(TIMED) eval description --source gemma3-270m --layer-step 3 --lre-per-relation 2
 	$(TIMED) eval description --source smollm2-135m --target gemma3-270m --lre-per-relation 2 \
