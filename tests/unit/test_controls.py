@@ -115,17 +115,17 @@ def test_prefixes_the_control_generated_are_read_from_its_own_logprobs(tiny, tin
     """`known` log-probabilities are used for every continuation's prefixes they cover, and only those."""
     v = tiny.tokenizer.vocab_size
     control, other = [4 % v, 8 % v, 2 % v], [4 % v, 8 % v, 6 % v, 1 % v]
-    marked = [9.0, 9.0, 9.0]  # no log-probability is positive: shows which terms came from `known`
+    # No log-probability is positive: 9.0 shows which terms came from `known`.
+    marked = {tuple(control[: t + 1]): 9.0 for t in range(len(control))}
     got = score_continuations(
-        tiny_runtime, PRESET.template, PRESET.filler, [control, other, control[:2]], [(control, marked)]
+        tiny_runtime, PRESET.template, PRESET.filler, [control, other, control[:2]], marked
     )
     tail = _reference_logprobs(tiny_runtime, other)[2:]
     assert got[0] == got[2] == 9.0
     assert got[1] == pytest.approx((9.0 + 9.0 + sum(tail)) / 4, abs=1e-4)
-    true = _reference_logprobs(tiny_runtime, control)
-    honest = score_continuations(
-        tiny_runtime, PRESET.template, PRESET.filler, [control, other], [(control, true)]
-    )
+    prefixes = [tuple(control[: t + 1]) for t in range(3)]
+    true = dict(zip(prefixes, _reference_logprobs(tiny_runtime, control), strict=True))
+    honest = score_continuations(tiny_runtime, PRESET.template, PRESET.filler, [control, other], true)
     alone = score_continuations(tiny_runtime, PRESET.template, PRESET.filler, [control, other])
     assert honest == pytest.approx(alone, abs=1e-4)
 
@@ -158,6 +158,8 @@ def test_the_control_event_comes_last_with_every_rows_unpatched_score(tiny, tiny
     assert all(e.row != 3 or not e.finished for step in steps[:-1] for e in step)
     assert sum(e.finished for step in steps for e in step) == 4
     generated = [[e.token_id for step in steps for e in step if e.row == r and not e.stop] for r in range(3)]
+    read_off = dict(last.unpatched_prefixes)  # every row's first token, read off the control's first step
+    assert all((g[0],) in read_off for g in generated if g)
     assert last.unpatched_logprobs == pytest.approx(
         score_continuations(tiny_runtime, PRESET.template, PRESET.filler, generated), abs=1e-4
     )

@@ -4,9 +4,11 @@ A patched explanation that the target would produce just as readily without the 
 the state; the difference of the two mean log-probabilities (the explanation's `dependence`) measures
 how much the patch mattered. A token's unpatched log-probability depends only on the tokens before it,
 so it is computed once per distinct prefix: a sweep repeats explanations a lot, a continuation that is a
-prefix of another is read off the longer one's forward, and a prefix the control row generated already
-has its log-probability from that generation. What remains is one batched forward from the template's
-cached prefix, through the forward patched generation uses, and one unembedding of the positions read.
+prefix of another is read off the longer one's forward, and a prefix whose last token was chosen while
+the text still equalled the control row's has its log-probability from the control's own step (the
+first token of every row, at least). What remains is one batched forward of the continuations after the
+unpatched template's cache, through the forward patched generation uses, and one unembedding of the
+positions read.
 
 The scores are computed where the target runs, when a request's rows have all finished
 (`with_unpatched_scores`), and travel on the control row's finished event: the service makes no handle
@@ -16,16 +18,17 @@ call for them, and the CLI runs the same code.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
 
 from patchscope.engine.generation import new_cache
 from patchscope.engine.kv_cache import KVCache, cache_kwarg
+from patchscope.engine.prefix_cache import PrefixCache
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.streaming import GenerateRequest, RowEvent
-from patchscope.engine.template import tokenize_template
+from patchscope.engine.template import TemplateTokens, tokenize_template
 
 T = TypeVar("T")
 UNEMBED_CHUNK = 256  # positions unembedded at once: bounds the [n, V] logits a long sweep materialises
@@ -59,18 +62,14 @@ def score_continuations(
     template: str,
     filler: str,
     continuations: Sequence[Sequence[int]],
-    known: Sequence[tuple[Sequence[int], Sequence[float]]] = (),
+    known: Mapping[Prefix, float] | None = None,
 ) -> list[float | None]:
     """Mean log-probability per token of each continuation after the unpatched template (None if empty).
 
-    `known`: continuations the unpatched template generated, with their tokens' log-probabilities as
-    generation computed them (the control row's): their prefixes are not run again.
+    `known`: token prefix -> the unpatched log-probability of its last token, where generation already
+    computed it (the control row's steps: `RowEvent.unpatched_prefixes`); those prefixes are not run.
     """
-    table: dict[Prefix, float] = {}
-    for tokens, logprobs in known:
-        if len(tokens) != len(logprobs):
-            raise ValueError(f"known: {len(tokens)} tokens but {len(logprobs)} log-probabilities")
-        table.update((tuple(tokens[: t + 1]), float(lp)) for t, lp in enumerate(logprobs))
+    table: dict[Prefix, float] = {tuple(k): float(v) for k, v in (known or {}).items()}
     wanted = [tuple(int(t) for t in c) for c in continuations]
     rows = _rows_to_run(wanted, table)
     if rows:
@@ -82,42 +81,82 @@ def score_continuations(
     return scores
 
 
-def _score_prefixes(
-    target: TargetRuntime, template: str, filler: str, rows: list[Prefix], skip: set[Prefix]
-) -> dict[Prefix, float]:
-    """The unpatched log-probability of every prefix of `rows` not in `skip` (its last token's)."""
-    model = target.model
-    tokens = tokenize_template(model.tokenizer, template, filler)
-    device = model.device
-    batch, longest = len(rows), max(len(c) for c in rows)
-    # Right padding: causal attention keeps every real position blind to the pad after it.
-    padded = torch.zeros(batch, longest, dtype=torch.long, device=device)  # [B, L]
-    for k, c in enumerate(rows):
-        padded[k, : len(c)] = torch.tensor(c, dtype=torch.long, device=device)
+def _template_cache(
+    target: TargetRuntime, tokens: TemplateTokens, need_last: bool
+) -> tuple[KVCache, torch.Tensor | None]:
+    """The unpatched template's batch-1 cache (never to be written), and its last normed state if asked.
+
+    Keyed by the template's ids in the prefix cache: an unpatched cache depends on its ids alone, so it
+    is the same whichever call computed it.
+    """
+    full = tuple(tokens.ids)
+    stored = target.prefix_cache.get(full)
+    if stored is not None and not need_last:
+        return stored, None
+    ids = torch.tensor(tokens.ids, device=target.model.device)  # [T]
     shared = tokens.prefix_len
-    ids = torch.tensor(tokens.ids, device=device)  # [T]
 
     def compute_prefix() -> KVCache:
         kv = new_cache(target)
         _normed(target, ids[None, :shared], kv, last_only=True)
         return kv
 
-    kv = target.prefix_cache.take(tokens.ids[:shared], batch, compute_prefix) if shared else new_cache(target)
-    rest = ids[shared:].expand(batch, -1)  # [B, T - shared]
-    feed = torch.cat((rest, padded[:, :-1]), dim=1)  # the token before each continuation token
-    normed = _normed(target, feed, kv, last_only=False)  # [B, T - shared + L - 1, d]
-    first = rest.shape[1] - 1  # the template's last position predicts the continuation's first token
-    # Each prefix is read once, at the first row that has it.
+    kv = target.prefix_cache.take(full[:shared], 1, compute_prefix) if shared else new_cache(target)
+    last = _normed(target, ids[None, shared:], kv, last_only=True)  # [1, d]
+    if stored is None:
+        target.prefix_cache.put(full, kv)
+        stored = kv
+    return stored, last
+
+
+def _score_prefixes(
+    target: TargetRuntime, template: str, filler: str, rows: list[Prefix], skip: set[Prefix]
+) -> dict[Prefix, float]:
+    """The unpatched log-probability of every prefix of `rows` not in `skip` (its last token's).
+
+    The template's last position predicts each first token; a continuation's own tokens, fed after the
+    template's cache, predict the rest, so a continuation's last token is never fed.
+    """
+    model = target.model
+    device = model.device
+    tokens = tokenize_template(model.tokenizer, template, filler)
+    template_kv, last = _template_cache(target, tokens, any(c[:1] not in skip for c in rows))
+    fed = [c for c in rows if len(c) > 1]
+    normed = None
+    if fed:
+        # Right padding: causal attention keeps every real position blind to the pad after it.
+        padded = torch.zeros(len(fed), max(len(c) for c in fed) - 1, dtype=torch.long, device=device)
+        for k, c in enumerate(fed):
+            padded[k, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long, device=device)  # [B, L - 1]
+        kv = PrefixCache.copy(template_kv, len(fed))
+        normed = _normed(target, padded, kv, last_only=False)  # [B, L - 1, d]
+    row_of = {c: k for k, c in enumerate(fed)}
+    # Each prefix is read once: from the template's last state, or at the first row that has it.
+    firsts: list[Prefix] = []
     where: dict[Prefix, tuple[int, int]] = {}
-    for k, c in enumerate(rows):
+    for c in rows:
         for t in range(len(c)):
-            if (key := c[: t + 1]) not in skip:
-                where.setdefault(key, (k, first + t))
-    keys = list(where)
-    row_index = torch.tensor([where[key][0] for key in keys], device=device)
-    pos_index = torch.tensor([where[key][1] for key in keys], device=device)
+            key = c[: t + 1]
+            if key in skip or key in where or key in firsts:
+                continue
+            if t == 0:
+                firsts.append(key)
+            else:
+                where[key] = (row_of[c], t - 1)
+    parts = []
+    if firsts:
+        assert last is not None
+        parts.append(last.expand(len(firsts), -1))  # [f, d]
+    if where:
+        assert normed is not None
+        rows_at = torch.tensor([k for k, _ in where.values()], device=device)
+        positions = torch.tensor([t for _, t in where.values()], device=device)
+        parts.append(normed[rows_at, positions])  # [n, d]
+    keys = firsts + list(where)
+    if not keys:
+        return {}
+    states = torch.cat(parts)  # [f + n, d]
     chosen_ids = torch.tensor([key[-1] for key in keys], device=device)
-    states = normed[row_index, pos_index]  # [n, d]
     values: list[float] = []
     for start in range(0, len(keys), UNEMBED_CHUNK):
         logits = model.layout.unembed_normed(states[start : start + UNEMBED_CHUNK]).float()  # [c, V]
@@ -165,7 +204,7 @@ async def with_unpatched_scores(
             yield passed
     if held is None or open_rows > 0:
         return  # the stream ended early: the caller left, or the generation failed
-    known = [(tokens[control], held.token_logprobs)] if held.token_logprobs is not None else []
+    known = dict(held.unpatched_prefixes or ())
     patched = tokens[:control]
 
     def score() -> list[float | None]:

@@ -69,10 +69,12 @@ class RowEvent:
     # control row's (0 for the control row itself).
     logprob: float | None = None
     patch_effect: float | None = None
-    # On a control row's finished event: its tokens' log-probabilities (stop token excluded), which the
-    # teacher-forced scoring reuses for every continuation that starts like the control's; then, once the
-    # request's rows are scored (engine/scoring.py), each other row's unpatched mean log-probability.
-    token_logprobs: tuple[float, ...] | None = None
+    # On a control row's finished event: the unpatched log-probability of every token prefix the
+    # generation already read off the control's own distributions (its own tokens, and each token its
+    # request's rows chose while their text still equalled the control's), which the teacher-forced
+    # scoring reuses; then, once the request's rows are scored (engine/scoring.py), each other row's
+    # unpatched mean log-probability.
+    unpatched_prefixes: tuple[tuple[tuple[int, ...], float], ...] | None = None
     unpatched_logprobs: tuple[float | None, ...] | None = None
 
 
@@ -153,7 +155,9 @@ class RowEventStream:
     ) -> None:
         self.tokenizer, self.max_new_tokens, self.timings = tokenizer, max_new_tokens, timings
         self.controls, self.stop = controls, tuple(stop)
-        self.control_rows = set(controls.values()) if controls else set()
+        # Per control row: token prefix -> its unpatched log-probability, read off the control's steps.
+        self.prefixes: dict[int, dict[tuple[int, ...], float]] = {c: {} for c in (controls or {}).values()}
+        self.off_path: set[int] = set()  # rows whose tokens no longer equal their control's
         self.decoders: dict[int, TextDecoder] = {}
         self.logprobs: dict[int, list[float]] = {}
         self.effects: dict[int, float] = {}
@@ -162,7 +166,8 @@ class RowEventStream:
         decoders = self.decoders
         if self.controls is not None:
             new = [r for r in step.rows if r not in decoders]
-            _observe(step, self.controls, self.logprobs, self.effects, new=new)
+            lse = _observe(step, self.controls, self.logprobs, self.effects, new=new)
+            self._follow_controls(step, lse)
         ended = step.ended or [False] * len(step.rows)
         events = []
         for row, token, stop, end in zip(step.rows, step.token_ids, step.finished, ended, strict=True):
@@ -183,12 +188,45 @@ class RowEventStream:
                     dataclasses.replace(self.timings),
                     logprob=sum(scores) / len(scores) if scores else None,
                     patch_effect=self.effects.get(row),
-                    token_logprobs=tuple(scores or ()) if row in self.control_rows else None,
+                    unpatched_prefixes=tuple(self.prefixes[row].items()) if row in self.prefixes else None,
                 )
             else:
                 event = RowEvent(row, index, token, text, False)
             events.append(event)
         return events
+
+    def _follow_controls(self, step: Step, lse: torch.Tensor) -> None:
+        """Record the unpatched log-probability of each token chosen by a row still on its control's path.
+
+        While a row's tokens equal its control's, the control's distribution at this step is the unpatched
+        target's after the same tokens: the row's token is scored there for free. Rows of a request step
+        together, so a row's control is in the same step until the row leaves the path.
+        """
+        assert step.logits is not None
+        where = {row: k for k, row in enumerate(step.rows)}
+        picks: list[tuple[int, int]] = []  # (control's index in the step, the row's token)
+        keys: list[tuple[int, int]] = []  # (control row, row)
+        for row, token, stop in zip(step.rows, step.token_ids, step.finished, strict=True):
+            control = self.controls.get(row) if self.controls else None
+            if control is None or stop or row in self.off_path or control not in where:
+                continue
+            ids, control_ids = self._ids(row), self._ids(control)
+            if ids != control_ids:
+                self.off_path.add(row)
+                continue
+            picks.append((where[control], token))
+            keys.append((control, row))
+        if not picks:
+            return
+        at = torch.tensor(picks, device=step.logits.device)  # [n, 2]
+        values = (step.logits[at[:, 0], at[:, 1]].float() - lse[at[:, 0]]).tolist()
+        for (control, row), (_, token), value in zip(keys, picks, values, strict=True):
+            self.prefixes[control][(*self._ids(row), token)] = value
+
+    def _ids(self, row: int) -> list[int]:
+        """The row's tokens before this step (stop tokens excluded)."""
+        decoder = self.decoders.get(row)
+        return decoder.ids if decoder is not None else []
 
 
 def _observe(
@@ -197,8 +235,10 @@ def _observe(
     logprobs: dict[int, list[float]],
     effects: dict[int, float],
     new: list,
-) -> None:
+) -> torch.Tensor:
     """Log-probabilities of the chosen tokens (stop tokens excluded), and first-step distances.
+
+    Returns the step's log-sum-exp per row ([B]).
 
     The chosen token's log-probability is its logit minus the row's log-sum-exp, so no [B, V]
     log-softmax is written at every step; probabilities are formed only on a row's first step, for the
@@ -208,18 +248,20 @@ def _observe(
         raise ValueError("signals need the steps' logits (iter_patched_generate(..., keep_logits=True))")
     logits = step.logits.float()  # [B, V]; a no-op for the float32 logits generation keeps
     ids = torch.tensor(step.token_ids, device=logits.device)[:, None]  # [B, 1]
-    chosen = (logits.gather(1, ids)[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+    lse = torch.logsumexp(logits, dim=-1)  # [B]
+    chosen = (logits.gather(1, ids)[:, 0] - lse).tolist()
     for k, (row, stop) in enumerate(zip(step.rows, step.finished, strict=True)):
         if not stop:
             logprobs.setdefault(row, []).append(chosen[k])
     if not new:
-        return
+        return lse
     where = {row: k for k, row in enumerate(step.rows)}
     pairs = [(row, controls[row]) for row in new if controls.get(row) in where]
     if not pairs:
-        return
+        return lse
     needed = sorted({where[r] for pair in pairs for r in pair})
     at = {k: j for j, k in enumerate(needed)}
     probs = torch.softmax(logits[needed], dim=-1)  # [n, V]
     for row, control in pairs:
         effects[row] = float(total_variation(probs[at[where[row]]], probs[at[where[control]]]))
+    return lse
