@@ -6,8 +6,8 @@ import pytest
 from tests.conftest import data_dir
 
 from patchscope.engine.template import tokenize_prompt
-from patchscope.eval import attributes
-from patchscope.eval.common import mentions, read_relations
+from patchscope.eval import attributes, description
+from patchscope.eval.common import batched_plain_texts, mentions, plain_texts, read_relations
 
 pytestmark = pytest.mark.realmodel
 
@@ -26,3 +26,17 @@ def test_attributes_on_smollm2_read_a_state_off_position_zero_and_keep_their_con
     # Baselines that can fail: the majority class cannot name eight different capitals.
     assert summary["majority_class"]["p"] < 0.5
     assert 0.0 <= summary["paper_mean_over_l_of_any_l_star"]["mean"] <= summary["any_pair_oracle"]["p"]
+
+
+def test_batched_plain_prompts_decode_as_the_engine_does_on_smollm2(smollm2):
+    prompts = [
+        "The Eiffel Tower is in the country of",
+        "Paris",
+        "Let's think step by step. The capital of Italy is",
+    ]
+    assert batched_plain_texts(smollm2, prompts, 10) == plain_texts(smollm2, prompts, 10)
+
+
+def test_the_popularity_proxy_finds_a_famous_name_less_surprising_than_a_made_up_one(smollm2):
+    famous, made_up = description.name_surprisal(smollm2, ["Barack Obama", "Qwzrtelb Fmoxuvin"])
+    assert famous < made_up
