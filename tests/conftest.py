@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny BPE tokenizer trained on real text, and tiny random models of each architecture.
 
 Tiny models are saved with `save_pretrained` and loaded back through the same loader as real models, so
-unit tests exercise the real loading path, hook-site table and fingerprinting.
+unit tests exercise the real loading path, hook-point table and fingerprinting.
 """
 
 from __future__ import annotations

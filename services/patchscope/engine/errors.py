@@ -50,7 +50,7 @@ class ModelUnavailable(PatchscopeError):
 
 
 class UnsupportedArchitecture(PatchscopeError):
-    """The model's architecture has no entry in the hook-site table (FAILED_PRECONDITION)."""
+    """The model's architecture has no entry in the hook-point table (FAILED_PRECONDITION)."""
 
 
 class IncompatibleModels(PatchscopeError):

@@ -1,4 +1,4 @@
-"""What a caller asks for, as domain objects (the wire's proto messages are converted in `wire.py`)."""
+"""What a caller asks for, as domain objects (proto messages are converted in the `wire` package)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loading a converted model into a `LoadedModel`: weights, tokenizer, hook sites and fingerprint.
+"""Loading a converted model into a `LoadedModel`: weights, tokenizer, hook points and fingerprint.
 
 `LoadedModel` is a plain record of what was loaded. What a target keeps between calls (prefix cache, lean
 forward, static decoder) lives a level up, in `engine/runtime.py`.
@@ -79,7 +79,7 @@ def load_directory(
     device: str | torch.device = "cpu",
     options: EngineOptions = DEFAULTS,
 ) -> LoadedModel:
-    """Load a transformers directory (never with remote code) and resolve its hook sites.
+    """Load a transformers directory (never with remote code) and resolve its hook points.
 
     Of `options` only `gemm` matters here: packing the linear layers changes the model's modules, so it
     happens at load; the forward and the decode loop are the runtime's (`TargetRuntime.build`).
