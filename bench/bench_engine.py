@@ -268,6 +268,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-loop", action="store_true", help="skip (a), the slowest baseline")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per CPU)")
     parser.add_argument(
         "--controls-only",
         action="store_true",
@@ -283,7 +284,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     load_weights = functools.partial(load_model, args.model, dtype=args.dtype, device=args.device)
     m = load_weights(options=EngineOptions(gemm="aten"))
@@ -334,27 +335,38 @@ def main() -> None:
         for fn in cases.values():  # warm-up
             fn()
 
+        cpu_seconds: list[float] = []  # this process's CPU time of the latest `timed` call
+
         def timed(fn: Callable[[], object]) -> float:
             sync(m.device)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
             sync(m.device)
+            cpu_seconds[:] = [time.process_time() - cpu]
             return time.perf_counter() - start
 
         # Each case runs between two engine runs and is divided by their mean: this CPU's speed drifts by
         # up to 1.5x over minutes, which medians of separately timed cases do not cancel.
         times: dict[str, list[float]] = {name: [] for name in cases}
         ratios: dict[str, list[float]] = {name: [] for name in cases if name != ENGINE}
+        # The same pairs in this process's CPU seconds: on a shared machine other processes' load moves
+        # wall times by more than the controls cost, CPU time much less (for the controls' ratio).
+        cpu_ratios: list[float] = []
         others = list(ratios)
         for r in range(args.repeats):
             before = timed(cases[ENGINE])
+            cpu_before = cpu_seconds[0]
             times[ENGINE].append(before)
             for name in others[r % len(others) :] + others[: r % len(others)]:  # rotated order
-                took, after = timed(cases[name]), timed(cases[ENGINE])
+                took = timed(cases[name])
+                cpu_took = cpu_seconds[0]
+                after = timed(cases[ENGINE])
                 times[name].append(took)
                 times[ENGINE].append(after)
                 ratios[name].append(took / ((before + after) / 2))
-                before = after
+                if name == CONTROLS:
+                    cpu_ratios.append(cpu_took / ((cpu_before + cpu_seconds[0]) / 2))
+                before, cpu_before = after, cpu_seconds[0]
         breakdown = sweep(engine, args.new_tokens)
         reference = build(m, engine, engine_transformers, stock, args.new_tokens)[BATCHED]()
 
@@ -387,6 +399,11 @@ def main() -> None:
         f"{min(cost):.2f}–{max(cost):.2f}×, n = {len(cost)}; rounds "
         + ", ".join(f"{c:.3f}" for c in cost)
         + ")"
+    )
+    print(
+        f"RESULT controls on ÷ off, CPU time: {statistics.median(cpu_ratios):.2f}× (per round "
+        + ", ".join(f"{c:.3f}" for c in cpu_ratios)
+        + f"; {torch.get_num_threads()} threads)"
     )
     nnsight_timed = [name for name in nnsight_cases if name in speedup]
     if nnsight_timed:
