@@ -151,6 +151,7 @@ def fit_behavioural(
         optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
         target_var = float(train.y.var(dim=0).sum())
         start_kl = split_kl(forwards, val, model, lookup=lookup)
+        on_step(0, options.max_steps, start_kl)  # a log shows what the steps improve on
         best_kl, best_state, best_step, stale = start_kl, copy.deepcopy(model.state_dict()), 0, 0
         # Minibatches come from one template each (one forward per step), in a seeded order.
         batches: list[tuple[str, torch.Tensor]] = []
