@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 engine case")
+    parser.add_argument(
+        "--skip-loop", action="store_true", help="engine cases only (the loop's kernels never change)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -60,7 +63,7 @@ def main() -> None:
         engines["engine gemm=aten fp32"],
         args.new_tokens,
     )
-    cases: dict[str, Callable[[], object]] = {LOOP: peers[LOOP]}
+    cases: dict[str, Callable[[], object]] = {} if args.skip_loop else {LOOP: peers[LOOP]}
     cases |= {name: functools.partial(sweep, rt, args.new_tokens) for name, rt in engines.items()}
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
@@ -86,15 +89,19 @@ def main() -> None:
                 start = time.perf_counter()
                 cases[name]()
                 times[name].append(time.perf_counter() - start)
-    print(f"{'case':<28}{'median s':>10}{'loop ÷ case (median, range)':>36}")
+            print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+    print(
+        f"{'case':<28}{'median s':>10}" + ("" if args.skip_loop else f"{'loop ÷ case (median, range)':>36}")
+    )
     for name in names:
-        ratios = [loop / t for loop, t in zip(times[LOOP], times[name], strict=True)]
-        print(
-            f"{name:<28}{statistics.median(times[name]):>10.3f}{statistics.median(ratios):>14.1f}× "
-            f"({min(ratios):.1f}–{max(ratios):.1f}×, n = {args.repeats})"
-        )
+        line = f"{name:<28}{statistics.median(times[name]):>10.3f}"
+        if not args.skip_loop:
+            ratios = [loop / t for loop, t in zip(times[LOOP], times[name], strict=True)]
+            spread = f"({min(ratios):.1f}–{max(ratios):.1f}×, n = {args.repeats})"
+            line += f"{statistics.median(ratios):>14.1f}× {spread}"
+        print(line)
     base = times["engine gemm=aten fp32"]
-    for name in names[2:]:
+    for name in [n for n in names if n not in (LOOP, "engine gemm=aten fp32")]:
         paired = [t / b for t, b in zip(times[name], base, strict=True)]
         print(
             f"RESULT {name} ÷ gemm=aten fp32: {statistics.median(paired):.2f} "
