@@ -26,7 +26,9 @@ class EngineOptions:
     gain from oneDNN-packed weights while the packed copies double the memory of the linear weights, and
     the stock kernel keeps the engine's logits those of transformers' own forward, which the equivalence
     tests and the precision benchmark compare against. `auto` (oneDNN for float32 on a CPU) and `onednn`
-    stay for in-process sweeps that want the faster products and can spend the memory.
+    stay for in-process sweeps that want the faster products and can spend the memory. `auto` does not
+    choose by instruction set: `bench/bench_cpu_kinds.py` compares the options on the CPU it runs on
+    (engine/cpu.py names its kind), and on the AMX/AVX-512 Xeon measured the packed kernels did not win.
 
     `forward`: `auto` runs the lean forward (models/lean.py) for the families the layout table marks lean,
     on a CPU, where it removes per-step bookkeeping; transformers' forward elsewhere. Its explanations equal
