@@ -157,6 +157,24 @@ def test_service_placement_is_one_way_and_leaves_the_devices_to_it():
             ServiceConfig(**base, **wrong)
 
 
+def test_a_hosted_target_is_placed_by_the_service_config_and_a_source_is_not(tiny_dirs):
+    from patchscope.serve.hosting import Hosted
+
+    config = dict(
+        sources=["tiny-llama"],
+        targets=["tiny-llama"],
+        models={"tiny-llama": str(tiny_dirs["llama"])},
+        auth={"required": False},
+        gemm="aten",
+        forward="transformers",
+        placement={"devices": ["cpu", "cpu"]},
+    )
+    target = Hosted.start(config, "targets").model("tiny-llama")
+    source = Hosted.start(config, "sources").model("tiny-llama")
+    assert placement_of(target) is not None and len(placement_of(target).blocks) == target.layout.num_layers
+    assert placement_of(source) is None
+
+
 @pytest.mark.gpu
 @CUDA
 @torch.inference_mode()

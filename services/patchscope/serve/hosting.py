@@ -18,9 +18,10 @@ import torch
 from patchscope.engine.errors import ModelNotFound
 from patchscope.engine.hooks import capture
 from patchscope.engine.models import LoadedModel, ModelRegistry, load_model
+from patchscope.engine.models.placement import place
 from patchscope.engine.template import tokenize_prompt
 from patchscope.engine.validation import ModelFacts
-from patchscope.serve.config import ServiceConfig
+from patchscope.serve.config import Placement, ServiceConfig
 
 logger = logging.getLogger("patchscope.serve")
 
@@ -79,17 +80,28 @@ def model_registry(config: ServiceConfig) -> ModelRegistry:
     return registry
 
 
-def load_hosted(ids: Iterable[str], config: ServiceConfig) -> dict[str, LoadedModel]:
-    """Load (converting on first use) every model in `ids` on the configured device and dtype."""
+def load_hosted(
+    ids: Iterable[str], config: ServiceConfig, placement: Placement | None = None
+) -> dict[str, LoadedModel]:
+    """Load (converting on first use) every model in `ids` on the configured device and dtype.
+
+    With a `placement`, each model loads on the CPU and then moves block by block to the placement's
+    devices (its dtype chosen for the first of them), so no single device ever holds the whole model.
+    """
     registry = model_registry(config)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device = "cpu" if placement else resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, placement.device_names()[0] if placement else device)
     models = {}
     for model_id in dict.fromkeys(ids):
         logger.info("loading model %s on %s as %s", model_id, device, dtype)
-        models[model_id] = load_model(
+        model = load_model(
             model_id, registry=registry, dtype=dtype, device=device, options=config.engine_options()
         )
+        if placement is not None:
+            blocks = placement.block_placement(model.layout.num_layers)
+            logger.info("placing %s: %s", model_id, blocks.describe())
+            model = place(model, blocks)
+        models[model_id] = model
     return models
 
 
@@ -130,7 +142,8 @@ class Hosted:
         settings = ServiceConfig.model_validate(config)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        models = load_hosted(getattr(settings, role), settings)
+        placement = settings.placement if role == "targets" else None
+        models = load_hosted(getattr(settings, role), settings, placement)
         cards = {model_id: warm_up(model) for model_id, model in models.items()}
         logger.info("%s ready: %s", role, ", ".join(cards))
         return cls(settings, models, cards)
