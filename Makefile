@@ -112,12 +112,12 @@ BENCHES = engine precision gpu encoding prefix growth service mapping
 # wall time for the page). The cross-model maps are the eval's own: fitted per split seed into
 # $(EVAL_MAPS)/seed-N on a grid that includes late layers, held-out nouns excluded, so no evaluation tests a
 # map on its fit documents (eval refuses that). EVAL_GRID is the part of the fitted grid that is evaluated
-# and EVAL_SEEDS the split seeds run; the full 25-pair x 3-seed run is
-# `make eval EVAL_GRID=$(EVAL_PAIRS) EVAL_SEEDS="0 1 2"`.
+# and EVAL_SEEDS the split seeds run; the full 25-pair grid is
+# `make eval EVAL_GRID=$(EVAL_PAIRS)`.
 EVAL_MAPS ?= $(HOME)/.cache/patchscope/eval-mappings
 EVAL_PAIRS = 2:1,2:5,2:9,2:13,2:17,9:1,9:5,9:9,9:13,9:17,16:1,16:5,16:9,16:13,16:17,23:1,23:5,23:9,23:13,23:17,29:1,29:5,29:9,29:13,29:17
 EVAL_GRID ?= 2:1,2:9,2:17,16:1,16:9,16:17,29:1,29:9,29:17
-EVAL_SEEDS ?= 0
+EVAL_SEEDS ?= 0 1 2
 TIMED = $(PY) -m patchscope.eval.timed $(VENV)/bin/patchscope
 eval: install data-check
 	$(VENV)/bin/patchscope prepare smollm2-135m gemma3-270m

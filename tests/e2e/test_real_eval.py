@@ -7,7 +7,8 @@ from tests.conftest import data_dir
 
 from patchscope.engine.template import tokenize_prompt
 from patchscope.eval import attributes, description
-from patchscope.eval.common import batched_plain_texts, mentions, plain_texts, read_relations
+from patchscope.eval.common import mentions, plain_texts, read_relations
+from patchscope.eval.plain import batched_plain_texts
 
 pytestmark = pytest.mark.realmodel
 

@@ -13,7 +13,6 @@ from patchscope.eval import attributes, description, multihop, next_token, next_
 from patchscope.eval.common import (
     Relation,
     Sample,
-    batched_plain_texts,
     logistic_probe,
     majority_baseline,
     mentions,
@@ -24,6 +23,7 @@ from patchscope.eval.common import (
     sign_test,
     wilson,
 )
+from patchscope.eval.plain import batched_plain_texts
 from patchscope.eval.report import write_report
 from patchscope.eval.timed import record
 from patchscope.mapping.pipeline import fit_mappings

@@ -7,7 +7,7 @@ The query τ is split as in the paper into π1, a phrase that names the bridge (
 the range name from the first relation's LRE properties: "the country of the Eiffel Tower"), and π2, the
 second relation's template with π1 in its placeholder ("The capital city of [π1] is"). Only queries whose
 two hops the model answers on their own are kept, as in the paper. Methods, all greedy, `max_new_tokens`
-(the plain prompts in padded batches, `common.batched_plain_texts`, since every query's prompt differs):
+(the plain prompts in padded batches, `plain.batched_plain_texts`, since every query's prompt differs):
 
 - **vanilla**: τ itself;
 - **"Let's think step by step"**: the paper's baseline, literally (`COT_PROMPT`), reported even if a
@@ -38,7 +38,6 @@ from patchscope.engine.models import LoadedModel
 from patchscope.eval.common import (
     Progress,
     Relation,
-    batched_plain_texts,
     hits_string,
     layer_grid,
     mentions,
@@ -52,6 +51,7 @@ from patchscope.eval.common import (
     trivial_object,
     unpatched_texts,
 )
+from patchscope.eval.plain import batched_plain_texts
 
 COT_PROMPT = "Let's think step by step. {}"
 MIN_QUERIES = 1  # a composition with fewer joined samples is not listed

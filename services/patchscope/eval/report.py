@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from patchscope.eval.report_description import description_section
 from patchscope.eval.report_format import _deviation, _mean, _pm, _share
 from patchscope.eval.report_sections import (
     attributes_section,
     cross_model_section,
-    description_section,
     multi_hop_section,
     next_token_section,
 )

@@ -7,7 +7,7 @@ writer decides which results exist, their order, the comparison with the paper's
 
 from __future__ import annotations
 
-from patchscope.eval.report_format import _deviation, _mean, _mean_r, _missing, _pm, _share
+from patchscope.eval.report_format import _deviation, _mean, _missing, _pm, _share
 
 
 def next_token_section(result: dict | None, command: str) -> str:
@@ -141,6 +141,19 @@ def cross_model_section(result: dict | None, command: str) -> str:
             " **No T = S pair beats the text-only baseline**: where the T = S figure is high it is the "
             "target agreeing with the source from the text, not reading the patched state."
         )
+    elif (
+        "same_prompt" in best_ts
+        and best_ts["same_prompt"]["mean"] - best_ts["same_prompt"]["spread"] <= text_only
+    ):
+        verdict += (
+            " **The best T = S pair is within its spread over seeds of the text-only baseline**: the T = S "
+            "figure does not show that the patched state adds anything to the text."
+        )
+    last = max(p["target_layer"] for p in summary["pairs"])
+    verdict += (
+        f" At ℓ* = {last} (the target's last layer) both prompts read the patched last-token state through "
+        "the head alone, so their P@1 agree by construction."
+    )
     return (
         f"`{command}` — seeds {result['seeds']}, {result['positions_per_seed'][0]} positions per seed "
         f"({result['positions']} in all). Maps: ridge-regularised affine maps fitted by `make eval` per "
@@ -320,100 +333,4 @@ def multi_hop_section(result: dict | None, command: str) -> str:
         "construction. "
         + verdict
         + " Every pair's generation per query is stored in the JSON (`queries[].patchscope`).\n"
-    )
-
-
-def _popularity(result: dict) -> str:
-    """How the result split popular from rare entities, in the words of its own record."""
-    if "popularity_proxy" in result:
-        return (
-            "popular (proxy: the source model's mean surprisal per token of the name after "
-            f"`{result['source_context'].split('{}')[0].strip()}`, below the entities' median)"
-        )
-    return f"popular (name ≤ {result['popular_tokens']} source tokens)"
-
-
-def description_section(result: dict | None, command: str) -> str:
-    if result is None:
-        return _missing(command)
-    if "popularity_proxy" not in result:
-        return _missing(command + "  (the saved result predates the median popularity split)")
-    counts = result["counts"]
-    rows = [
-        "| ℓ → ℓ* | ROUGE-L, all | popular | rare | corpus entities | LRE entities | same as unpatched |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for p in result["pairs"]:
-        rows.append(
-            f"| {p['source_layer']} → {p['target_layer']} | {_mean_r(p['all'])} | {_mean_r(p['popular'])} | "
-            f"{_mean_r(p['rare'])} | {_mean_r(p['corpus'])} | {_mean_r(p['lre'])} | "
-            f"{_share(p['same_as_unpatched'])} |"
-        )
-    for name, label in (
-        ("text_only", "text-only (name in the prompt)"),
-        ("no_patch_control", "no-patch control"),
-    ):
-        s = result[name]
-        rows.append(
-            f"| {label} | {_mean_r(s['all'])} | {_mean_r(s['popular'])} | {_mean_r(s['rare'])} | "
-            f"{_mean_r(s['corpus'])} | {_mean_r(s['lre'])} | – |"
-        )
-    best = max(result["pairs"], key=lambda p: p["all"]["rouge_l"])
-    text_only = result["text_only"]["all"]
-    control = result["no_patch_control"]["all"]
-    verdict = (
-        f"Best pair {best['source_layer']} → {best['target_layer']}: {_mean_r(best['all'])}, against "
-        "text-only "
-        f"{_mean_r(text_only)} and no-patch {_mean_r(control)}."
-    )
-    if best["all"]["ci"][0] <= control["rouge_l"]:
-        verdict += (
-            " **Its interval reaches the no-patch control: nothing is shown beyond the prompt's habits.**"
-        )
-    elif best["all"]["rouge_l"] < text_only["rouge_l"]:
-        verdict += " It beats the no-patch control but not the text-only baseline."
-    else:
-        inside = best["all"]["ci"][0] <= text_only["rouge_l"]
-        verdict += (
-            " It is above both baselines' means"
-            + (
-                ", but its interval holds the text-only mean"
-                if inside
-                else ", the text-only mean below its interval"
-            )
-            + "; the pair is the best of "
-            f"{len(result['pairs'])}, chosen after seeing the scores, so this is an upper estimate."
-        )
-    return (
-        f"`{command}` — {counts['all']} entities ({counts['corpus']} WikiText titles with the predicate of "
-        "their "
-        f"lead sentence, {counts['lre']} LRE subjects described from their relation's data); "
-        f"{_popularity(result)}: {counts['popular']}, rare: {counts['rare']}. "
-        "Source "
-        f"prompt `{result['source_context']}`, the paper's few-shot description prompt as target, "
-        f"{result['max_new_tokens']} greedy tokens, the description up to its first comma. ROUGE-L F "
-        f"(rouge-score's rule: lower case, alphanumeric tokens, no stemmer), mean with a bootstrap 95% "
-        f"interval over entities. Control output: {result['control'][:60]!r}."
-        + (
-            " The popular/rare split was redone from the saved descriptions (`--rescore`; greedy, so a "
-            "rerun generates the same texts)."
-            if result.get("rescored")
-            else ""
-        )
-        + "\n\n"
-        + _deviation(
-            "the paper describes Wikipedia entities with their Wikidata descriptions on 7B–13B models, "
-            "popularity from page views; here small models, references built from the shipped corpus and LRE "
-            "data, and the source model's surprisal at the name as the popularity proxy (a weak stand-in: "
-            "per-token surprisal favours long names whose later tokens are predictable)"
-            + (
-                f"; cross-model through the maps of {len(result['pairs'])} stated pairs."
-                if not result["same_model"]
-                else "."
-            )
-        )
-        + verdict
-        + "\n\n"
-        + "\n".join(rows)
-        + "\n"
     )
