@@ -329,8 +329,9 @@ def multi_hop_section(result: dict | None, command: str) -> str:
             "tokens, a word-boundary answer rule."
         )
         + table
-        + "The two-step chain's prompts are the ones the filter already checked, so it scores close to 1 by "
-        "construction. "
+        + "The two-step chain asks hop 2 with the first phrase of the model's own hop-1 answer; the filter "
+        "checked hop 2 with the true bridge, so the chain falls short of 1 where that phrase is not "
+        f"the bridge ({result['chain']['k']}/{result['chain']['n']} here). "
         + verdict
         + " Every pair's generation per query is stored in the JSON (`queries[].patchscope`).\n"
     )
