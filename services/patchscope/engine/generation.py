@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from patchscope.engine.errors import InvalidArgument
 from patchscope.engine.hooks import patching
-from patchscope.engine.kv_cache import KVCache, cache_kwarg
+from patchscope.engine.kv_cache import KVCache, cache_kwarg, transformers_cache
 from patchscope.engine.models.lean_cache import LeanCache
 from patchscope.engine.models.loading import LoadedModel
 from patchscope.engine.patch import Patch
@@ -138,8 +137,8 @@ class StopMatcher:
 
 
 def new_cache(target: TargetRuntime) -> KVCache:
-    """An empty KV cache of the kind the runtime's forward writes."""
-    return LeanCache() if target.lean is not None else DynamicCache(config=target.model.model.config)
+    """An empty KV cache of the kind the runtime's forward writes (the placed kind for a split model)."""
+    return LeanCache() if target.lean is not None else transformers_cache(target.model.model)
 
 
 def _forward(
