@@ -37,6 +37,7 @@ from types import ModuleType
 import torch
 
 from patchscope.engine import GenerationConfig, load_model
+from patchscope.engine.cpu import detect, onednn_isa
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.options import DEFAULTS, GEMMS, EngineOptions
 from patchscope.engine.presets import PRESETS
@@ -316,6 +317,8 @@ def main() -> None:
         f"sweep of {m.layout.num_layers} sites, "
         f"{args.new_tokens} new tokens, median of {args.repeats}"
     )
+    if m.device.type == "cpu":  # the loop ÷ engine ratio moves with the CPU kind: name it beside every figure
+        print(f"{detect().summary()}; oneDNN ISA: {onednn_isa()}")
 
     with torch.inference_mode():
         if nnsight_cases:  # a peer only counts if it explains the same thing: check before timing
