@@ -39,6 +39,11 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int
     return list(tokenizer(prompt).input_ids)
 
 
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[str]:
+    """The prompt's tokens as `extract` sees them (specials added as the model adds them), one string each."""
+    return [tokenizer.decode([t]) for t in tokenize_prompt(tokenizer, prompt)]
+
+
 @lru_cache(maxsize=256)
 def _tokenize(tokenizer: PreTrainedTokenizerBase, template: str, filler: str) -> TemplateTokens:
     prefix, suffix = check_template("template", template)

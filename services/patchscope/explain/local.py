@@ -20,7 +20,7 @@ from patchscope.engine.models import LoadedModel
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.scoring import with_unpatched_scores
 from patchscope.engine.streaming import GenerateRequest, RowEvent, row_events
-from patchscope.engine.template import tokenize_prompt
+from patchscope.engine.template import prompt_tokens
 from patchscope.engine.timings import Timings
 from patchscope.explain.events import Explanation
 from patchscope.explain.limits import Limits
@@ -67,8 +67,7 @@ class LocalBackend:
         return model_info(self._target(model_id).model)
 
     async def tokenize(self, model_id: str, prompt: str) -> list[str]:
-        tokenizer = self._source(model_id).tokenizer
-        return [tokenizer.decode([t]) for t in tokenize_prompt(tokenizer, prompt)]
+        return prompt_tokens(self._source(model_id).tokenizer, prompt)
 
     async def extract(
         self, model_id: str, prompt: str, layers: list[int], positions: list[int]

@@ -8,13 +8,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerBase
 
+from patchscope.engine.template import prompt_tokens
 from patchscope.serve.backend import ServeBackend
 from patchscope.serve.config import ServiceConfig
 from patchscope.serve.hosting import rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
 from patchscope.serve.quotas import QuotaClient
 from patchscope.serve.servicer import Servicer
-from patchscope.serve.source import prompt_tokens
 
 
 class IngressBackend(ServeBackend):

@@ -14,14 +14,9 @@ from ray import serve
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.engine.hooks import HiddenStates, iter_extract
-from patchscope.engine.template import tokenize_prompt
+from patchscope.engine.template import prompt_tokens
 from patchscope.serve.chunked import run_chunked
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
-
-
-def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[str]:
-    """The prompt's tokens as `extract` sees them (specials added as the model adds them), one string each."""
-    return [tokenizer.decode([t]) for t in tokenize_prompt(tokenizer, prompt)]
 
 
 @serve.deployment(name="SourceModel", max_ongoing_requests=64)
