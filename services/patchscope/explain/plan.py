@@ -16,7 +16,7 @@ import torch
 
 from patchscope.engine.errors import IncompatibleModels, InvalidArgument
 from patchscope.engine.generation import GenerationConfig
-from patchscope.engine.presets import Preset, get_preset, resolve_template
+from patchscope.engine.presets import Preset, get_preset, resolve_template, with_default_stop
 from patchscope.engine.validation import (
     ModelFacts,
     check_layers,
@@ -88,7 +88,7 @@ class Plan:
     mapping: Mapping | None  # None: same model, the state goes in as it is
     prompt: str | None = None  # None: the states came with the request
     provenance_mismatch: bool = False
-    controls: bool = True  # run the unpatched control row and report the signals
+    controls: bool = True  # the unpatched control (a row, or the lens's unpatched reading) and the signals
     calibrator: Calibrator | None = None  # set by the pipeline when one is registered
 
     @property
@@ -135,7 +135,9 @@ def _verbalise(spec: TargetSpec, limits: Limits) -> _Verbalise:
             value=spec.generation.max_new_tokens,
         )
     check_positive("target.top_k", spec.top_k, limits.max_top_k)
-    return _Verbalise(preset, template, spec.generation, spec.top_k)
+    # The preset's default stop (presets.py: only where it leaves every answer unchanged), after the
+    # request's own options were checked as the caller sent them.
+    return _Verbalise(preset, template, with_default_stop(preset, spec.generation), spec.top_k)
 
 
 def _target_layers(spec: TargetSpec, source: ModelInfo, target: ModelInfo, layers: list[int]) -> list[int]:
@@ -198,8 +200,7 @@ def plan_explain(
     check_sites(len(layers) * len(positions), limits, "layers × positions")
     target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for s, t in zip(layers, target_layers, strict=True) for p in positions)
-    controls = request.target.controls and how.preset.generates
-    _check_work(len(sites), controls, how, limits)
+    _check_work(len(sites), request.target.controls, how, limits)
     return Plan(
         source=source,
         target=target,
@@ -211,7 +212,7 @@ def plan_explain(
         top_k=how.top_k,
         mapping=_mapping(resolve, source, target, request.target, sites),
         prompt=request.prompt,
-        controls=request.target.controls and how.preset.generates,
+        controls=request.target.controls,
     )
 
 
@@ -279,7 +280,7 @@ def plan_activations(
     else:
         target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for p, s, t in zip(positions, layers, target_layers, strict=True))
-    _check_work(len(sites), request.target.controls and how.preset.generates, how, limits)
+    _check_work(len(sites), request.target.controls, how, limits)
     return Plan(
         source=source,
         target=target,
@@ -290,7 +291,7 @@ def plan_activations(
         generation=how.generation,
         top_k=how.top_k,
         mapping=_mapping(resolve, source, target, request.target, sites),
-        controls=request.target.controls and how.preset.generates,
+        controls=request.target.controls,
         provenance_mismatch=request.fingerprint != source.fingerprint,
     )
 

@@ -113,10 +113,6 @@ class Pipeline:
             check_prompt_size("prompt", request.prompt, self.limits)
             tokens = await self.backend.tokenize(source.id, request.prompt)
             plan = plan_explain(request, source, target, tokens, self.limits, self.resolve)
-        if not plan.preset.generates and request.target.controls:
-            # plan.py counts control rows for the generating presets only; the lens's control is no row
-            # but the unpatched reading at each site (engine/lens_control.py).
-            plan = dataclasses.replace(plan, controls=True)
         if not plan.controls:
             return plan
         return dataclasses.replace(plan, calibrator=self.calibrators(source, target, plan.preset.name))
