@@ -16,13 +16,14 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import torch
 from ray import serve
 
-from patchscope.engine.lens import logit_lens
+from patchscope.engine.lens import iter_logit_lens
 from patchscope.engine.lens_control import LensControlRequest, LensReadings, lens_controls
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.scoring import with_unpatched_scores
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.validation import check_vector
 from patchscope.serve.batching import Batcher, ContinuousBatcher
+from patchscope.serve.chunked import run_chunked
 from patchscope.serve.config import ServiceConfig
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
@@ -125,9 +126,11 @@ class TargetModel:
         for k, vector in enumerate(vectors):
             check_vector(f"vectors[{k}]", vector, model.facts)
 
-        def run() -> LensReadings:
-            readings = [logit_lens(model, vector, top_k) for vector in vectors]
-            controls = lens_controls(model, vectors, control, top_k) if control is not None else None
-            return LensReadings(readings, controls)
-
-        return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+        # In chunks, so a caller who leaves stops the work at the next chunk (serve/chunked.py).
+        readings = await run_chunked(self.executor, iter_logit_lens(model, vectors, top_k))
+        controls = None
+        if control is not None:
+            controls = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lens_controls, model, vectors, control, top_k
+            )
+        return LensReadings(readings, controls)
