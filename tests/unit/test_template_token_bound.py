@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from patchscope.engine.models.registry import ModelRegistry
-from patchscope.engine.template import leading_special_ids, tokenize_template
+from patchscope.engine.template import leading_special_ids, normaliser_growth, tokenize_template
 from patchscope.engine.validation import PLACEHOLDER, check_template
 from patchscope.explain.checks import template_token_bound
 
@@ -73,14 +73,17 @@ def dummy_prefix_tokenizer() -> PreTrainedTokenizerFast:
 
 def check_bound(tokenizer: PreTrainedTokenizerBase, template: str, filler: str, dummy_prefix: int) -> None:
     """The bound on the whole template, and the per-piece facts it is made of."""
+    growth = normaliser_growth(tokenizer)
     assert len(leading_special_ids(tokenizer)) <= 1
     prefix, suffix = check_template("template", template)
     for text in (prefix, filler, suffix):
         if text:
-            assert len(tokenizer(text, add_special_tokens=False).input_ids) <= utf8(text) + dummy_prefix
+            tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+            assert tokens <= growth * utf8(text) + dummy_prefix
     if not tokenizer(filler, add_special_tokens=False).input_ids:
         return  # planning's tokeniser refuses such a filler before any model runs
-    assert len(tokenize_template(tokenizer, template, filler).ids) <= template_token_bound(template, filler)
+    bound = template_token_bound(template, filler, growth)
+    assert len(tokenize_template(tokenizer, template, filler).ids) <= bound
 
 
 SETTINGS = settings(
@@ -121,6 +124,17 @@ def test_a_dummy_prefix_tokenizer_stays_within_the_byte_bound(template, filler):
 
 
 DUMMY = dummy_prefix_tokenizer()
+
+
+def test_an_nfc_normaliser_is_seen_and_its_growth_bounds_the_tokens(tiny_models):
+    # U+0344 (2 bytes) is 4 bytes after NFC (U+0308 U+0301): 4 byte-level tokens from 2 bytes sent, so the
+    # plain byte bound is wrong for such a tokenizer and planning multiplies it by the normal form's growth.
+    qwen2 = tiny_models["qwen2"].tokenizer
+    nfc = [m for m in tiny_models.values() if normaliser_growth(m.tokenizer) == 3]
+    assert qwen2 in [m.tokenizer for m in nfc]
+    assert normaliser_growth(DUMMY) == 1
+    assert len(qwen2("\u0344", add_special_tokens=False).input_ids) > utf8("\u0344")
+    check_bound(qwen2, "{}\u0344", "?", dummy_prefix=0)
 
 
 def test_the_bound_is_tight_for_a_dummy_prefix_tokenizer():

@@ -6,6 +6,7 @@ the placeholder and every row of a sweep gets the same ids (DESIGN.md, "template
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,6 +38,27 @@ def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Ids of a source prompt exactly as the model's own tokenizer adds specials to it."""
     return list(tokenizer(prompt).input_ids)
+
+
+# How many times its UTF-8 bytes a text can grow under each Unicode normal form (UAX #15, "Design
+# Goals": NFC and NFD 3×, NFKC and NFKD 11× in UTF-8).
+_NORMAL_FORM_GROWTH = {"NFC": 3, "NFD": 3, "NFKC": 11, "NFKD": 11}
+
+
+def normaliser_growth(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most a tokenizer's normaliser can multiply a text's UTF-8 bytes by, before it is tokenised.
+
+    Planning bounds a template's tokens by its bytes without the target's tokenizer; a normaliser that
+    rewrites text into a Unicode normal form (Qwen2's NFC) can make more bytes, and so more tokens, than
+    the caller sent. A tokenizer without a fast backend is not inspectable: the worst form is assumed.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return max(_NORMAL_FORM_GROWTH.values())
+    normaliser = backend.normalizer  # its own JSON only: the whole tokenizer's is megabytes of vocabulary
+    spec = normaliser.__getstate__().decode("utf-8") if normaliser is not None else ""
+    found = re.findall(r'"type":\s*"(NFK?[CD])"', spec)
+    return max((_NORMAL_FORM_GROWTH[form] for form in found), default=1)
 
 
 def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[str]:

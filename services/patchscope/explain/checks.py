@@ -74,20 +74,24 @@ def check_mapping_id(mapping: str, limits: Limits) -> None:
 TEMPLATE_TOKEN_SLACK = 2
 
 
-def template_token_bound(template: str, filler: str) -> int:
+def template_token_bound(template: str, filler: str, growth: int = 1) -> int:
     """At most this many target tokens for `template` with `filler`, for any supported tokenizer.
 
     Why it holds without the target's tokenizer: byte-level BPE maps each byte to one symbol and every
     token covers at least one; SentencePiece-style BPE with byte fallback gives a piece it lacks one token
-    per byte; neither normalises text into more bytes (no NFKC/NFC). tests/unit/test_template_token_bound.py
-    checks it on random text for each supported family, the real models' tokenizers among them.
+    per byte. A normaliser may first rewrite the text into at most `growth` times its bytes (the target's
+    `ModelInfo.normaliser_growth`: 3 for Qwen2's NFC). tests/unit/test_template_token_bound.py checks it on
+    random text for each supported family, the real models' tokenizers among them.
     """
-    return len(template.encode("utf-8", "surrogatepass")) + len(filler.encode("utf-8")) + TEMPLATE_TOKEN_SLACK
+    size = len(template.encode("utf-8", "surrogatepass")) + len(filler.encode("utf-8"))
+    return growth * size + TEMPLATE_TOKEN_SLACK
 
 
-def check_token_steps(rows: int, template: str, filler: str, new_tokens: int, limits: Limits) -> None:
+def check_token_steps(
+    rows: int, template: str, filler: str, new_tokens: int, limits: Limits, growth: int = 1
+) -> None:
     """The work of one request within the budget; a template's tokens bounded by `template_token_bound`."""
-    steps = rows * (template_token_bound(template, filler) + new_tokens)
+    steps = rows * (template_token_bound(template, filler, growth) + new_tokens)
     if steps > limits.max_token_steps:
         raise InvalidArgument(
             "target",

@@ -22,10 +22,10 @@ class Limits(BaseModel):
     # Templates are prompts too: a long one is a long prefill on the target's only worker thread.
     max_template_chars: int = Field(4096, ge=1)
     # UTF-8 bytes of a template: a bound on its target tokens without the target's tokenizer. Every token
-    # of a byte-level BPE or a byte-fallback SentencePiece vocabulary covers at least one byte and neither
-    # normalises text into more bytes, so tokens <= bytes + the filler's bytes + 2 (BOS and up to three
-    # dummy-prefix "▁" less the placeholder's two bytes: checks.template_token_bound, shown on random text
-    # for every supported family in tests/unit/test_template_token_bound.py).
+    # of a byte-level BPE or a byte-fallback SentencePiece vocabulary covers at least one byte, so tokens
+    # <= g × (bytes + the filler's bytes) + 2 (BOS and up to three dummy-prefix "▁" less the placeholder's
+    # two bytes), g the growth of the target's normaliser (3 for Qwen2's NFC): checks.template_token_bound,
+    # shown on random text for every supported family in tests/unit/test_template_token_bound.py.
     max_template_bytes: int = Field(4096, ge=1)
     max_sites: int = Field(512, ge=1)
     # Layers of one ExtractHiddenStates call, or of one Explain, checked before they are resolved; an

@@ -20,7 +20,7 @@ from patchscope.engine.models import LoadedModel
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.scoring import with_unpatched_scores
 from patchscope.engine.streaming import GenerateRequest, RowEvent, row_events
-from patchscope.engine.template import prompt_tokens
+from patchscope.engine.template import normaliser_growth, prompt_tokens
 from patchscope.engine.timings import Timings
 from patchscope.explain.events import Explanation
 from patchscope.explain.limits import Limits
@@ -35,6 +35,7 @@ def model_info(model: LoadedModel) -> ModelInfo:
         fingerprint=model.fingerprint,
         facts=model.facts,
         dtype=str(model.dtype).removeprefix("torch."),
+        normaliser_growth=normaliser_growth(model.tokenizer),
     )
 
 

@@ -49,6 +49,8 @@ class ModelInfo:
     dtype: str = "float32"
     # Typical L2 norm of each layer's states (warm-up text), reported beside each mapped state; may be empty.
     layer_norms: tuple[float, ...] = ()
+    # The most the tokenizer's normaliser multiplies a text's UTF-8 bytes by (engine/template.py).
+    normaliser_growth: int = 1
 
 
 class Mapping(Protocol):
@@ -171,11 +173,13 @@ def _mapping(
     return resolve(source, target, pairs, spec.mapping)
 
 
-def _check_work(sites: int, controls: bool, how: _Verbalise, limits: Limits) -> None:
+def _check_work(sites: int, controls: bool, how: _Verbalise, target: ModelInfo, limits: Limits) -> None:
     """The token-step budget of a generating preset (the logit lens decodes nothing)."""
     if how.preset.generates:
         rows = sites + controls
-        check_token_steps(rows, how.template, how.preset.filler, how.generation.max_new_tokens, limits)
+        new_tokens = how.generation.max_new_tokens
+        growth = target.normaliser_growth
+        check_token_steps(rows, how.template, how.preset.filler, new_tokens, limits, growth)
 
 
 def plan_explain(
@@ -200,7 +204,7 @@ def plan_explain(
     check_sites(len(layers) * len(positions), limits, "layers × positions")
     target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for s, t in zip(layers, target_layers, strict=True) for p in positions)
-    _check_work(len(sites), request.target.controls, how, limits)
+    _check_work(len(sites), request.target.controls, how, target, limits)
     return Plan(
         source=source,
         target=target,
@@ -280,7 +284,7 @@ def plan_activations(
     else:
         target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for p, s, t in zip(positions, layers, target_layers, strict=True))
-    _check_work(len(sites), request.target.controls, how, limits)
+    _check_work(len(sites), request.target.controls, how, target, limits)
     return Plan(
         source=source,
         target=target,

@@ -27,6 +27,7 @@ def card_info(card: ModelCard) -> ModelInfo:
         facts=card.facts,
         dtype=card.dtype,
         layer_norms=tuple(card.layer_norms),
+        normaliser_growth=card.normaliser_growth,
     )
 
 

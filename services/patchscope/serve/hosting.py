@@ -19,7 +19,7 @@ from patchscope.engine.errors import ModelNotFound
 from patchscope.engine.hooks import capture
 from patchscope.engine.models import LoadedModel, ModelRegistry, load_model
 from patchscope.engine.models.placement import place
-from patchscope.engine.template import tokenize_prompt
+from patchscope.engine.template import normaliser_growth, tokenize_prompt
 from patchscope.engine.validation import ModelFacts
 from patchscope.serve.config import Placement, ServiceConfig
 
@@ -48,6 +48,8 @@ class ModelCard:
     max_positions: int | None
     # Mean L2 norm of each layer's states over WARMUP_TEXT, position 0 (the attention sink) excluded.
     layer_norms: tuple[float, ...]
+    # The most the tokenizer's normaliser multiplies a text's UTF-8 bytes by (bounds template tokens).
+    normaliser_growth: int = 1
 
     @property
     def facts(self) -> ModelFacts:
@@ -125,6 +127,7 @@ def warm_up(model: LoadedModel) -> ModelCard:
         dtype=str(model.dtype).removeprefix("torch."),
         max_positions=facts.max_positions,
         layer_norms=norms,
+        normaliser_growth=normaliser_growth(model.tokenizer),
     )
 
 
