@@ -8,17 +8,11 @@ declared metric from an actor, and prints the scrape.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-
 import pytest
 
+from patchscope.serve.local import free_port
 from patchscope.serve.metrics import DECLARED, QUEUED, exposed_names
+from tests.integration.ray_child import run_ray_child
 
 pytestmark = pytest.mark.ray
 
@@ -26,8 +20,8 @@ CHILD = r"""
 import json, sys, time, urllib.request
 import ray
 
-port = int(sys.argv[1])
-ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[2],
+port = int(sys.argv[2])
+ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1],
          _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
 
 @ray.remote(num_cpus=0)
@@ -62,27 +56,8 @@ ray.shutdown()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_scrape_shows_every_declared_metric_under_its_documented_name():
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    temp_dir = tempfile.mkdtemp(prefix="ray-mx-", dir="/tmp")  # short: Ray's socket paths have a limit
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(free_port()), temp_dir],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    scraped = json.loads(done.stdout.strip().splitlines()[-1])
+    scraped = run_ray_child(CHILD, str(free_port()), prefix="ray-mx-", timeout_s=300)
     names = {line.split("{")[0] for line in scraped["first"]}
     expected = {name for spec in DECLARED for name in exposed_names(spec)}
     assert names == expected

@@ -8,16 +8,11 @@ a source call inside `patchscope.source_pass`, then a streamed generation under 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-
 import pytest
 
 from patchscope.serve import tracing
+from patchscope.serve.local import free_port
+from tests.integration.ray_child import run_ray_child
 
 pytestmark = pytest.mark.ray
 pytest.importorskip("opentelemetry.sdk.trace", reason="OpenTelemetry SDK not installed")
@@ -73,29 +68,8 @@ ray.shutdown()
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_stage_spans_join_serves_trace_and_parent_the_calls_made_inside_them():
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    temp_dir = tempfile.mkdtemp(prefix="ray-tr-", dir="/tmp")  # short: Ray's socket paths have a limit
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, temp_dir, str(free_port())],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=400,
-        )
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_ray_child(CHILD, str(free_port()), prefix="ray-tr-", timeout_s=400)
     assert result["reply"] == "ok"
     spans = result["spans"]
     by_id = {s["id"]: s for s in spans}
