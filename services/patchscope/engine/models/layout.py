@@ -82,15 +82,18 @@ class Layout:
     def unembed_normed(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits ([n, V]) of already-normed states ([n, d]), as the model's own head computes them.
 
-        `W @ h.T` rather than `linear(h, W)`: with few rows and a large vocabulary the former is the
-        faster CPU kernel (bench/results.md), and decoding calls it every step.
+        One row is `W @ h.T`, the faster CPU kernel for a single decode row (bench/results.md). More rows
+        use `linear`: no slower there, and its logits are contiguous, where the transposed product makes
+        every reduction over the vocabulary after it (argmax, log-sum-exp) several times slower.
         """
+        bias = getattr(self.unembed, "bias", None)
         if isinstance(self.unembed, PackedLinear):  # oneDNN's packed head beats both (packed.py)
             logits = self.unembed(normed)
+        elif normed.dim() == 2 and normed.shape[0] == 1:
+            logits = (self.unembed.weight @ normed.T).T  # [V, 1] -> [1, V], contiguous
+            logits = logits if bias is None else logits + bias
         else:
-            logits = (self.unembed.weight @ normed.T).T  # [V, n] -> [n, V]
-            if getattr(self.unembed, "bias", None) is not None:
-                logits = logits + self.unembed.bias
+            logits = nn.functional.linear(normed, self.unembed.weight, bias)
         return self.capped(logits)
 
     def capped(self, logits: torch.Tensor) -> torch.Tensor:
