@@ -141,6 +141,28 @@ def new_cache(target: TargetRuntime) -> KVCache:
     return LeanCache() if target.lean is not None else transformers_cache(target.model.model)
 
 
+def normed_states(
+    target: TargetRuntime,
+    ids: torch.Tensor,
+    kv: KVCache,
+    patches: Sequence[Patch] = (),
+    *,
+    identical_rows: bool = False,
+    last_only: bool = True,
+) -> torch.Tensor:
+    """Final-normed states of the last position ([B, d]), or of every new one ([B, t, d]), after `ids`.
+
+    The runtime's forward: the lean one where it has it (`identical_rows`: see `LeanDecoder.forward`),
+    else the base model, which ends with the final norm, with `patches` (absolute positions) hooked in.
+    """
+    if target.lean is not None:
+        return target.lean.forward(ids, kv, patches, identical_rows=identical_rows, last_only=last_only)
+    base = target.model.model.base_model
+    with patching(target.model.layout, patches, offset=kv.get_seq_length()):
+        hidden = base(ids, use_cache=True, **{cache_kwarg(type(base)): kv}).last_hidden_state  # [B, t, d]
+    return hidden[:, -1] if last_only else hidden
+
+
 def _forward(
     target: TargetRuntime,
     ids: torch.Tensor,
@@ -151,19 +173,11 @@ def _forward(
 ) -> torch.Tensor:
     """Logits of the last position only ([B, V]), with `patches` applied (absolute positions).
 
-    Runs the base model (which ends with the final norm) and the head ourselves: the causal-LM wrapper
-    adds measurable per-step overhead on the CPU, and only the last position's logits are ever needed.
-    A runtime with the lean forward runs that instead (`identical_rows`: see `LeanDecoder.forward`).
+    The head runs here, not the causal-LM wrapper: the wrapper adds measurable per-step overhead on the
+    CPU, and only the last position's logits are ever needed.
     """
-    layout = target.model.layout
-    if target.lean is not None:
-        normed = target.lean.forward(ids, kv, patches, identical_rows=identical_rows)
-    else:
-        base = target.model.model.base_model
-        kwargs = {cache_kwarg(type(base)): kv}
-        with patching(layout, patches, offset=kv.get_seq_length()):
-            normed = base(ids, use_cache=True, **kwargs).last_hidden_state[:, -1]  # [B, d]
-    return layout.unembed_normed(normed).float()
+    normed = normed_states(target, ids, kv, patches, identical_rows=identical_rows)
+    return target.model.layout.unembed_normed(normed).float()
 
 
 def stop_ids(target: LoadedModel) -> set[int]:

@@ -25,7 +25,11 @@ Reading = tuple[str, list[tuple[str, float]]]
 def logit_lens(target: LoadedModel, vector: torch.Tensor, top_k: int) -> Reading:
     """Top-1 token (the explanation) and the top-k (token, probability) pairs of the state itself."""
     hidden = vector.to(target.device, target.dtype)[None, :]  # [1, d]
-    probs = torch.softmax(target.layout.logits(hidden).float(), dim=-1)[0]  # [V]
+    return reading_of(target, torch.softmax(target.layout.logits(hidden).float(), dim=-1)[0], top_k)
+
+
+def reading_of(target: LoadedModel, probs: torch.Tensor, top_k: int) -> Reading:
+    """The reading of a lens distribution ([V]): its top-1 token and top-k (token, probability) pairs."""
     values, ids = probs.topk(top_k)
     pairs = [
         (target.tokenizer.decode([i]), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)

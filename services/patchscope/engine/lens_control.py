@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from patchscope.engine.hooks import capture
-from patchscope.engine.lens import Reading, logit_lens
+from patchscope.engine.lens import Reading, reading_of
 from patchscope.engine.models.loading import LoadedModel
 from patchscope.engine.template import tokenize_template
 
@@ -66,12 +66,11 @@ def lens_controls(
     tokens = tokenize_template(target.tokenizer, request.template, request.filler)
     ids = torch.tensor([tokens.ids], device=target.device)  # [1, T]
     own = capture(target, ids, sorted(set(request.layers)), [tokens.placeholder])  # layer -> [1, d]
-    unpatched = {
-        layer: (logit_lens(target, state[0], top_k), _read(target, state[0])) for layer, state in own.items()
-    }
+    unpatched = {layer: _read(target, state[0]) for layer, state in own.items()}
+    readings = {layer: reading_of(target, probs, top_k) for layer, (probs, _) in unpatched.items()}
     controls = []
     for vector, layer in zip(vectors, request.layers, strict=True):
-        (explanation, pairs), (base_probs, base_logprobs) = unpatched[layer]
+        (explanation, pairs), (base_probs, base_logprobs) = readings[layer], unpatched[layer]
         probs, logprobs = _read(target, vector)
         top = int(probs.topk(top_k).indices[0])  # the token `logit_lens` names, ranked as it ranks them
         controls.append(

@@ -23,8 +23,8 @@ from typing import TypeVar
 
 import torch
 
-from patchscope.engine.generation import new_cache
-from patchscope.engine.kv_cache import KVCache, cache_kwarg
+from patchscope.engine.generation import new_cache, normed_states
+from patchscope.engine.kv_cache import KVCache
 from patchscope.engine.prefix_cache import PrefixCache
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.streaming import GenerateRequest, RowEvent
@@ -34,15 +34,6 @@ T = TypeVar("T")
 UNEMBED_CHUNK = 256  # positions unembedded at once: bounds the [n, V] logits a long sweep materialises
 
 Prefix = tuple[int, ...]
-
-
-def _normed(target: TargetRuntime, ids: torch.Tensor, kv: KVCache, *, last_only: bool) -> torch.Tensor:
-    """Final-normed states of the new positions ([B, t, d]), or of the last one ([B, d])."""
-    if target.lean is not None:
-        return target.lean.forward(ids, kv, last_only=last_only)
-    base = target.model.model.base_model
-    hidden = base(ids, use_cache=True, **{cache_kwarg(type(base)): kv}).last_hidden_state  # [B, t, d]
-    return hidden[:, -1] if last_only else hidden
 
 
 def _rows_to_run(continuations: Sequence[Prefix], known: dict[Prefix, float]) -> list[Prefix]:
@@ -98,11 +89,11 @@ def _template_cache(
 
     def compute_prefix() -> KVCache:
         kv = new_cache(target)
-        _normed(target, ids[None, :shared], kv, last_only=True)
+        normed_states(target, ids[None, :shared], kv, last_only=True)
         return kv
 
     kv = target.prefix_cache.take(full[:shared], 1, compute_prefix) if shared else new_cache(target)
-    last = _normed(target, ids[None, shared:], kv, last_only=True)  # [1, d]
+    last = normed_states(target, ids[None, shared:], kv, last_only=True)  # [1, d]
     if stored is None:
         target.prefix_cache.put(full, kv)
         stored = kv
@@ -129,7 +120,7 @@ def _score_prefixes(
         for k, c in enumerate(fed):
             padded[k, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long, device=device)  # [B, L - 1]
         kv = PrefixCache.copy(template_kv, len(fed))
-        normed = _normed(target, padded, kv, last_only=False)  # [B, L - 1, d]
+        normed = normed_states(target, padded, kv, last_only=False)  # [B, L - 1, d]
     row_of = {c: k for k, c in enumerate(fed)}
     # Each prefix is read once: from the template's last state, or at the first row that has it.
     firsts: list[Prefix] = []
