@@ -92,6 +92,8 @@ def test_explain_streams_typed_events_and_collects_the_same_table(client, stub):
         "patch_effect",
         "dependence",
         "confidence",
+        "mean_state_answer",
+        "same_as_mean_state",
     }
 
 
@@ -130,6 +132,34 @@ def test_every_finished_site_carries_its_control_and_controls_false_removes_it(t
             )
 
     assert [r.control for r in asyncio.run(aio_off()).rows] == [None] * 4
+
+
+def test_the_mean_state_control_and_the_lens_control_reach_the_client(client):
+    """Explain with mean_state_control: each site names its layer's mean-state answer; the logit lens's
+    unpatched top-k travels on the wire (API 1.3)."""
+    kw = {"positions": [-1, 2], "max_new_tokens": 6}
+    table = client.explain_table(
+        "tiny-llama", PROMPT, [1, 2], target="tiny-llama", mean_state_control=True, **kw
+    )
+    for row in table.rows:
+        c = row.control
+        assert isinstance(c.mean_state_explanation, str) and c.mean_state_answer is not None
+        assert c.same_as_mean_state == (row.answer.lower() == c.mean_state_answer.lower())
+    by_layer = {r.site.target_layer: r.control.mean_state_explanation for r in table.rows}
+    assert all(r.control.mean_state_explanation == by_layer[r.site.target_layer] for r in table.rows)
+    plain = client.explain_table("tiny-llama", PROMPT, [1, 2], target="tiny-llama", **kw)
+    assert [r.explanation for r in plain.rows] == [r.explanation for r in table.rows]
+    assert all(r.control.mean_state_answer is None for r in plain.rows)
+    lens = client.explain_table(
+        "tiny-llama", PROMPT, [1, 2], target="tiny-llama", preset="logit-lens", top_k=3
+    )
+    assert all(len(r.control.unpatched_top_k) == 3 for r in lens.rows)
+    assert all(r.control.unpatched_top_k[0][0] == r.control.unpatched_explanation for r in lens.rows)
+    with pytest.raises(CallError, match="mean_state_control") as info:
+        client.explain_table(
+            "tiny-llama", PROMPT, [1], target="tiny-llama", controls=False, mean_state_control=True
+        )
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_explain_activations_of_extracted_states(client):

@@ -73,6 +73,8 @@ def test_explain_json_matches_the_server_cli_and_writes_pictures(tiny_service, c
         "patch_effect",
         "dependence",
         "confidence",
+        "mean_state_answer",
+        "same_as_mean_state",
     }
     page = html.read_text()
     assert (

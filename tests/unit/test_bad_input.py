@@ -87,8 +87,8 @@ def test_explain_validates_before_running_any_model(llama, llama_runtime, monkey
     def request(prompt: str = "Barack Obama", source_layers=(0,), **target) -> ExplainRequest:
         return ExplainRequest(llama.id, prompt, source_layers, TargetSpec(llama.id, **target))
 
+    backend = LocalBackend.of(llama, llama_runtime)  # its warm-up read (layer statistics) runs here
     monkeypatch.setattr(llama.model, "forward", forbidden)
-    backend = LocalBackend.of(llama, llama_runtime)
     for bad, field in [
         (request(preset="nope"), "preset"),
         (request(template="no marker"), "template"),

@@ -149,14 +149,14 @@ def test_explain_and_explain_activations_pass_controls_false_to_the_request():
 
 
 def api_1_0_classes():
-    """The 1.0 schema: this proto without `Control`, `SiteFinished.control` and `TargetSpec.controls`."""
+    """The 1.0 schema: this proto without `Control`, `SiteFinished.control` and the target's control flags."""
     file = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
     kept = [m for m in file.message_type if m.name != "Control"]
     del file.message_type[:]
     file.message_type.extend(kept)
     for message in file.message_type:
-        drop = {"SiteFinished": "control", "TargetSpec": "controls"}.get(message.name)
-        fields = [f for f in message.field if f.name != drop]
+        drop = {"SiteFinished": {"control"}, "TargetSpec": {"controls", "mean_state_control"}}
+        fields = [f for f in message.field if f.name not in drop.get(message.name, set())]
         del message.field[:]
         message.field.extend(fields)
         if message.name == "TargetSpec":
@@ -180,10 +180,10 @@ def test_a_1_0_reader_parses_a_1_1_event_and_ignores_the_control():
     assert spec.model == "t" and "controls" not in spec.DESCRIPTOR.fields_by_name
 
 
-def test_the_version_rule_accepts_a_1_1_server_for_1_0_and_1_1_clients():
-    assert API_VERSION == "1.1"
-    assert compatible("1.1", "1.0") and compatible("1.1", "1.1") and compatible("1.2", "1.1")
-    assert not compatible("1.0", "1.1") and not compatible("2.1", "1.1")
+def test_the_version_rule_accepts_a_1_3_server_for_every_older_1_x_client():
+    assert API_VERSION == "1.3"
+    assert all(compatible("1.3", f"1.{minor}") for minor in range(4))
+    assert not compatible("1.1", "1.3") and not compatible("2.3", "1.3")
 
 
 # ---- the two CLIs -----------------------------------------------------------------------------------

@@ -121,6 +121,8 @@ def test_cli_explain_json_on_a_registered_directory(tiny_dirs, capsys):
         "patch_effect",
         "dependence",
         "confidence",
+        "mean_state_answer",
+        "same_as_mean_state",
     }
 
 

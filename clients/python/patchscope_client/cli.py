@@ -101,6 +101,7 @@ def _options(args: argparse.Namespace) -> dict:
         "stop": tuple(args.stop or ()),
         "top_k": args.top_k,
         "controls": args.controls,
+        "mean_state_control": args.mean_state_control,
     }
 
 
@@ -319,6 +320,12 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the unpatched control row: no unpatched_answer, same_as_unpatched, patch_effect, "
         "dependence or confidence (they print as null / '-')",
+    )
+    p.add_argument(
+        "--mean-state-control",
+        action="store_true",
+        help="also patch each target layer's mean state in a row of its own: mean_state_answer and "
+        "same_as_mean_state (needs the controls; a 1.3 server)",
     )
     _json_flag(p, "one JSON object per finished site, as it arrives (NDJSON), with its reproduction record")
     p.add_argument("--html", default=None, help="write the sweep as a self-contained HTML grid")

@@ -38,8 +38,12 @@ def target_spec(
     top_k: int = 5,
     controls: bool = True,
     stop: Sequence[str] = (),
+    mean_state_control: bool = False,
 ) -> pb.TargetSpec:
-    """`controls=False` skips the control row and `Finished.control`; left unset on the wire, it is on."""
+    """`controls=False` skips the control row and `Finished.control`; left unset on the wire, it is on.
+
+    `mean_state_control` adds the mean-state rows (`Control.mean_state_*`; a 1.3 server, controls on).
+    """
     generation = pb.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if seed is not None:
         generation.seed = seed
@@ -55,6 +59,8 @@ def target_spec(
     )
     if not controls:
         spec.controls = False
+    if mean_state_control:
+        spec.mean_state_control = True
     return spec
 
 
@@ -140,7 +146,8 @@ def mapping_info(m: pb.MappingInfo) -> MappingInfo:
     )
 
 
-def _optional(message, name: str) -> float | None:
+def _optional(message, name: str):
+    """An `optional` field's value, None when the server left it unset."""
     return getattr(message, name) if message.HasField(name) else None
 
 
@@ -159,6 +166,10 @@ def control(finished: pb.SiteFinished) -> Control | None:
         dependence=_optional(c, "dependence"),
         confidence=_optional(c, "confidence"),
         calibrator_id=c.calibrator_id,
+        unpatched_top_k=[(p.token, p.prob) for p in c.unpatched_top_k] or None,
+        mean_state_explanation=_optional(c, "mean_state_explanation"),
+        mean_state_answer=_optional(c, "mean_state_answer"),
+        same_as_mean_state=_optional(c, "same_as_mean_state"),
     )
 
 

@@ -79,14 +79,16 @@ class Token:
 
 @dataclass(frozen=True)
 class Control:
-    """What the target says without the patch, and how much the patch changed it (API 1.1).
+    """What the target says without the patch, and how much the patch changed it (API 1.1; 1.3 fields).
 
     `same_as_unpatched`: the site's answer is the one the target gives with nothing patched, so the
     explanation says nothing about the state. `patch_effect`: total-variation distance between the first
     next-token distributions with and without the patch, in [0, 1]. `dependence`: `explanation_logprob`
     minus `unpatched_logprob` (the same tokens teacher-forced without the patch), nats per token; near 0,
     the target would have said it anyway. `confidence`: a calibrator's probability that the answer is
-    right, None when no calibrator is registered (`calibrator_id` is then empty).
+    right, None when no calibrator is registered (`calibrator_id` is then empty). `unpatched_top_k`:
+    the logit lens's unpatched reading (API 1.3). `mean_state_*`: with the mean-state control (API 1.3),
+    what the target says with its layer's mean state at the site; None without it.
     """
 
     unpatched_explanation: str
@@ -98,6 +100,10 @@ class Control:
     dependence: float | None = None
     confidence: float | None = None
     calibrator_id: str = ""
+    unpatched_top_k: list[tuple[str, float]] | None = None
+    mean_state_explanation: str | None = None
+    mean_state_answer: str | None = None
+    same_as_mean_state: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -146,12 +152,16 @@ class SiteResult:
         if self.top_k:
             record["top_k"] = [{"token": t, "prob": p} for t, p in self.top_k]
         c = self.control  # every key present, None without controls: a reader never guesses which
+        if c is not None and c.unpatched_top_k is not None:
+            record["unpatched_top_k"] = [{"token": t, "prob": p} for t, p in c.unpatched_top_k]
         record.update(
             unpatched_answer=c.unpatched_answer if c else None,
             same_as_unpatched=c.same_as_unpatched if c else None,
             patch_effect=c.patch_effect if c else None,
             dependence=c.dependence if c else None,
             confidence=c.confidence if c else None,
+            mean_state_answer=c.mean_state_answer if c else None,
+            same_as_mean_state=c.same_as_mean_state if c else None,
         )
         return record
 

@@ -2,7 +2,7 @@
 
 # "1.MINOR": the major changes only with a new proto package (patchscope.v2); the minor grows as fields and
 # methods are added.
-API_VERSION = "1.1"  # 1.1: SiteFinished.control, TargetSpec.controls
+API_VERSION = "1.3"  # 1.1: controls; 1.2: GenerationOptions.stop; 1.3: mean-state control, unpatched_top_k
 METADATA_KEY = "patchscope-api-version"
 
 

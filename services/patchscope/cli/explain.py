@@ -59,6 +59,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             ),
             top_k=args.top_k,
             controls=args.controls,
+            mean_state_control=args.mean_state_control,
         ),
     )
     backend = LocalBackend([source], [TargetRuntime.build(target)])
@@ -123,6 +124,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip the unpatched control row: no unpatched_answer, same_as_unpatched, patch_effect, "
         "dependence or confidence (they print as null / '-')",
+    )
+    ex.add_argument(
+        "--mean-state-control",
+        action="store_true",
+        help="also patch each target layer's mean state in a row of its own: mean_state_answer and "
+        "same_as_mean_state (needs the controls)",
     )
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.add_argument("--device", default="cpu")

@@ -53,6 +53,11 @@ class Control:
     calibrator_id: str = ""  # empty: no calibrator registered for this (source, target, preset)
     # The logit lens only: the unpatched reading's (token, probability) pairs (engine/lens_control.py).
     unpatched_top_k: list[tuple[str, float]] | None = None
+    # With the mean-state control: what the target says with its layer ℓ*'s mean state at the site
+    # (engine/layer_stats.py), its answer, and whether the site's answer equals it (None without it).
+    mean_state_explanation: str | None = None
+    mean_state_answer: str | None = None
+    same_as_mean_state: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ class SiteResult:
             patch_effect=c.patch_effect if c else None,
             dependence=c.dependence if c else None,
             confidence=c.confidence if c else None,
+            mean_state_answer=c.mean_state_answer if c else None,
+            same_as_mean_state=c.same_as_mean_state if c else None,
         )
         return record
 

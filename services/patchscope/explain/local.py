@@ -14,6 +14,7 @@ import torch
 from patchscope.engine.errors import ModelNotFound
 from patchscope.engine.generation import iter_patched_generate
 from patchscope.engine.hooks import HiddenStates, extract
+from patchscope.engine.layer_stats import layer_stats
 from patchscope.engine.lens import logit_lens
 from patchscope.engine.lens_control import LensControlRequest, LensReadings, lens_controls
 from patchscope.engine.models import LoadedModel
@@ -30,12 +31,16 @@ from patchscope.explain.run import CalibratorLookup, Pipeline, collect, no_calib
 
 
 def model_info(model: LoadedModel) -> ModelInfo:
+    """What the service's warm-up card says of a model (serve/hosting.py), computed here: one forward."""
+    stats = layer_stats(model)
     return ModelInfo(
         id=model.id,
         fingerprint=model.fingerprint,
         facts=model.facts,
         dtype=str(model.dtype).removeprefix("torch."),
+        layer_norms=stats.norms,
         normaliser_growth=normaliser_growth(model.tokenizer),
+        layer_means=stats.means,
     )
 
 
@@ -45,6 +50,9 @@ class LocalBackend:
     def __init__(self, sources: Iterable[LoadedModel], targets: Iterable[TargetRuntime]) -> None:
         self.sources = {m.id: m for m in sources}
         self.targets = {t.model.id: t for t in targets}
+        # Read once here, as a replica's warm-up does: planning a request then runs no model.
+        models = {**self.sources, **{t.model.id: t.model for t in self.targets.values()}}
+        self.infos = {model_id: model_info(model) for model_id, model in models.items()}
 
     @classmethod
     def of(cls, source: LoadedModel, target: TargetRuntime) -> LocalBackend:
@@ -62,10 +70,10 @@ class LocalBackend:
         return self.targets[model_id]
 
     async def source_info(self, model_id: str) -> ModelInfo:
-        return model_info(self._source(model_id))
+        return self.infos[self._source(model_id).id]
 
     async def target_info(self, model_id: str) -> ModelInfo:
-        return model_info(self._target(model_id).model)
+        return self.infos[self._target(model_id).model.id]
 
     async def tokenize(self, model_id: str, prompt: str) -> list[str]:
         return prompt_tokens(self._source(model_id).tokenizer, prompt)

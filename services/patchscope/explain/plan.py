@@ -51,6 +51,8 @@ class ModelInfo:
     layer_norms: tuple[float, ...] = ()
     # The most the tokenizer's normaliser multiplies a text's UTF-8 bytes by (engine/template.py).
     normaliser_growth: int = 1
+    # Each layer's mean state over the warm-up text ([d] float32; engine/layer_stats.py); may be empty.
+    layer_means: tuple[torch.Tensor, ...] = ()
 
 
 class Mapping(Protocol):
@@ -92,10 +94,16 @@ class Plan:
     provenance_mismatch: bool = False
     controls: bool = True  # the unpatched control (a row, or the lens's unpatched reading) and the signals
     calibrator: Calibrator | None = None  # set by the pipeline when one is registered
+    mean_state_control: bool = False  # one more row per target layer: its mean state patched in
 
     @property
     def same_model(self) -> bool:
         return self.source.fingerprint == self.target.fingerprint
+
+    @property
+    def mean_state_layers(self) -> list[int]:
+        """The target layers of the mean-state rows, in row order (none without the control)."""
+        return sorted({s.target_layer for s in self.sites}) if self.mean_state_control else []
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,25 @@ def _mapping(
     return resolve(source, target, pairs, spec.mapping)
 
 
-def _check_work(sites: int, controls: bool, how: _Verbalise, target: ModelInfo, limits: Limits) -> None:
+def _check_controls(spec: TargetSpec, target: ModelInfo, sites: Sequence[Site]) -> int:
+    """The rows the controls add: the unpatched one, and one per target layer for the mean-state control."""
+    if not spec.mean_state_control:
+        return int(spec.controls)
+    if not spec.controls:
+        raise InvalidArgument(
+            "target.mean_state_control", "needs the controls on (target.controls)", value="controls off"
+        )
+    layers = {s.target_layer for s in sites}
+    if len(target.layer_means) != target.facts.num_layers:
+        raise InvalidArgument(
+            "target.mean_state_control",
+            f"target {target.id} has no mean states (its warm-up did not record them)",
+            value=True,
+        )
+    return 1 + len(layers)
+
+
+def _check_work(sites: int, controls: int, how: _Verbalise, target: ModelInfo, limits: Limits) -> None:
     """The token-step budget of a generating preset (the logit lens decodes nothing)."""
     if how.preset.generates:
         rows = sites + controls
@@ -204,7 +230,7 @@ def plan_explain(
     check_sites(len(layers) * len(positions), limits, "layers × positions")
     target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for s, t in zip(layers, target_layers, strict=True) for p in positions)
-    _check_work(len(sites), request.target.controls, how, target, limits)
+    _check_work(len(sites), _check_controls(request.target, target, sites), how, target, limits)
     return Plan(
         source=source,
         target=target,
@@ -217,6 +243,7 @@ def plan_explain(
         mapping=_mapping(resolve, source, target, request.target, sites),
         prompt=request.prompt,
         controls=request.target.controls,
+        mean_state_control=request.target.mean_state_control,
     )
 
 
@@ -284,7 +311,7 @@ def plan_activations(
     else:
         target_layers = _target_layers(request.target, source, target, layers)
     sites = tuple(Site(p, s, t) for p, s, t in zip(positions, layers, target_layers, strict=True))
-    _check_work(len(sites), request.target.controls, how, target, limits)
+    _check_work(len(sites), _check_controls(request.target, target, sites), how, target, limits)
     return Plan(
         source=source,
         target=target,
@@ -296,6 +323,7 @@ def plan_activations(
         top_k=how.top_k,
         mapping=_mapping(resolve, source, target, request.target, sites),
         controls=request.target.controls,
+        mean_state_control=request.target.mean_state_control,
         provenance_mismatch=request.fingerprint != source.fingerprint,
     )
 

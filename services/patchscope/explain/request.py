@@ -36,6 +36,8 @@ class TargetSpec:
     top_k: int = DEFAULT_TOP_K
     # The unpatched control row and the signals derived from it (events.Control); on by default.
     controls: bool = True
+    # Also one row per target layer with that layer's mean state patched in (events.Control.mean_state_*).
+    mean_state_control: bool = False
 
 
 @dataclass(frozen=True)

@@ -147,24 +147,28 @@ class Pipeline:
             async for event in self._lens(plan, vectors, timings):
                 yield event
             return
+        # Rows: the sites, then one per mean-state layer, then the unpatched control (GenerateRequest).
+        mean_layers = plan.mean_state_layers
         request = GenerateRequest(
             model=plan.target.id,
             template=plan.template,
             filler=plan.preset.filler,
-            layers=[s.target_layer for s in plan.sites],
-            vectors=vectors,
+            layers=[s.target_layer for s in plan.sites] + mean_layers,
+            vectors=vectors + [plan.target.layer_means[layer] for layer in mean_layers],
             config=plan.generation,
             control=plan.controls,
         )
-        n = len(plan.sites)  # with controls, row n is the unpatched control
+        n = len(plan.sites)
+        control_row = n + len(mean_layers)
         held: dict[int, RowEvent] = {}  # finished rows waiting for the control to end
         spans = tracing.generation(target=plan.target.id, sites=n, rows=request.num_rows)
         async with spans, contextlib.aclosing(self.backend.generate(request)) as steps:
             async for events in steps:
                 spans.tokens(sum(1 for e in events if not e.stop))
                 for e in events:
-                    if e.row == n:
-                        held[n] = e if e.finished else held.get(n)
+                    if e.row >= n:  # a control row: never streamed
+                        if e.finished:
+                            held[e.row] = e
                         continue
                     if not e.stop or e.text:
                         yield SiteToken(e.row, e.step, e.token_id, e.text)
@@ -173,27 +177,42 @@ class Pipeline:
                     elif e.finished:
                         yield self._finished(plan, e, timings)
         if plan.controls:
-            unpatched = held[n].unpatched_logprobs  # the target scored every row once they had all ended
-            if unpatched is None or len(unpatched) != n:
+            # The target scored every row once they had all ended.
+            unpatched = held[control_row].unpatched_logprobs
+            if unpatched is None or len(unpatched) != control_row:
                 raise RuntimeError(f"the control row's finished event carries no scores for the {n} sites")
             for index in range(n):
-                yield self._finished(plan, held[index], timings, held[n], unpatched[index])
+                mean_state = None
+                if mean_layers:
+                    row = held[n + mean_layers.index(plan.sites[index].target_layer)]
+                    mean_state = row.explanation or ""
+                yield self._finished(
+                    plan, held[index], timings, held[control_row], unpatched[index], mean_state
+                )
 
     async def _lens(
         self, plan: Plan, vectors: list[torch.Tensor], timings: Timings
     ) -> AsyncIterator[SiteFinished]:
         """The logit lens of every site; with controls, beside the unpatched reading at the same site."""
         spec = None
+        # The mean-state control reads each layer's mean state after the sites' own states.
+        mean_layers = plan.mean_state_layers
+        vectors = vectors + [plan.target.layer_means[layer] for layer in mean_layers]
         if plan.controls:
-            layers = [s.target_layer for s in plan.sites]
+            layers = [s.target_layer for s in plan.sites] + mean_layers
             spec = LensControlRequest(plan.template, plan.preset.filler, layers)
         lens = await self.backend.logit_lens(plan.target.id, vectors, plan.top_k, spec)
-        for index, (explanation, pairs) in enumerate(lens.readings):
+        n = len(plan.sites)
+        for index, (explanation, pairs) in enumerate(lens.readings[:n]):
             answer = plan.preset.answer(explanation)
             site_control = None
             if lens.controls is not None:
                 c, site = lens.controls[index], plan.sites[index]
                 r2 = plan.mapping.describe(site.source_layer, site.target_layer)[1] if plan.mapping else None
+                mean_state = None
+                if mean_layers:
+                    mean_reading = lens.readings[n + mean_layers.index(site.target_layer)]
+                    mean_state = self._mean_state(plan, mean_reading[0])
                 site_control = control(
                     answer=answer,
                     unpatched_explanation=c.explanation,
@@ -205,6 +224,7 @@ class Pipeline:
                     mapping_r2=r2,
                     calibrator=plan.calibrator,
                     unpatched_top_k=c.top_k,
+                    mean_state=mean_state,
                 )
             yield SiteFinished(index, explanation, answer, top_k=pairs, timings=timings, control=site_control)
 
@@ -215,7 +235,9 @@ class Pipeline:
         timings: Timings,
         control_row: RowEvent | None = None,
         unpatched_logprob: float | None = None,
+        mean_state: str | None = None,
     ) -> SiteFinished:
+        """A site's finished event; with the controls, from the control row's and the mean-state row's."""
         explanation = e.explanation or ""
         answer = plan.preset.answer(explanation)
         generated = e.timings or Timings()
@@ -240,8 +262,13 @@ class Pipeline:
                 depths=depths(plan, site),
                 mapping_r2=r2,
                 calibrator=plan.calibrator,
+                mean_state=self._mean_state(plan, mean_state) if mean_state is not None else None,
             )
         return SiteFinished(e.row, explanation, answer, timings=site_timings, control=site_control)
+
+    @staticmethod
+    def _mean_state(plan: Plan, explanation: str) -> tuple[str, str]:
+        return explanation, plan.preset.answer(explanation)
 
     async def _extract(self, plan: Plan) -> list[torch.Tensor]:
         assert plan.prompt is not None

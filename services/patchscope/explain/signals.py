@@ -79,8 +79,12 @@ def control(
     mapping_r2: float | None,
     calibrator: Calibrator | None,
     unpatched_top_k: list[tuple[str, float]] | None = None,
+    mean_state: tuple[str, str] | None = None,
 ) -> Control:
-    """The control record of one site, with its confidence when a calibrator is registered."""
+    """The control record of one site, with its confidence when a calibrator is registered.
+
+    `mean_state`: the mean-state row's explanation and answer, when the request asked for it.
+    """
     same = same_answer(answer, unpatched_answer)
     dependence = None
     if explanation_logprob is not None and unpatched_logprob is not None:
@@ -108,4 +112,7 @@ def control(
         confidence=confidence,
         calibrator_id=calibrator.id if calibrator is not None else "",
         unpatched_top_k=unpatched_top_k,
+        mean_state_explanation=mean_state[0] if mean_state else None,
+        mean_state_answer=mean_state[1] if mean_state else None,
+        same_as_mean_state=same_answer(answer, mean_state[1]) if mean_state else None,
     )

@@ -28,6 +28,7 @@ def card_info(card: ModelCard) -> ModelInfo:
         dtype=card.dtype,
         layer_norms=tuple(card.layer_norms),
         normaliser_growth=card.normaliser_growth,
+        layer_means=tuple(card.layer_means),
     )
 
 

@@ -16,20 +16,14 @@ from pathlib import Path
 import torch
 
 from patchscope.engine.errors import ModelNotFound
-from patchscope.engine.hooks import capture
+from patchscope.engine.layer_stats import layer_stats
 from patchscope.engine.models import LoadedModel, ModelRegistry, load_model
 from patchscope.engine.models.placement import place
-from patchscope.engine.template import normaliser_growth, tokenize_prompt
+from patchscope.engine.template import normaliser_growth
 from patchscope.engine.validation import ModelFacts
 from patchscope.serve.config import Placement, ServiceConfig
 
 logger = logging.getLogger("patchscope.serve")
-
-# A fixed, ordinary English text: the warm-up pass and the typical per-layer norms both come from it.
-WARMUP_TEXT = (
-    "The river runs past the old mill, where the baker sells bread every morning to farmers, "
-    "teachers and children on their way to school."
-)
 
 
 @dataclass(frozen=True)
@@ -46,10 +40,12 @@ class ModelCard:
     tokenizer_fingerprint: str
     dtype: str
     max_positions: int | None
-    # Mean L2 norm of each layer's states over WARMUP_TEXT, position 0 (the attention sink) excluded.
+    # Mean L2 norm of each layer's states over the warm-up text (engine/layer_stats.py).
     layer_norms: tuple[float, ...]
     # The most the tokenizer's normaliser multiplies a text's UTF-8 bytes by (bounds template tokens).
     normaliser_growth: int = 1
+    # Each layer's mean state over the warm-up text ([d] float32): the mean-state control's patch.
+    layer_means: tuple[torch.Tensor, ...] = ()
 
     @property
     def facts(self) -> ModelFacts:
@@ -110,10 +106,7 @@ def load_hosted(
 @torch.inference_mode()
 def warm_up(model: LoadedModel) -> ModelCard:
     """Run one full forward pass (weights paged in, kernels chosen) and describe the model."""
-    ids = tokenize_prompt(model.tokenizer, WARMUP_TEXT)
-    layers = list(range(model.facts.num_layers))
-    captured = capture(model, torch.tensor([ids], device=model.device), layers, list(range(1, len(ids))))
-    norms = tuple(float(captured[layer].float().norm(dim=-1).mean()) for layer in layers)
+    stats = layer_stats(model)
     facts = model.facts
     return ModelCard(
         id=model.id,
@@ -126,8 +119,9 @@ def warm_up(model: LoadedModel) -> ModelCard:
         tokenizer_fingerprint=model.tokenizer_fingerprint,
         dtype=str(model.dtype).removeprefix("torch."),
         max_positions=facts.max_positions,
-        layer_norms=norms,
+        layer_norms=stats.norms,
         normaliser_growth=normaliser_growth(model.tokenizer),
+        layer_means=stats.means,
     )
 
 

@@ -99,8 +99,19 @@ def control_to_proto(control: Control) -> pb.Control:
         same_as_unpatched=control.same_as_unpatched,
         calibrator_id=control.calibrator_id,
     )
-    for name in ("patch_effect", "explanation_logprob", "unpatched_logprob", "dependence", "confidence"):
+    for name in (
+        "patch_effect",
+        "explanation_logprob",
+        "unpatched_logprob",
+        "dependence",
+        "confidence",
+        "mean_state_explanation",
+        "mean_state_answer",
+        "same_as_mean_state",
+    ):
         value = getattr(control, name)
         if value is not None:
             setattr(message, name, value)
+    for token, prob in control.unpatched_top_k or ():
+        message.unpatched_top_k.add(token=token, prob=prob)
     return message

@@ -46,6 +46,7 @@ def target_from_proto(spec: pb.TargetSpec) -> TargetSpec:
         generation=generation_from_proto(spec.generation),
         top_k=spec.top_k or DEFAULT_TOP_K,
         controls=spec.controls if spec.HasField("controls") else True,
+        mean_state_control=spec.mean_state_control,
     )
 
 
