@@ -4,6 +4,7 @@ CLIs take, the tables' marker and the pictures' hatching and legend."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -238,12 +239,17 @@ def test_the_client_table_shows_confidence_and_marks_sites_equal_to_the_unpatche
 
 
 def test_the_server_table_cells_are_the_client_s():
-    from patchscope.cli.explain import SAME_AS_UNPATCHED, control_cells
+    from patchscope.cli.explain import SAME_AS_MEAN_STATE, SAME_AS_UNPATCHED, control_cells
 
-    assert SAME_AS_UNPATCHED == client_cli.SAME_AS_UNPATCHED
-    for c in (control(True, 0.25), control(False, None), None):
+    assert (SAME_AS_UNPATCHED, SAME_AS_MEAN_STATE) == (
+        client_cli.SAME_AS_UNPATCHED,
+        client_cli.SAME_AS_MEAN_STATE,
+    )
+    mean_same = dataclasses.replace(control(False, 0.5), mean_state_answer="x", same_as_mean_state=True)
+    for c in (control(True, 0.25), control(False, None), mean_same, None):
         server = None if c is None else server_events.Control(**c.__dict__)
         assert control_cells(server) == client_cli.control_cells(row(0, 1, c))
+    assert client_cli.control_cells(row(0, 1, mean_same))[1] == "= mean state"
 
 
 def test_stream_json_objects_carry_the_control_keys(capsys):

@@ -43,7 +43,8 @@ from patchscope_client.errors import (
 from patchscope_client.types import Finished, ResultTable, SiteResult, Token, collect
 
 EXIT_USAGE, EXIT_REJECTED, EXIT_UNREACHABLE, EXIT_SERVER, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
-SAME_AS_UNPATCHED = "= unpatched"  # `patchscope explain` prints the same marker
+SAME_AS_UNPATCHED = "= unpatched"  # `patchscope explain` prints the same markers
+SAME_AS_MEAN_STATE = "= mean state"  # with --mean-state-control, where the unpatched one does not apply
 
 
 def int_list(spec: str) -> list[int]:
@@ -152,7 +153,9 @@ def control_cells(row: SiteResult) -> tuple[str, str]:
     confidence = f"{c.confidence:.2f}" if c is not None and c.confidence is not None else "-"
     if c is None:
         return confidence, "-"
-    return confidence, SAME_AS_UNPATCHED if c.same_as_unpatched else ""
+    if c.same_as_unpatched:
+        return confidence, SAME_AS_UNPATCHED
+    return confidence, SAME_AS_MEAN_STATE if c.same_as_mean_state else ""
 
 
 def print_table(table: ResultTable, console: Console) -> None:

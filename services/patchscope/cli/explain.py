@@ -11,7 +11,8 @@ from patchscope.cli.models import registry_with_paths
 from patchscope.engine.generation import GenerationConfig
 from patchscope.engine.presets import DEFAULT_PRESET, DEFAULT_TOP_K
 
-SAME_AS_UNPATCHED = "= unpatched"  # `patchscope-client explain` prints the same marker
+SAME_AS_UNPATCHED = "= unpatched"  # `patchscope-client explain` prints the same markers
+SAME_AS_MEAN_STATE = "= mean state"  # with --mean-state-control, where the unpatched one does not apply
 
 
 def control_cells(control) -> tuple[str, str]:
@@ -19,7 +20,9 @@ def control_cells(control) -> tuple[str, str]:
     confidence = f"{control.confidence:.2f}" if control and control.confidence is not None else "-"
     if control is None:
         return confidence, "-"
-    return confidence, SAME_AS_UNPATCHED if control.same_as_unpatched else ""
+    if control.same_as_unpatched:
+        return confidence, SAME_AS_UNPATCHED
+    return confidence, SAME_AS_MEAN_STATE if control.same_as_mean_state else ""
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
