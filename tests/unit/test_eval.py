@@ -9,13 +9,18 @@ import pytest
 import torch
 from tests.conftest import data_dir
 
+from patchscope.engine.generation import PatchedRow, RowPatch
+from patchscope.engine.layer_stats import layer_stats
+from patchscope.engine.presets import get_preset
 from patchscope.eval import attributes, description, multihop, next_token, next_token_plots
 from patchscope.eval.common import (
     Relation,
     Sample,
     logistic_probe,
     majority_baseline,
+    mean_state_texts,
     mentions,
+    patched_texts,
     placeholder_template,
     plain_texts,
     read_relations,
@@ -25,6 +30,7 @@ from patchscope.eval.common import (
 )
 from patchscope.eval.plain import batched_plain_texts
 from patchscope.eval.report import write_report
+from patchscope.eval.report_sections import _against_mean_state
 from patchscope.eval.timed import record
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
@@ -115,12 +121,65 @@ def test_attribute_figures_are_recomputed_from_the_stored_outcomes(llama, tmp_pa
         assert len(s["hits"]) == 4 and len(s["outputs"]) == 4
         assert s["hits"] == "".join("1" if mentions(t, s["object"]) else "0" for t in s["outputs"])
         paper.append(sum(s["hits"][2 * a : 2 * a + 2] != "00" for a in range(2)) / 2)
+        # The mean-state outcomes are recomputed from the relation's stored mean-state answers.
+        assert s["mean_state_hits"] == "".join(
+            "1" if mentions(entry["mean_state"][str(b)], s["object"]) else "0" for b in (1, 3)
+        )
+        assert s["same_as_mean_state"] == "".join(
+            "1" if attributes.first_line(t) == attributes.first_line(entry["mean_state"][str(b)]) else "0"
+            for t, b in zip(s["outputs"], [1, 3, 1, 3], strict=True)
+        )
     summary = result["all"]
     if summary["n"]:
         assert summary["paper_mean_over_l_of_any_l_star"]["mean"] == pytest.approx(sum(paper) / len(paper))
         assert summary["any_pair_oracle"]["p"] >= summary["diagonal_mean_over_l"]["mean"] - 1e-9
     assert attributes.target_template("{} plays the") == "Fact: {} plays the"
     attributes.plot(result, tmp_path / "attributes.png")
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "attributes.smollm2-135m.json").write_text(json.dumps(result))
+    page = write_report(folder, tmp_path / "results.md").read_text()
+    assert "mean-state control, some ℓ* |" in page and "equal to the mean-state answer at the same ℓ*" in page
+
+
+def test_the_mean_state_control_is_the_patched_generation_of_each_layer_s_mean(llama):
+    template, filler = placeholder_template("The capital of {} is")
+    means = layer_stats(llama).means
+    batched = mean_state_texts(llama, template, filler, [0, 2, 3], 6)
+    for layer in (0, 2, 3):  # each row alone: batching the layers together changes nothing
+        (alone,) = patched_texts(llama, [PatchedRow(template, filler, (RowPatch(layer, means[layer]),))], 6)
+        assert batched[layer] == alone
+    assert list(batched) == [0, 2, 3]
+
+
+def attribute_sample(hits: str, mean_state_hits: str, same_as_mean_state: str) -> dict:
+    """A hand-made evaluated sample on the grid ℓ, ℓ* ∈ (1, 3): only the outcomes `summarise` reads."""
+    return {
+        "hits": hits,
+        "probe": "00",
+        "majority": False,
+        "control_hit": False,
+        "mean_state_hits": mean_state_hits,
+        "same_as_mean_state": same_as_mean_state,
+    }
+
+
+def test_the_mean_state_figures_compare_with_the_paper_figure_and_with_l_star_equal_l():
+    samples = [
+        attribute_sample("0000", "01", "0101"),  # only the mean state at ℓ* = 3 names the object
+        attribute_sample("1000", "00", "0000"),  # only the Patchscope at (1, 1) does
+        attribute_sample("0000", "11", "1111"),
+    ]
+    summary = attributes.summarise(samples, [1, 3], seed=0)
+    assert summary["mean_state_control"]["k"] == 2 and summary["mean_state_control"]["n"] == 3  # some ℓ*
+    assert summary["mean_state_mean_over_l_star"]["mean"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert summary["by_source_layer"]["1"]["mean_state_at_same_layer"]["k"] == 1
+    assert summary["by_source_layer"]["3"]["mean_state_at_same_layer"]["k"] == 2
+    assert summary["same_as_mean_state"]["k"] == 6 and summary["same_as_mean_state"]["n"] == 12
+    assert summary["paper_mean_over_l_of_any_l_star"]["mean"] == pytest.approx(0.5 / 3)
+    assert "does not beat the mean-state control" in _against_mean_state("all", summary)
+    ahead = attributes.summarise([attribute_sample("1111", "00", "0000")] * 3, [1, 3], seed=0)
+    assert "does not beat" not in _against_mean_state("all", ahead)
 
 
 def test_the_probe_and_the_baselines_can_fail():
@@ -197,8 +256,45 @@ def test_entity_description_scores_rouge_l_beside_its_baselines(llama, tmp_path)
     again = description.rescore(json.loads(json.dumps(result)), llama)
     assert [p["popular"] for p in again["pairs"]] == [p["popular"] for p in result["pairs"]]
     assert again["text_only"] == result["text_only"] and again["counts"] == result["counts"]
+    # Each pair's mean-state control is the target's ℓ* mean-state description, scored like the pairs.
+    assert sorted(result["mean_state"]) == sorted({str(p["target_layer"]) for p in result["pairs"]})
+    for p, q in zip(result["pairs"], again["pairs"], strict=True):
+        mean = description.description_of(result["mean_state"][str(p["target_layer"])])
+        assert p["mean_state_description"] == mean
+        assert p["mean_state_control"]["all"]["per_item"] == [rouge_l(mean, e.reference) for e in entities]
+        same = sum(d.lower() == mean.lower() for d in p["descriptions"])
+        assert p["same_as_mean_state"]["k"] == same
+        assert q["mean_state_control"] == p["mean_state_control"]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "description.smollm2-135m.smollm2-135m.json").write_text(json.dumps(result))
+    page = write_report(folder, tmp_path / "results.md").read_text()
+    assert "mean-state control at ℓ*, all |" in page and "Against the mean-state control at ℓ* =" in page
     assert description.description_of(": American actor, Samsung: x") == "American actor"
     description.plot(result, tmp_path / "description.png")
+
+
+def test_cross_model_description_uses_the_target_s_own_mean_states(tiny_models):
+    source, target = tiny_models["llama"], tiny_models["qwen2"]
+    d_source, d_target = source.facts.hidden_size, target.facts.hidden_size
+    weight = torch.randn(d_source, d_target, generator=torch.Generator().manual_seed(0)) / d_source**0.5
+
+    def mapping(vectors: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return vectors.float() @ weight
+
+    entities = [
+        description.Entity("Paris", "city in France", "lre"),
+        description.Entity("Rome", "city", "lre"),
+    ]
+    result = description.run(
+        source, target, entities, pairs=[(1, 1), (3, 2)], mapping=mapping, max_new_tokens=4
+    )
+    preset = get_preset("description")
+    expected = mean_state_texts(target, preset.template, preset.filler, [1, 2], 4)
+    assert result["mean_state"] == {str(b): t for b, t in expected.items()}
+    assert [p["mean_state_description"] for p in result["pairs"]] == [
+        description.description_of(expected[b]) for b in (1, 2)
+    ]
 
 
 def test_the_report_renders_saved_results_and_names_the_commands_of_missing_ones(same_model_result, tmp_path):

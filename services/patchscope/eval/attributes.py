@@ -15,7 +15,9 @@ The paper's protocol, as far as these models allow:
   the mean over ℓ. The diagonal ℓ* = ℓ and the any-(ℓ, ℓ*) oracle are reported beside it.
 - **Baselines that can fail**: a multinomial logistic-regression probe per layer (3-fold CV on up to
   `probe_samples` samples of the relation, read on the evaluated ones), a majority-class guess on the same
-  folds, the no-patch control (the template with `x` and nothing patched), and the text-only baseline
+  folds, the no-patch control (the template with `x` and nothing patched), the mean-state control (the
+  template with ℓ*'s mean state over `layer_stats.WARMUP_TEXT` patched at `x`, per grid ℓ*: "some ℓ*
+  works" is comparable to the paper's figure, its mean over ℓ* to ℓ* = ℓ), and the text-only baseline
   (the plain prompt, 1 on the evaluated set by construction: the filter).
 - Per task, a paired sign test of the per-sample Patchscope score against the probe's, with Bonferroni
   correction over the tasks with at least `MIN_TEST_SAMPLES` samples.
@@ -31,6 +33,7 @@ import torch
 
 from patchscope.engine.generation import PatchedRow, RowPatch
 from patchscope.engine.hooks import extract
+from patchscope.engine.layer_stats import layer_stats
 from patchscope.engine.models import LoadedModel
 from patchscope.eval.common import (
     Progress,
@@ -40,6 +43,7 @@ from patchscope.eval.common import (
     layer_grid,
     logistic_probe,
     majority_baseline,
+    mean_state_texts,
     mentions,
     no_progress,
     patched_texts,
@@ -102,6 +106,9 @@ def summarise(samples: list[dict], layers: Sequence[int], seed: int) -> dict:
     paper = [_mean([any(row) for row in g]) for g in grids]
     diagonal = [_mean([g[a][a] for a in range(nl)]) for g in grids]
     probe = [_mean([c == "1" for c in s["probe"]]) for s in samples]
+    mean_state = [[c == "1" for c in s["mean_state_hits"]] for s in samples]  # [n][ℓ*]
+    mean_state_rate = [_mean(m) for m in mean_state]
+    same_mean = [c == "1" for s in samples for c in s["same_as_mean_state"]]
     out = {
         "n": n,
         "paper_mean_over_l_of_any_l_star": {"mean": _mean(paper), "ci": bootstrap_ci(paper, seed=seed)},
@@ -110,11 +117,18 @@ def summarise(samples: list[dict], layers: Sequence[int], seed: int) -> dict:
         "any_pair_oracle": proportion(sum(any(map(any, g)) for g in grids), n),
         "majority_class": proportion(sum(s["majority"] for s in samples), n),
         "no_patch_control": proportion(sum(s["control_hit"] for s in samples), n),
+        "mean_state_control": proportion(sum(any(m) for m in mean_state), n),  # some ℓ*: vs the paper's
+        "mean_state_mean_over_l_star": {  # vs ℓ* = ℓ
+            "mean": _mean(mean_state_rate),
+            "ci": bootstrap_ci(mean_state_rate, seed=seed),
+        },
+        "same_as_mean_state": proportion(sum(same_mean), len(same_mean)),
         "by_source_layer": {
             str(layer): {
                 "any_target_layer": proportion(sum(any(g[a]) for g in grids), n),
                 "same_layer": proportion(sum(g[a][a] for g in grids), n),
                 "probe": proportion(sum(s["probe"][a] == "1" for s in samples), n),
+                "mean_state_at_same_layer": proportion(sum(m[a] for m in mean_state), n),
             }
             for a, layer in enumerate(layers)
         },
@@ -139,6 +153,7 @@ def run(
     started = time.perf_counter()
     layers = layer_grid(model.facts.num_layers, layer_step) if layers is None else list(layers)
     nl = len(layers)
+    stats = layer_stats(model)
     per_relation, dropped = [], []
     for index, relation in enumerate(relations):
         progress("relations", index, len(relations))
@@ -182,6 +197,8 @@ def run(
         ]
         texts = patched_texts(model, rows, max_new_tokens, phase=f"patchscope {relation.name}")
         (control,) = unpatched_texts(model, engine_template, filler, max_new_tokens)
+        mean_state = mean_state_texts(model, engine_template, filler, layers, max_new_tokens, stats=stats)
+        entry["mean_state"] = {str(b): t for b, t in mean_state.items()}
         labels = [s.object for s in pool]
         probe = [logistic_probe(states[:, a], labels, folds=3, seed=seed) for a in range(nl)]  # [l][P]
         majority = majority_baseline(labels, folds=3, seed=seed)
@@ -197,6 +214,14 @@ def run(
                     "control_hit": mentions(control, s.object),
                     "hits": hits_string([mentions(t, s.object) for t in outputs]),  # ℓ-major, ℓ* minor
                     "same_as_unpatched": hits_string([first_line(t) == first_line(control) for t in outputs]),
+                    "mean_state_hits": hits_string([mentions(mean_state[b], s.object) for b in layers]),
+                    "same_as_mean_state": hits_string(  # ℓ-major, ℓ* minor, against ℓ*'s mean-state answer
+                        [
+                            first_line(outputs[a * nl + i]) == first_line(mean_state[b])
+                            for a in range(nl)
+                            for i, b in enumerate(layers)
+                        ]
+                    ),
                     "probe": hits_string([probe[a][rows_of[j]] for a in range(nl)]),
                     "majority": majority[rows_of[j]],
                     "outputs": outputs,
@@ -212,6 +237,7 @@ def run(
             r["summary"]["vs_probe"]["p_bonferroni"] = min(1.0, r["summary"]["vs_probe"]["p"] * len(testable))
     everything = [s for r in per_relation for s in r["samples"]]
     same = [c == "1" for s in everything for c in s["same_as_unpatched"]]
+    same_mean = [c == "1" for s in everything for c in s["same_as_mean_state"]]
     return {
         "experiment": "attributes",
         "model": model.id,
@@ -236,6 +262,7 @@ def run(
             [s for r in per_relation if not r["paper_task"] for s in r["samples"]], layers, seed
         ),
         "same_as_unpatched": proportion(sum(same), len(same)),
+        "same_as_mean_state": proportion(sum(same_mean), len(same_mean)),
         "seconds": round(time.perf_counter() - started, 1),
         "relations": per_relation,
     }
@@ -260,6 +287,11 @@ def plot(result: dict, path: Path) -> Path:
             ax.errorbar(layers, p, yerr=[low, high], fmt=marker, ms=3, capsize=2, label=label)
         ax.axhline(summary["majority_class"]["p"], ls=":", color="black", label="majority class")
         ax.axhline(summary["no_patch_control"]["p"], ls="--", color="grey", label="no-patch control")
+        mean_state = [by[str(k)]["mean_state_at_same_layer"]["p"] for k in layers]
+        ax.plot(layers, mean_state, "x--", ms=4, color="tab:red", label="mean-state control, ℓ* = ℓ")
+        ax.axhline(
+            summary["mean_state_control"]["p"], ls="-.", color="tab:red", label="mean-state control, some ℓ*"
+        )
     ax.set_xlabel(f"source layer ℓ ({result['model']})")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

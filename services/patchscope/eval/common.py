@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from patchscope.engine.generation import GenerationConfig, PatchedRow, RowPatch, iter_patched_generate
+from patchscope.engine.layer_stats import LayerStats, layer_stats
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.runtime import TargetRuntime
 
@@ -372,6 +373,26 @@ def unpatched_texts(
         model, [PatchedRow(template, filler, ())], max_new_tokens, phase="no-patch control"
     )
     return [text] * count
+
+
+def mean_state_texts(
+    model: LoadedModel,
+    template: str,
+    filler: str,
+    layers: Sequence[int],
+    max_new_tokens: int,
+    *,
+    stats: LayerStats | None = None,
+) -> dict[int, str]:
+    """The mean-state control: per layer ℓ*, the template with ℓ*'s mean state patched at the placeholder.
+
+    The mean holds nothing about any subject, so what the target says with it is the template's and the
+    layer's own answer; an explanation that equals it shows nothing. One batched call for all layers.
+    """
+    means = (stats or layer_stats(model)).means
+    rows = [PatchedRow(template, filler, (RowPatch(layer=b, vector=means[b]),)) for b in layers]
+    texts = patched_texts(model, rows, max_new_tokens, phase="mean-state control")
+    return dict(zip(layers, texts, strict=True))
 
 
 def equal_share(answers: Sequence[str], control: Sequence[str]) -> dict:

@@ -13,9 +13,11 @@ Target: the paper's few-shot description prompt (`presets["description"]`), patc
 model) or through the registry's map of each (ℓ, ℓ*) pair (cross-model), greedy, `max_new_tokens`.
 The description is the continuation up to its first comma or line end (the prompt's own separator).
 
-Beside the Patchscope: the no-patch control (the prompt with `x`, nothing patched), the text-only
-baseline (the entity's name written in the prompt, nothing patched) and the share of descriptions equal
-to the control. Popular vs rare, by a stated proxy (no page views offline): the source model's mean
+Beside the Patchscope: the no-patch control (the prompt with `x`, nothing patched), the mean-state
+control per ℓ* (the *target's* mean state at ℓ* over `layer_stats.WARMUP_TEXT` patched at `x`: what the
+prompt and the layer say about no entity in particular), the text-only baseline (the entity's name
+written in the prompt, nothing patched) and the shares of descriptions equal to either control.
+Popular vs rare, by a stated proxy (no page views offline): the source model's mean
 surprisal per token of the name in the source context (`name_surprisal`); an entity is *popular* when it
 is below the median of the entities evaluated, so the split is about even by construction. A token-count
 rule left one popular entity of 22, and corpus or LRE mention counts are zero for almost all of them.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from patchscope.eval.common import (
     Relation,
     bootstrap_ci,
     layer_grid,
+    mean_state_texts,
     no_progress,
     patched_texts,
     proportion,
@@ -147,8 +150,12 @@ def summarise(
     text_descriptions: Sequence[str],
     control_description: str,
     seed: int,
+    mean_state_descriptions: Mapping[int, str] | None = None,
 ) -> dict:
-    """Every group's ROUGE-L from the descriptions alone, so a saved result can be rescored (`rescore`)."""
+    """Every group's ROUGE-L from the descriptions alone, so a saved result can be rescored (`rescore`).
+
+    `mean_state_descriptions` (per target layer ℓ*) scores each pair's mean-state control at its ℓ*.
+    """
 
     def split(values: Sequence[str], keep) -> tuple[list[str], list[Entity]]:
         chosen = [k for k in range(len(entities)) if keep(k)]
@@ -164,15 +171,22 @@ def summarise(
     pairs_out = []
     for (a, b), descriptions in zip(pairs, pair_descriptions, strict=True):
         same_share = sum(d.lower() == control_description.lower() for d in descriptions)
-        pairs_out.append(
-            {
-                "source_layer": a,
-                "target_layer": b,
-                **{name: _score(*split(descriptions, keep), seed) for name, keep in groups.items()},
-                "same_as_unpatched": proportion(same_share, len(entities)),
-                "descriptions": list(descriptions),
+        entry = {
+            "source_layer": a,
+            "target_layer": b,
+            **{name: _score(*split(descriptions, keep), seed) for name, keep in groups.items()},
+            "same_as_unpatched": proportion(same_share, len(entities)),
+        }
+        if mean_state_descriptions is not None:
+            mean = mean_state_descriptions[b]
+            entry["mean_state_description"] = mean
+            entry["mean_state_control"] = {
+                name: _score(*split([mean] * len(entities), keep), seed) for name, keep in groups.items()
             }
-        )
+            entry["same_as_mean_state"] = proportion(
+                sum(d.lower() == mean.lower() for d in descriptions), len(entities)
+            )
+        pairs_out.append({**entry, "descriptions": list(descriptions)})
     controls = [control_description] * len(entities)
     return {
         "counts": {name: sum(1 for k in range(len(entities)) if keep(k)) for name, keep in groups.items()},
@@ -195,6 +209,8 @@ def rescore(result: dict, source: LoadedModel) -> dict:
     surprisals = name_surprisal(source, [e.name for e in entities])
     popular = popular_by_median(surprisals)
     pairs = [(p["source_layer"], p["target_layer"]) for p in result["pairs"]]
+    saved = result.get("mean_state")
+    mean_state = None if saved is None else {int(b): description_of(t) for b, t in saved.items()}
     scored = summarise(
         entities,
         popular,
@@ -203,6 +219,7 @@ def rescore(result: dict, source: LoadedModel) -> dict:
         result["text_only_descriptions"],
         description_of(result["control"]),
         result["seed"],
+        mean_state,
     )
     for old, new in zip(result["pairs"], scored["pairs"], strict=True):
         new.update({k: v for k, v in old.items() if k.startswith("mapping_")})
@@ -256,6 +273,8 @@ def run(
         progress("source states", k + 1, len(entities))
     texts = patched_texts(target, rows, max_new_tokens, progress=progress, phase="description Patchscope")
     (control,) = unpatched_texts(target, preset.template, preset.filler, max_new_tokens)
+    target_layers = sorted({b for _, b in pairs})  # the target's own means, also across models
+    mean_state = mean_state_texts(target, preset.template, preset.filler, target_layers, max_new_tokens)
     text_only = patched_texts(
         target,
         [PatchedRow(preset.template, " " + e.name, ()) for e in entities],
@@ -273,6 +292,7 @@ def run(
         [description_of(t) for t in text_only],
         description_of(control),
         seed,
+        {b: description_of(t) for b, t in mean_state.items()},
     )
     pairs_out = scored["pairs"]
     best = max(pairs_out, key=lambda e: e["all"]["rouge_l"]) if pairs_out else None
@@ -297,6 +317,7 @@ def run(
             for k, e in enumerate(entities)
         ],
         "control": control,
+        "mean_state": {str(b): t for b, t in mean_state.items()},
         **scored,
         "best_pair": None if best is None else [best["source_layer"], best["target_layer"]],
         "mean_over_pairs": sum(e["all"]["rouge_l"] for e in pairs_out) / len(pairs_out) if pairs_out else 0.0,
@@ -330,6 +351,9 @@ def plot(result: dict, path: Path) -> Path:
         result["text_only"]["all"]["rouge_l"], color="black", ls=":", label="text-only (name in prompt)"
     )
     ax.axhline(result["no_patch_control"]["all"]["rouge_l"], color="grey", ls="--", label="no-patch control")
+    if all("mean_state_control" in p for p in result["pairs"]):
+        values = [p["mean_state_control"]["all"]["rouge_l"] for p in result["pairs"]]
+        ax.plot(x, values, "x--", ms=4, color="tab:red", label="mean-state control at ℓ*")
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_xlabel("layer" if result["same_model"] else "ℓ → ℓ*")
     ax.set_ylabel("ROUGE-L")

@@ -34,9 +34,13 @@ it rests on, and a section whose command has not been run at the current protoco
 showing old numbers.
 
 **Controls beside every figure.** The *no-patch control* is the target prompt with its placeholder and
-nothing patched; the *text-only* baseline is the target asked the same question with the source text in
-its prompt; "same as unpatched" is the share of Patchscope answers identical to the no-patch answer. A
-Patchscope figure that does not beat its controls shows nothing, and the page says so.
+nothing patched; the *mean-state control* patches, at the placeholder, the target layer ℓ*'s mean state
+over a fixed warm-up text (a state that holds no subject: what the prompt and the layer say on their
+own); the *text-only* baseline is the target asked the same question with the source text in its
+prompt; "same as unpatched" and "same as mean-state" are the shares of Patchscope answers identical to
+those controls' answers. A Patchscope figure that does not beat its controls shows nothing, and the page
+says so. The mean-state control is measured for attribute extraction (§4.2) and entity description
+(§4.3); next token, cross-model and multi-hop have the no-patch control only so far.
 
 **Oracles** ("any pair") pick the layer pair after seeing the answers; they bound what a perfect choice
 could do and are not achievable figures. The paper's §4.2 figure (mean over ℓ of "some ℓ* works") is
@@ -79,7 +83,9 @@ def comparison_table(folder: Path) -> str:
             "most of "
             f"12 tasks | paper's tasks here (n={s['n']}): Patchscope "
             f"{_mean(s['paper_mean_over_l_of_any_l_star'])}, probe {_mean(s['probe_mean_over_l'])}, "
-            f"majority {_share(s['majority_class'])}; sign test {s['vs_probe']['wins']} wins, "
+            f"majority {_share(s['majority_class'])}"
+            + (f", mean-state control {_share(s['mean_state_control'])}" if "mean_state_control" in s else "")
+            + f"; sign test {s['vs_probe']['wins']} wins, "
             f"{s['vs_probe']['losses']} losses, p = {s['vs_probe']['p']:.3g} | partly (grid of layers, "
             "word-boundary rule, ≤ 6 samples per task) |"
         )
@@ -99,7 +105,14 @@ def comparison_table(folder: Path) -> str:
                 f"{best['all']['rouge_l']:.3f} [{best['all']['ci'][0]:.2f}, {best['all']['ci'][1]:.2f}] "
                 f"(n={best['all']['n']}), text-only "
                 f"{de['text_only']['all']['rouge_l']:.3f}, no-patch "
-                f"{de['no_patch_control']['all']['rouge_l']:.3f} | "
+                f"{de['no_patch_control']['all']['rouge_l']:.3f}"
+                + (
+                    f", mean-state at ℓ* = {best['target_layer']} "
+                    f"{best['mean_state_control']['all']['rouge_l']:.3f}"
+                    if "mean_state_control" in best
+                    else ""
+                )
+                + " | "
                 "partly (small models, references built from shipped data, a popularity proxy) |"
             )
     cm = _load(folder, "cross_model.smollm2-135m.gemma3-270m")

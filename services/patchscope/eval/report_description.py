@@ -19,21 +19,40 @@ def _popularity(result: dict) -> str:
     return f"popular (name ≤ {result['popular_tokens']} source tokens)"
 
 
+def _against_mean_state(best: dict) -> str:
+    """One sentence: does the best pair beat the mean-state control at its own ℓ*."""
+    control = best["mean_state_control"]["all"]
+    head = (
+        f"Against the mean-state control at ℓ* = {best['target_layer']} "
+        f"({best['mean_state_description'][:40]!r}): {_mean_r(control)}; "
+        f"{_share(best['same_as_mean_state'])} of the best pair's descriptions equal it."
+    )
+    if best["all"]["ci"][0] <= control["rouge_l"]:
+        return head + (
+            " **The best pair's interval reaches the mean-state control: nothing is shown beyond it.**"
+        )
+    return head + " The mean-state control is below the best pair's interval."
+
+
 def description_section(result: dict | None, command: str) -> str:
     if result is None:
         return _missing(command)
     if "popularity_proxy" not in result:
         return _missing(command + "  (the saved result predates the median popularity split)")
     counts = result["counts"]
+    has_mean = all("mean_state_control" in p for p in result["pairs"])
     rows = [
-        "| ℓ → ℓ* | ROUGE-L, all | popular | rare | corpus entities | LRE entities | same as unpatched |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| ℓ → ℓ* | ROUGE-L, all | popular | rare | corpus entities | LRE entities | same as unpatched | "
+        "mean-state control at ℓ*, all | same as mean-state |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["pairs"]:
         rows.append(
             f"| {p['source_layer']} → {p['target_layer']} | {_mean_r(p['all'])} | {_mean_r(p['popular'])} | "
             f"{_mean_r(p['rare'])} | {_mean_r(p['corpus'])} | {_mean_r(p['lre'])} | "
-            f"{_share(p['same_as_unpatched'])} |"
+            f"{_share(p['same_as_unpatched'])} | "
+            f"{_mean_r(p['mean_state_control']['all']) if has_mean else '–'} | "
+            f"{_share(p['same_as_mean_state']) if has_mean else '–'} |"
         )
     for name, label in (
         ("text_only", "text-only (name in the prompt)"),
@@ -42,7 +61,7 @@ def description_section(result: dict | None, command: str) -> str:
         s = result[name]
         rows.append(
             f"| {label} | {_mean_r(s['all'])} | {_mean_r(s['popular'])} | {_mean_r(s['rare'])} | "
-            f"{_mean_r(s['corpus'])} | {_mean_r(s['lre'])} | – |"
+            f"{_mean_r(s['corpus'])} | {_mean_r(s['lre'])} | – | – | – |"
         )
     best = max(result["pairs"], key=lambda p: p["all"]["rouge_l"])
     text_only = result["text_only"]["all"]
@@ -70,6 +89,8 @@ def description_section(result: dict | None, command: str) -> str:
             + "; the pair is the best of "
             f"{len(result['pairs'])}, chosen after seeing the scores, so this is an upper estimate."
         )
+    if has_mean:
+        verdict += " " + _against_mean_state(best)
     return (
         f"`{command}` — {counts['all']} entities ({counts['corpus']} WikiText titles with the predicate of "
         "their "
@@ -80,6 +101,12 @@ def description_section(result: dict | None, command: str) -> str:
         f"{result['max_new_tokens']} greedy tokens, the description up to its first comma. ROUGE-L F "
         f"(rouge-score's rule: lower case, alphanumeric tokens, no stemmer), mean with a bootstrap 95% "
         f"interval over entities. Control output: {result['control'][:60]!r}."
+        + (
+            " The mean-state control patches the target's mean state at ℓ* (over a fixed warm-up text) "
+            "at `x`, one description per ℓ*, scored against every entity's reference."
+            if has_mean
+            else ""
+        )
         + (
             " The popular/rare split was redone from the saved descriptions (`--rescore`; greedy, so a "
             "rerun generates the same texts)."

@@ -187,10 +187,11 @@ def attributes_section(result: dict | None, command: str) -> str:
     rows = [
         "| tasks | n | Patchscope, mean over ℓ of some ℓ* (paper) | ℓ* = ℓ | any (ℓ, ℓ*) oracle | logistic "
         "probe, "
-        "mean over ℓ | majority class | no-patch control |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "mean over ℓ | majority class | no-patch control | mean-state control, some ℓ* | mean-state "
+        "control, mean over ℓ* |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    verdicts = []
+    verdicts, faithfulness = [], []
     for name, label in (
         ("all", "all"),
         ("paper_tasks", "the paper's tasks present here"),
@@ -198,14 +199,17 @@ def attributes_section(result: dict | None, command: str) -> str:
     ):
         s = result[name]
         if not s["n"]:
-            rows.append(f"| {label} | 0 | – | – | – | – | – | – |")
+            rows.append(f"| {label} | 0 | – | – | – | – | – | – | – | – |")
             continue
+        has_mean = "mean_state_control" in s
         rows.append(
             f"| {label} | {s['n']} | {_mean(s['paper_mean_over_l_of_any_l_star'])} | "
             f"{_mean(s['diagonal_mean_over_l'])} | "
             f"{_share(s['any_pair_oracle'])} | {_mean(s['probe_mean_over_l'])} | "
             f"{_share(s['majority_class'])} | "
-            f"{_share(s['no_patch_control'])} |"
+            f"{_share(s['no_patch_control'])} | "
+            f"{_share(s['mean_state_control']) if has_mean else '–'} | "
+            f"{_mean(s['mean_state_mean_over_l_star']) if has_mean else '–'} |"
         )
         ps, probe = s["paper_mean_over_l_of_any_l_star"]["mean"], s["probe_mean_over_l"]["mean"]
         test = s["vs_probe"]
@@ -214,16 +218,18 @@ def attributes_section(result: dict | None, command: str) -> str:
             f"{probe:.3f} "
             f"(sign test over samples: {test['wins']} wins, {test['losses']} losses, p = {test['p']:.3g})"
         )
+        if has_mean:
+            faithfulness.append(_against_mean_state(label, s))
     per_task = [
-        "| relation | paper task | tried | known | Patchscope (paper) | probe | majority | no-patch | p "
-        "(Bonferroni) |"
+        "| relation | paper task | tried | known | Patchscope (paper) | probe | majority | no-patch | "
+        "mean-state (some ℓ*) | p (Bonferroni) |"
     ]
-    per_task.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    per_task.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["relations"]:
         if not r["known"]:
             per_task.append(
                 f"| {r['relation']} | {'yes' if r['paper_task'] else ''} | {r['tried']} | 0 | – | – | – | – "
-                "| – |"
+                "| – | – |"
             )
             continue
         s = r["summary"]
@@ -232,6 +238,7 @@ def attributes_section(result: dict | None, command: str) -> str:
             f"| {r['relation']} | {'yes' if r['paper_task'] else ''} | {r['tried']} | {r['known']} | "
             f"{s['paper_mean_over_l_of_any_l_star']['mean']:.2f} | {s['probe_mean_over_l']['mean']:.2f} | "
             f"{s['majority_class']['p']:.2f} | {s['no_patch_control']['p']:.2f} | "
+            f"{s['mean_state_control']['p'] if 'mean_state_control' in s else float('nan'):.2f} | "
             f"{f'{p_adj:.3g}' if p_adj is not None else '(n < 10)'} |"
         )
     dropped = ", ".join(f"{d['relation']} ({d['reason']})" for d in result["dropped_relations"]) or "none"
@@ -254,7 +261,16 @@ def attributes_section(result: dict | None, command: str) -> str:
         f"object absent from its training folds, so on relations with one object per subject both fail by "
         f"construction). Dropped relations: "
         f"{dropped}. Paper tasks absent from the data: {absent}. Patchscope answers equal to the no-patch "
-        f"answer: {_share(result['same_as_unpatched'])}.\n\n"
+        f"answer: {_share(result['same_as_unpatched'])}"
+        + (
+            "; equal to the mean-state answer at the same ℓ*: "
+            f"{_share(result['same_as_mean_state'])}. The mean-state control patches ℓ*'s mean state "
+            '(over a fixed warm-up text) at `x`: "some ℓ*" counts a sample when any grid ℓ* names the '
+            'object (the paper figure\'s own oracle over ℓ*), "mean over ℓ*" is comparable to ℓ* = ℓ'
+            if "same_as_mean_state" in result
+            else ""
+        )
+        + ".\n\n"
         + _deviation(
             "the paper uses 7B–13B models, every (ℓ, ℓ*) pair and a substring rule; here a stated layer "
             "grid, "
@@ -264,10 +280,30 @@ def attributes_section(result: dict | None, command: str) -> str:
         + "In words: "
         + "; ".join(verdicts)
         + ".\n\n"
+        + (" ".join(faithfulness) + "\n\n" if faithfulness else "")
         + "\n".join(rows)
         + "\n\nPer task (paired sign test of Patchscope against probe, Bonferroni over the "
         f"{result['bonferroni_tasks']} tasks with ≥ 10 samples):\n\n" + "\n".join(per_task) + "\n"
     )
+
+
+def _against_mean_state(label: str, s: dict) -> str:
+    """One sentence: does the paper figure (and ℓ* = ℓ) beat the mean-state control on these samples."""
+    paper, control = s["paper_mean_over_l_of_any_l_star"], s["mean_state_control"]
+    diagonal, diagonal_control = s["diagonal_mean_over_l"], s["mean_state_mean_over_l_star"]
+    head = (
+        f"Against the mean-state control on {label}: paper figure {paper['mean']:.3f} vs "
+        f"{control['p']:.3f} (some ℓ*), ℓ* = ℓ {diagonal['mean']:.3f} vs {diagonal_control['mean']:.3f} "
+        "(mean over ℓ*)"
+    )
+    if paper["mean"] <= control["p"]:
+        return head + (
+            " — **the Patchscope's figure does not beat the mean-state control: on these samples the "
+            "template and the layer name the object as often with a state that holds no subject.**"
+        )
+    if paper["ci"][0] <= control["p"]:
+        return head + " — above it, but **its interval reaches the mean-state control**."
+    return head + " — above it, the control below the figure's interval."
 
 
 def multi_hop_section(result: dict | None, command: str) -> str:
