@@ -234,11 +234,12 @@ def attributes_section(result: dict | None, command: str) -> str:
             continue
         s = r["summary"]
         p_adj = s["vs_probe"].get("p_bonferroni")
+        mean_state = f"{s['mean_state_control']['p']:.2f}" if "mean_state_control" in s else "–"
         per_task.append(
             f"| {r['relation']} | {'yes' if r['paper_task'] else ''} | {r['tried']} | {r['known']} | "
             f"{s['paper_mean_over_l_of_any_l_star']['mean']:.2f} | {s['probe_mean_over_l']['mean']:.2f} | "
             f"{s['majority_class']['p']:.2f} | {s['no_patch_control']['p']:.2f} | "
-            f"{s['mean_state_control']['p'] if 'mean_state_control' in s else float('nan'):.2f} | "
+            f"{mean_state} | "
             f"{f'{p_adj:.3g}' if p_adj is not None else '(n < 10)'} |"
         )
     dropped = ", ".join(f"{d['relation']} ({d['reason']})" for d in result["dropped_relations"]) or "none"
