@@ -19,14 +19,22 @@ def _popularity(result: dict) -> str:
     return f"popular (name ≤ {result['popular_tokens']} source tokens)"
 
 
-def _against_mean_state(best: dict) -> str:
-    """One sentence: does the best pair beat the mean-state control at its own ℓ*."""
+def _against_mean_state(best: dict, pairs: list[dict]) -> str:
+    """Does the best pair beat the mean-state control at its own ℓ*, and at how many pairs it does not."""
     control = best["mean_state_control"]["all"]
+    behind = sum(p["all"]["rouge_l"] <= p["mean_state_control"]["all"]["rouge_l"] for p in pairs)
     head = (
         f"Against the mean-state control at ℓ* = {best['target_layer']} "
         f"({best['mean_state_description'][:40]!r}): {_mean_r(control)}; "
-        f"{_share(best['same_as_mean_state'])} of the best pair's descriptions equal it."
+        f"{_share(best['same_as_mean_state'])} of the best pair's descriptions equal it. At {behind} of "
+        f"{len(pairs)} pairs the mean-state control at ℓ* scores at least as high as the Patchscope."
     )
+    if best["all"]["rouge_l"] <= control["rouge_l"]:
+        return head + (
+            " **The mean-state control scores at least as high as the best pair: a state that holds no "
+            "entity gets as close to the references (a generic description shares their category words), "
+            "so nothing is shown beyond it.**"
+        )
     if best["all"]["ci"][0] <= control["rouge_l"]:
         return head + (
             " **The best pair's interval reaches the mean-state control: nothing is shown beyond it.**"
@@ -90,7 +98,7 @@ def description_section(result: dict | None, command: str) -> str:
             f"{len(result['pairs'])}, chosen after seeing the scores, so this is an upper estimate."
         )
     if has_mean:
-        verdict += " " + _against_mean_state(best)
+        verdict += " " + _against_mean_state(best, result["pairs"])
     return (
         f"`{command}` — {counts['all']} entities ({counts['corpus']} WikiText titles with the predicate of "
         "their "
