@@ -189,3 +189,22 @@ def test_fit_mappings_trains_on_the_rows_it_is_given(tiny_models, tmp_path):
     hyper = json.loads(info.hyperparameters)
     assert hyper["train_rows"] == len(data.rows["train"]) == 40  # 10 subjects × 2 relations × 2 templates
     assert hyper["val_rows"] == len(data.rows["validation"])
+
+
+def test_a_mixed_batch_loss_is_the_row_weighted_mean_of_each_templates_kl(setup):
+    """Batches mix templates: one forward per template present, each weighted by its share of the rows."""
+    _, _, forwards, prepared, start = setup
+    train = prepared["train"]
+    of_row, names = bh.template_of_rows(train)
+    first, second = names[0], names[1]
+    idx = torch.cat([train.groups[first][:6], train.groups[second][:3]])
+    with torch.no_grad():
+        mapped = apply(start.tensors(), train.x[idx])
+        mixed = float(bh.mixed_kl(forwards, train, idx, mapped, of_row[idx], names, None))
+        parts = []
+        for name, rows in ((first, idx[:6]), (second, idx[6:])):
+            cont = train.reference.continuation[rows]
+            lp = forwards[name].logprobs(apply(start.tensors(), train.x[rows]), cont)
+            parts.append(float(bf.coarse_kl(lp, train.reference, rows)))
+    assert len(set(of_row[idx].tolist())) == 2
+    assert mixed == pytest.approx((6 * parts[0] + 3 * parts[1]) / 9, rel=1e-5)

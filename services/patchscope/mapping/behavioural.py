@@ -42,7 +42,7 @@ class BehaviouralOptions:
 
     hidden: int = 0  # 0: affine; > 0: affine + a GELU MLP residual of this width
     lr: float = 1e-4  # an absolute Adam step: ridge weights are small beside large target states
-    batch_size: int = 32
+    batch_size: int = 64  # rows of every template mixed, one forward per template present
     max_steps: int = 300
     eval_every: int = 10
     patience: int = 5
@@ -101,6 +101,46 @@ def split_kl(
     return total / max(1, count)
 
 
+def template_of_rows(data: Prepared) -> tuple[torch.Tensor, list[str]]:
+    """Each row's template as an index into the returned names ([N], names in `data.groups` order)."""
+    names = list(data.groups)
+    of_row = torch.full((data.x.shape[0],), -1, dtype=torch.long)
+    for k, name in enumerate(names):
+        of_row[data.groups[name]] = k
+    if bool((of_row < 0).any()):
+        raise ValueError("every row must belong to one template group")
+    return of_row, names
+
+
+def mixed_kl(
+    forwards: dict[str, TemplateForward],
+    data: Prepared,
+    idx: torch.Tensor,
+    mapped: torch.Tensor,
+    templates: torch.Tensor,
+    names: list[str],
+    lookup: torch.Tensor | None,
+) -> torch.Tensor:
+    """Mean coarse KL over rows `idx` of several templates: one forward per template present, row-weighted.
+
+    `mapped` ([B, d_t]) are the rows' mapped states and `templates` ([B]) their template indices into
+    `names`; each template's mean is weighted by its share of the rows, so the sum is the batch's mean.
+    """
+    total = mapped.new_zeros(())
+    for k in templates.unique().tolist():
+        where = templates == k
+        rows = idx[where]
+        cont = data.reference.continuation[rows]
+        lp = forwards[names[k]].logprobs(mapped[where], cont if cont.shape[1] else None)
+        total = total + coarse_kl(lp, data.reference, rows, lookup) * (len(rows) / len(idx))
+    return total
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """The L2 norm of every parameter's gradient together (a log line shows that gradients flow)."""
+    return float(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm())
+
+
 @contextmanager
 def _unrestricted_after(forwards: dict[str, TemplateForward]):
     try:
@@ -120,6 +160,7 @@ def fit_behavioural(
     *,
     seed: int = 0,
     on_step: Callable[[int, int, float | None], None] = lambda _s, _t, _kl: None,
+    on_note: Callable[[str], None] = lambda _text: None,
 ) -> FittedMap:
     """Adam on KL + mse_weight · MSE/Var from `start`; the best validation KL wins (early stopping).
 
@@ -153,30 +194,33 @@ def fit_behavioural(
         start_kl = split_kl(forwards, val, model, lookup=lookup)
         on_step(0, options.max_steps, start_kl)  # a log shows what the steps improve on
         best_kl, best_state, best_step, stale = start_kl, copy.deepcopy(model.state_dict()), 0, 0
-        # Minibatches come from one template each (one forward per step), in a seeded order.
-        batches: list[tuple[str, torch.Tensor]] = []
-        step = 0
+        # Each minibatch mixes templates and texts (a seeded permutation of every training row): one
+        # template's few rows make a step that fits them and moves the map off what validation confirms.
+        row_template, names = template_of_rows(train)
+        order: list[torch.Tensor] = []
+        step, running, since = 0, 0.0, 0
         while step < options.max_steps:
-            if not batches:
-                for name, members in train.groups.items():
-                    order = members[torch.randperm(len(members), generator=generator)]
-                    batches += [(name, chunk) for chunk in order.split(options.batch_size)]
-                perm = torch.randperm(len(batches), generator=generator).tolist()
-                batches = [batches[i] for i in perm]
-            name, idx = batches.pop()
+            if not order:
+                order = list(torch.randperm(len(row_template), generator=generator).split(options.batch_size))
+                order.reverse()
+            idx = order.pop()
+            optimiser.zero_grad()
             mapped = model(train.x[idx])
-            cont = train.reference.continuation[idx]
-            lp = forwards[name].logprobs(mapped, cont if cont.shape[1] else None)
-            loss = coarse_kl(lp, train.reference, idx, lookup)
+            loss = mixed_kl(forwards, train, idx, mapped, row_template[idx], names, lookup)
             if options.mse_weight > 0:
                 loss = loss + options.mse_weight * ((mapped - train.y[idx]) ** 2).sum(-1).mean() / target_var
-            optimiser.zero_grad()
             loss.backward()
+            if step == 0:
+                on_note(f"first step: loss {float(loss.detach()):.4f}, gradient norm {grad_norm(model):.3g}")
             optimiser.step()
             step += 1
+            running, since = running + float(loss.detach()), since + 1
             value = None
             if step % options.eval_every == 0 or step == options.max_steps:
                 value = split_kl(forwards, val, model, lookup=lookup)
+                # Training loss falling while validation does not is the fit memorising its rows.
+                on_note(f"step {step}: mean training batch loss {running / since:.4f}")
+                running, since = 0.0, 0
                 if value < best_kl - 1e-4:
                     best_kl, best_state, best_step, stale = value, copy.deepcopy(model.state_dict()), step, 0
                 else:
@@ -193,6 +237,7 @@ def fit_behavioural(
         "hidden": options.hidden,
         "lr": options.lr,
         "batch_size": options.batch_size,
+        "batching": "mixed",
         "steps": step,
         "best_step": best_step,
         "patience": options.patience,

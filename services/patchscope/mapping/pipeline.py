@@ -288,6 +288,7 @@ def _fit_behavioural(
         options,
         seed=seed,
         on_step=on_step,
+        on_note=lambda text: progress.note(phase, text),
     )
     h = fitted.hyperparameters
     progress.note(
