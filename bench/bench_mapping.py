@@ -235,8 +235,10 @@ def behaviour(source, target, root: Path, args) -> None:
         f"held-out LRE subjects known by {target.id} in plain text ({time.perf_counter() - started:.0f}s)"
     )
     options = {
-        "behavioural": bh.BehaviouralOptions(max_steps=args.steps, lr=args.lr),
-        "behavioural-mlp": bh.BehaviouralOptions(hidden=256, max_steps=args.steps, lr=args.lr),
+        "behavioural": bh.BehaviouralOptions(max_steps=args.steps, lr=args.lr, batch_size=args.batch_size),
+        "behavioural-mlp": bh.BehaviouralOptions(
+            hidden=256, max_steps=args.steps, lr=args.lr, batch_size=args.batch_size
+        ),
     }
     methods = args.behaviour_methods.split(",")
     common = dict(
@@ -339,8 +341,10 @@ def main() -> None:
     parser.add_argument("--nouns", type=int, default=249, help="held-out nouns of the identity figure")
     parser.add_argument("--steps", type=int, default=300, help="behavioural: most Adam steps")
     parser.add_argument("--lr", type=float, default=1e-4, help="behavioural: Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=64, help="behavioural: rows per step")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout
