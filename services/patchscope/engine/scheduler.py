@@ -46,6 +46,18 @@ from patchscope.engine.timings import Timings
 DEFAULT_CHUNK_TOKENS = 128
 
 
+def _rows_of(logits: torch.Tensor, slots: list[int], device: torch.device) -> torch.Tensor:
+    """The step's logits of `slots` ([len(slots), V]), in that order.
+
+    A view where the slots are consecutive (a request decoding alone always is): a gather would copy
+    every one of the vocabulary-wide rows once more per step, work the in-process path never does.
+    """
+    first = slots[0]
+    if slots == list(range(first, first + len(slots))):
+        return logits[first : first + len(slots)]
+    return logits[torch.tensor(slots, device=device)]
+
+
 class SchedulerFull(PatchscopeError):
     """The target holds as many rows as its row cap allows (RESOURCE_EXHAUSTED, retry later)."""
 
@@ -322,8 +334,7 @@ class Scheduler:
             job_started = time.perf_counter()
             members.sort()  # the job's row order: its generator draws as it does alone
             rows = [r for r, _ in members]
-            index = torch.tensor([s for _, s in members], device=device)
-            job_logits = logits[index]  # [rows, V]
+            job_logits = _rows_of(logits, [s for _, s in members], device)  # [rows, V]
             tokens, finished, ended = self._sample(job, rows, job_logits)
             job.timings.decode_s += elapsed + time.perf_counter() - job_started
             keep = set(self._emit(job, rows, tokens, finished, ended, job_logits))
