@@ -140,6 +140,10 @@ def test_attribute_figures_are_recomputed_from_the_stored_outcomes(llama, tmp_pa
     (folder / "attributes.smollm2-135m.json").write_text(json.dumps(result))
     page = write_report(folder, tmp_path / "results.md").read_text()
     assert "mean-state control, some ℓ* |" in page and "equal to the mean-state answer at the same ℓ*" in page
+    # ℓ* = 3 is the last block: a patch there reaches no later token, so both controls are met exactly.
+    samples = entry["samples"]
+    assert all(s["same_as_unpatched"][1::2] == s["same_as_mean_state"][1::2] == "11" for s in samples)
+    assert "At ℓ* = 3 (the last block) every answer equals both controls" in page
 
 
 def test_the_mean_state_control_is_the_patched_generation_of_each_layer_s_mean(llama):

@@ -7,6 +7,7 @@ writer decides which results exist, their order, the comparison with the paper's
 
 from __future__ import annotations
 
+from patchscope.eval.common import proportion
 from patchscope.eval.report_format import _deviation, _mean, _missing, _pm, _share
 
 
@@ -268,6 +269,7 @@ def attributes_section(result: dict | None, command: str) -> str:
             f"{_share(result['same_as_mean_state'])}. The mean-state control patches ℓ*'s mean state "
             '(over a fixed warm-up text) at `x`: "some ℓ*" counts a sample when any grid ℓ* names the '
             'object (the paper figure\'s own oracle over ℓ*), "mean over ℓ*" is comparable to ℓ* = ℓ'
+            + _without_inert_layer(result)
             if "same_as_mean_state" in result
             else ""
         )
@@ -285,6 +287,31 @@ def attributes_section(result: dict | None, command: str) -> str:
         + "\n".join(rows)
         + "\n\nPer task (paired sign test of Patchscope against probe, Bonferroni over the "
         f"{result['bonferroni_tasks']} tasks with ≥ 10 samples):\n\n" + "\n".join(per_task) + "\n"
+    )
+
+
+def _without_inert_layer(result: dict) -> str:
+    """The same-as-control shares without the grid's last ℓ*, when every answer there equals both controls.
+
+    A patch at the last block changes no later token (the template goes on after the placeholder), so at
+    that ℓ* the shares are 1 by construction and would hide how often the other layers copy a control.
+    """
+    layers, samples = result["layers"], [s for r in result["relations"] for s in r["samples"]]
+    nl = len(layers)
+    if not samples or not all(
+        s[key][a * nl + nl - 1] == "1"
+        for s in samples
+        for a in range(nl)
+        for key in ("same_as_unpatched", "same_as_mean_state")
+    ):
+        return ""
+    kept = [(s, a * nl + b) for s in samples for a in range(nl) for b in range(nl - 1)]
+    unpatched = proportion(sum(s["same_as_unpatched"][i] == "1" for s, i in kept), len(kept))
+    mean_state = proportion(sum(s["same_as_mean_state"][i] == "1" for s, i in kept), len(kept))
+    return (
+        f". At ℓ* = {layers[-1]} (the last block) every answer equals both controls, as it must: a patch "
+        "there reaches no later token; without that ℓ*, same as unpatched "
+        f"{_share(unpatched)}, same as mean-state {_share(mean_state)}"
     )
 
 
