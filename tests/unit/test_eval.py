@@ -16,6 +16,7 @@ from patchscope.eval import attributes, description, multihop, next_token, next_
 from patchscope.eval.common import (
     Relation,
     Sample,
+    hits_string,
     logistic_probe,
     majority_baseline,
     mean_state_texts,
@@ -23,13 +24,16 @@ from patchscope.eval.common import (
     patched_texts,
     placeholder_template,
     plain_texts,
+    proportion,
     read_relations,
     rouge_l,
     sign_test,
     wilson,
 )
+from patchscope.eval.next_token_readers import same_token
 from patchscope.eval.plain import batched_plain_texts
 from patchscope.eval.report import write_report
+from patchscope.eval.report_next_token import _mean_state_cell, _next_token_against_mean_state
 from patchscope.eval.report_sections import _against_mean_state
 from patchscope.eval.timed import record
 from patchscope.mapping.pipeline import fit_mappings
@@ -65,6 +69,29 @@ def test_next_token_reports_every_layer_and_reads_the_last_layer_exactly(same_mo
     json.dumps(result)  # JSON-ready
 
 
+def test_next_token_scores_the_mean_state_answer_of_each_target_layer_against_every_reference(
+    same_model_result, llama
+):
+    result = same_model_result
+    preset = get_preset("identity")
+    layers = [p["target_layer"] for p in result["pairs"]]
+    expected = mean_state_texts(llama, preset.template, preset.filler, layers, 1)
+    assert result["mean_state"] == {str(b): t for b, t in expected.items()}
+    for entry in result["pairs"]:
+        answer = expected[entry["target_layer"]]
+        control = entry["mean_state_control"]
+        hits = [same_token(answer, r) for r in result["references"]]
+        assert control["answer"] == answer and control["hits"] == hits_string(hits)
+        assert control["p_at_1"]["k"] == sum(hits) and control["p_at_1"]["n"] == result["positions"]
+        same = entry["patchscope"]["same_as_mean_state"]
+        assert same["k"] == sum(same_token(t, answer) for t in entry["patchscope"]["top1"])
+    combined = next_token.combine([result, result])["summary"]["pairs"][0]
+    first = result["pairs"][0]
+    assert combined["mean_state_control"]["mean"] == first["mean_state_control"]["precision_at_1"]
+    assert combined["mean_state_control"]["pooled"]["n"] == 2 * result["positions"]
+    assert combined["same_as_mean_state"]["k"] == 2 * first["patchscope"]["same_as_mean_state"]["k"]
+
+
 def test_cross_model_next_token_goes_through_the_registered_mappings(tiny_models, tmp_path):
     source, target = tiny_models["llama"], tiny_models["qwen2"]
     registry = MappingRegistry(tmp_path / "maps")
@@ -80,6 +107,9 @@ def test_cross_model_next_token_goes_through_the_registered_mappings(tiny_models
     assert all(isinstance(p["mapping_r2"], float) and p["mapping_id"] for p in result["pairs"])
     assert all(p["same_prompt"]["p_at_1"]["n"] == 24 for p in result["pairs"])
     assert result["text_only"]["p_at_1"]["k"] == result["text_only"]["hits"].count("1")
+    preset = get_preset("identity")  # the mean-state control is the target's, at each pair's ℓ*
+    expected = mean_state_texts(target, preset.template, preset.filler, [1, 2], 1)
+    assert [p["mean_state_control"]["answer"] for p in result["pairs"]] == [expected[1], expected[2]]
     combined = next_token.combine([result, result])
     assert combined["summary"]["pairs"][0]["patchscope"]["spread"] == 0.0
     next_token_plots.plot_pairs(combined, tmp_path / "cross.png")
@@ -311,6 +341,8 @@ def test_the_report_renders_saved_results_and_names_the_commands_of_missing_ones
     page = write_report(folder, tmp_path / "docs" / "results.md").read_text()
     assert f"| 0 | {same_model_result['pairs'][0]['patchscope']['precision_at_1']:.3f} ± 0.000 |" in page
     assert "(the saved result predates" not in page
+    first = combined["summary"]["pairs"][0]
+    assert f"| {_mean_state_cell(first)} |" in page and "The best mean-state control (ℓ* = " in page
     assert "](results/next_token.smollm2-135m.smollm2-135m.png)" in page
     assert "_Not run yet: `patchscope eval attributes --model smollm2-135m`._" in page
     # A multi-hop run that evaluated nothing concludes nothing.
@@ -336,6 +368,31 @@ def test_the_report_renders_saved_results_and_names_the_commands_of_missing_ones
     assert (
         "`multi_hop.smollm2-135m`" not in write_report(folder, tmp_path / "docs" / "results.md").read_text()
     )
+
+
+def test_the_next_token_verdict_names_the_pairs_that_do_not_beat_their_mean_state_control():
+    def pair(a: int, b: int, patchscope: float, control: float) -> dict:
+        stats = {"spread": 0.0, "values": [control]}
+        return {
+            "source_layer": a,
+            "target_layer": b,
+            "patchscope": {"mean": patchscope},
+            "mean_state_control": {
+                **stats,
+                "mean": control,
+                "answers": [" the"],
+                "pooled": proportion(3, 40),
+            },
+            "same_as_mean_state": proportion(1, 40),
+        }
+
+    pairs = [pair(2, 1, 0.05, 0.075), pair(16, 9, 0.3, 0.075), pair(29, 17, 0.075, 0.075)]
+    verdict = _next_token_against_mean_state(pairs, "pair")
+    assert "At 2 of 3 pairs the Patchscope does not beat" in verdict and "(2 → 1, 29 → 17)" in verdict
+    assert "' the'" in verdict and "0.075" in verdict
+    ahead = _next_token_against_mean_state([pairs[1]], "layer")
+    assert "beats the mean-state control of its ℓ* at every layer" in ahead
+    assert _next_token_against_mean_state([{"source_layer": 0, "target_layer": 0}], "layer") == ""
 
 
 def test_the_eval_commands_parse():

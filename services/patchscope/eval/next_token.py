@@ -17,8 +17,11 @@ target prompts, the identity prompt and T = S (the source text itself, patched a
 
 Controls beside every reader: the target's answer with nothing patched (the identity prompt's own next
 token, and for T = S the target's own next token on the source text, which is also the text-only
-baseline), and the share of Patchscope answers equal to it. Every per-position outcome is stored, so each
-figure can be recomputed from the JSON.
+baseline), and the share of Patchscope answers equal to it. Beside the identity prompt also the
+mean-state control: the same prompt with the target layer ℓ*'s mean state patched at the placeholder, one
+constant answer per ℓ* that holds nothing about any position; its P@1 is the share of references it
+equals, so a Patchscope figure at or below it reads no more from the state than the prompt does. Every
+per-position outcome is stored, so each figure can be recomputed from the JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.presets import get_preset
-from patchscope.eval.common import Progress, hits_string, no_progress, proportion
+from patchscope.eval.common import Progress, hits_string, mean_state_texts, no_progress, proportion
 from patchscope.eval.next_token_readers import (
     Reader,
     fit_tuned_lens,
@@ -150,6 +153,7 @@ def run(
     pattern = template_pattern(target)
     preset = get_preset("identity")
     (identity_control,) = unpatched_next_tokens(target, [(preset.template, preset.filler)])
+    mean_state = mean_state_texts(target, preset.template, preset.filler, sorted({b for _, b in pairs}), 1)
 
     def scored(reader: Reader, model: LoadedModel, ids: list[int] | None, **kw) -> dict:
         surprisal = paper_surprisal(test.final_logprobs, source_ids_of(source, model, reader))
@@ -187,6 +191,10 @@ def run(
                 reader, target, reference_ids if same else None, pattern=pattern, control=identity_control
             ),
         }
+        entry["mean_state_control"] = mean_state_score(mean_state[target_layer], reference_strings)
+        entry["patchscope"]["same_as_mean_state"] = proportion(
+            sum(same_token(a, mean_state[target_layer]) for a in reader.top1), len(reader.top1)
+        )
         if mapping is not None:
             entry["mapping_id"], entry["mapping_r2"] = mapping.describe(source_layer, target_layer)
         pairs_out.append(entry)
@@ -223,6 +231,7 @@ def run(
         "per_text": per_text,
         "seed": seed,
         "identity_control": identity_control,
+        "mean_state": {str(b): t for b, t in mean_state.items()},
         "references": reference_strings,
         "contexts": [c[-80:] for c in test.contexts],
         "tuned_lens_fit_s": round(fit_s, 2),
@@ -230,6 +239,17 @@ def run(
         "layers": layers_out,
         "pairs": pairs_out,
         **extra,
+    }
+
+
+def mean_state_score(answer: str, reference_strings: list[str]) -> dict:
+    """The mean-state control's P@1: its one answer against every reference, compared as token strings."""
+    hits = [same_token(answer, r) for r in reference_strings]
+    return {
+        "answer": answer,
+        "precision_at_1": sum(hits) / len(hits),
+        "p_at_1": proportion(sum(hits), len(hits)),
+        "hits": hits_string(hits),
     }
 
 
@@ -264,6 +284,17 @@ def combine(runs: list[dict]) -> dict:
         for reader in ("patchscope", "same_prompt"):
             if reader in entry:
                 item[reader] = stats([r["pairs"][k][reader]["precision_at_1"] for r in runs])
+        if all("mean_state_control" in r["pairs"][k] for r in runs):  # results saved before it lack it
+            controls = [r["pairs"][k]["mean_state_control"] for r in runs]
+            item["mean_state_control"] = {
+                **stats([c["precision_at_1"] for c in controls]),
+                "pooled": proportion(
+                    sum(c["p_at_1"]["k"] for c in controls), sum(c["p_at_1"]["n"] for c in controls)
+                ),
+                "answers": [c["answer"] for c in controls],
+            }
+            same = [r["pairs"][k]["patchscope"]["same_as_mean_state"] for r in runs]
+            item["same_as_mean_state"] = proportion(sum(c["k"] for c in same), sum(c["n"] for c in same))
         pairs.append(item)
     return {
         "experiment": first["experiment"],

@@ -13,12 +13,8 @@ from pathlib import Path
 
 from patchscope.eval.report_description import description_section
 from patchscope.eval.report_format import _deviation, _mean, _pm, _share
-from patchscope.eval.report_sections import (
-    attributes_section,
-    cross_model_section,
-    multi_hop_section,
-    next_token_section,
-)
+from patchscope.eval.report_next_token import cross_model_section, next_token_section
+from patchscope.eval.report_sections import attributes_section, multi_hop_section
 
 HEADER = """# Results: the Patchscopes paper's experiments on the embedded models
 
