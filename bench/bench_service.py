@@ -14,6 +14,10 @@
     continuous batching (`ContinuousBatcher`) in the same process, rounds interleaved; sites/s, p50/p99
     latency, time to first token, and whether every explanation equals the same request run alone.
 Both sides use 2 torch threads. Median of --repeats runs, interleaved. Prints ratios, never asserts them.
+Ray runs its worker processes (every replica, the proxy) at its `worker_niceness` (+15 over the driver,
+which is this process and the in-process side): on a shared machine that is a lower CPU priority for the
+service's model work than for the in-process engine's. The header prints both; `--worker-niceness 0`
+runs the replicas at this process's priority, for a comparison at equal priority.
 Cross-model mappings come from the default registry (`make run` fits them).
 """
 
@@ -117,11 +121,19 @@ def main() -> None:
     parser.add_argument("--gemm", default=DEFAULTS.gemm, choices=GEMMS, help="linear kernels, both sides")
     parser.add_argument("--target-only", action="store_true", help="(d) only: the target's batching, no Ray")
     parser.add_argument("--one-explain", action="store_true", help="(a) only, on one service start")
+    parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=None,
+        help="Ray's worker_niceness for the replicas (default: Ray's own, +15 over this process)",
+    )
     parser.add_argument("--clients", default="1,4,8,16", help="(d): client counts")
     parser.add_argument("--requests", type=int, default=3, help="(d): requests per client per round")
     parser.add_argument("--rate", type=float, default=2.0, help="(d): each client's arrivals per second")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.worker_niceness is not None:  # read by the raylet, which starts with the service below
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     if args.target_only:
         target_load(args)
         return
@@ -160,6 +172,7 @@ def main() -> None:
             with grpc.insecure_channel(service.address, options=options) as channel:
                 stub = pb_grpc.PatchscopeStub(channel)
                 list(stub.Explain(explain_request(PROMPTS[0]), timeout=600))  # warm
+                print(f"# niceness: this process (in-process side) {os.nice(0)}, {replica_niceness()}")
                 if batching:
                     results |= one_request(stub, in_process, args.repeats)
                     if args.one_explain:
@@ -242,6 +255,27 @@ def cpu_seconds() -> dict[str, float]:
             role = "rest of Ray"
         seconds[role] = seconds.get(role, 0.0) + times.user + times.system
     return seconds
+
+
+def replica_niceness() -> str:
+    """The niceness of each Ray process by role, as `cpu_seconds` names the roles."""
+    import psutil
+
+    seen: dict[str, set[int]] = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(process.cmdline()[:1]) or process.name()
+            nice = process.nice()
+        except psutil.Error:
+            continue
+        if title.startswith("ray::ServeReplica:"):
+            role = title.split(":")[-1].split(".")[0]
+        elif title.startswith("ray::ProxyActor"):
+            role = "gRPC proxy"
+        else:
+            role = "rest of Ray"
+        seen.setdefault(role, set()).add(nice)
+    return ", ".join(f"{role} {'/'.join(map(str, sorted(n)))}" for role, n in sorted(seen.items()))
 
 
 def with_cpu(run: Callable[[], dict[str, float]]) -> dict[str, float]:
