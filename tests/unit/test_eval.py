@@ -33,8 +33,9 @@ from patchscope.eval.common import (
 from patchscope.eval.next_token_readers import same_token
 from patchscope.eval.plain import batched_plain_texts
 from patchscope.eval.report import write_report
+from patchscope.eval.report_format import _share
 from patchscope.eval.report_next_token import _mean_state_cell, _next_token_against_mean_state
-from patchscope.eval.report_sections import _against_mean_state
+from patchscope.eval.report_sections import _against_mean_state, multi_hop_section
 from patchscope.eval.timed import record
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
@@ -252,7 +253,8 @@ def test_two_hop_queries_are_read_from_the_data_and_every_pair_is_stored(llama, 
     assert composition.query("Big Ben") == "The capital city of the country of Big Ben is"
     assert multihop.first_answer(" France, a country.\nMore") == "France"
 
-    result = multihop.run(llama, [first, second], layer_step=2, max_samples=None, max_new_tokens=6)
+    # As many tokens as `known_relation` read its objects from, so the hop filter keeps queries.
+    result = multihop.run(llama, [first, second], layer_step=2, max_samples=None, max_new_tokens=8)
     n = result["evaluated"]
     assert result["found"][composition.name] == len(first.samples) and n <= result["tried"]
     if n:
@@ -263,6 +265,28 @@ def test_two_hop_queries_are_read_from_the_data_and_every_pair_is_stored(llama, 
         assert result["patchscope_best_pair_accuracy"]["k"] == hits
         assert all(len(q["patchscope"]) == len(grid) for q in result["queries"])
         assert result["patchscope_oracle"]["k"] >= hits
+    assert n, "the known relations must leave queries to evaluate"
+    # The mean-state control: π2 with each ℓ*'s mean state at the placeholder, one text per composition.
+    template, filler = placeholder_template(composition.second.template)
+    expected = mean_state_texts(llama, template, filler, result["layers"], 8)
+    assert result["mean_state"][composition.name] == {str(b): t for b, t in expected.items()}
+    for q in result["queries"]:
+        assert q["mean_state_hits"] == hits_string(
+            [mentions(expected[b], q["answer"]) for b in result["layers"]]
+        )
+    best_l_star = result["layers"].index(result["mean_state_best_l_star"])
+    assert result["mean_state_best_l_star_accuracy"]["k"] == sum(
+        q["mean_state_hits"][best_l_star] == "1" for q in result["queries"]
+    )
+    assert result["mean_state_oracle"]["k"] >= result["mean_state_best_l_star_accuracy"]["k"]
+    same = [
+        multihop.first_line(text) == multihop.first_line(expected[b])
+        for q in result["queries"]
+        for text, (_, b) in zip(q["patchscope"], grid, strict=True)
+    ]
+    assert result["same_as_mean_state"] == proportion(sum(same), len(same))
+    page = multi_hop_section(result, "patchscope eval multi-hop")
+    assert f"| mean-state control, any ℓ* (oracle) | {_share(result['mean_state_oracle'])} |" in page
     multihop.plot(result, tmp_path / "multihop.png")
     # Data that composes nothing evaluates nothing, and says so.
     empty = multihop.run(llama, [second], layer_step=2)

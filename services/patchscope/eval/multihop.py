@@ -16,8 +16,12 @@ two hops the model answers on their own are kept, as in the paper. Methods, all 
   filter already checked both prompts);
 - **CoT Patchscope**: S = π1 and T = π2 with the placeholder `x`; the state of π1's last token at ℓ is
   patched at the placeholder (π1's place in π2) at ℓ*, for every (ℓ, ℓ*) of a stated grid;
-- **controls**: T with `x` and nothing patched, and a constant answer per composition (its most common
-  answer), either of which a Patchscope figure must beat to show anything.
+- **controls**: T with `x` and nothing patched, T with ℓ*'s mean state patched at `x` (the mean-state
+  control: the prompt's and the layer's own answer, which holds nothing about the subject), and a constant
+  answer per composition (its most common answer), each of which a Patchscope figure must beat to show
+  anything. The mean-state control is read at every ℓ* of the grid and, like the pairs, summarised at the
+  best fixed pair's ℓ*, at its own best ℓ* (chosen after seeing the answers, as the best pair is) and
+  over any ℓ* (beside the Patchscope's oracle).
 
 Every pair's generation is stored per query, so the best pair and the oracle can be audited.
 """
@@ -34,12 +38,14 @@ import torch
 
 from patchscope.engine.generation import PatchedRow, RowPatch
 from patchscope.engine.hooks import extract
+from patchscope.engine.layer_stats import layer_stats
 from patchscope.engine.models import LoadedModel
 from patchscope.eval.common import (
     Progress,
     Relation,
     hits_string,
     layer_grid,
+    mean_state_texts,
     mentions,
     no_progress,
     patched_texts,
@@ -132,6 +138,11 @@ def literal(template: str) -> str:
     return engine_template.replace("{}", filler, 1)
 
 
+def first_line(text: str) -> str:
+    """The first line of a generation, the part compared with the mean-state control's."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
 def _share(texts: Sequence[str], queries: Sequence[TwoHop]) -> dict:
     return proportion(sum(mentions(t, q.answer) for t, q in zip(texts, queries, strict=True)), len(queries))
 
@@ -196,10 +207,12 @@ def run(
         max_new_tokens,
     )
     progress("hops", 3, 4)
-    controls = {}
+    controls, mean_state = {}, {}
+    stats = layer_stats(model)
     for comp in {q.composition for q in queries}:
         template, filler = placeholder_template(comp.second.template)
         (controls[comp.name],) = unpatched_texts(model, template, filler, max_new_tokens)
+        mean_state[comp.name] = mean_state_texts(model, template, filler, layers, max_new_tokens, stats=stats)
     progress("hops", 4, 4)
 
     rows = []
@@ -215,6 +228,15 @@ def run(
         hits[k, g] = mentions(text, queries[k].answer)
     pair_accuracy = hits.float().mean(dim=0)
     best = int(pair_accuracy.argmax())
+    mean_hits = torch.tensor(  # [n, ℓ*]
+        [[mentions(mean_state[q.composition.name][b], q.answer) for b in layers] for q in queries]
+    )
+    same_mean = [
+        first_line(text)
+        == first_line(mean_state[queries[r // len(grid)].composition.name][grid[r % len(grid)][1]])
+        for r, text in enumerate(texts)
+    ]
+    mean_best = int(mean_hits.float().mean(dim=0).argmax())
     modal = {
         name: Counter(q.answer.lower() for q in queries if q.composition.name == name).most_common(1)[0][0]
         for name in result["evaluated_by_composition"]
@@ -230,7 +252,14 @@ def run(
         patchscope_oracle=proportion(int(hits.any(dim=1).sum()), n),
         pair_accuracy={f"{a}:{b}": float(v) for (a, b), v in zip(grid, pair_accuracy.tolist(), strict=True)},
         best_pair_distinct_outputs=len({texts[k * len(grid) + best].strip() for k in range(n)}),
+        mean_state_at_best_pair=proportion(int(mean_hits[:, layers.index(grid[best][1])].sum()), n),
+        mean_state_best_l_star=layers[mean_best],
+        mean_state_best_l_star_accuracy=proportion(int(mean_hits[:, mean_best].sum()), n),
+        mean_state_oracle=proportion(int(mean_hits.any(dim=1).sum()), n),
+        same_as_mean_state=proportion(sum(same_mean), len(same_mean)),
+        best_pair_same_as_mean_state=proportion(sum(same_mean[k * len(grid) + best] for k in range(n)), n),
         controls=controls,
+        mean_state={name: {str(b): t for b, t in by.items()} for name, by in mean_state.items()},
         seconds=round(time.perf_counter() - started, 1),
         queries=[
             {
@@ -244,6 +273,7 @@ def run(
                 "step_by_step": step_by_step[k],
                 "chain": chained[k],
                 "hits": hits_string(hits[k].tolist()),
+                "mean_state_hits": hits_string(mean_hits[k].tolist()),  # per ℓ* of `layers`
                 "patchscope": texts[k * len(grid) : (k + 1) * len(grid)],  # in `grid` order
             }
             for k, q in enumerate(queries)

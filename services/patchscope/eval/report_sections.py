@@ -184,7 +184,22 @@ def multi_hop_section(result: dict | None, command: str) -> str:
     a, b = result["patchscope_best_pair"]
     best = result["patchscope_best_pair_accuracy"]
     oracle = result["patchscope_oracle"]
-    floor = max(result["vanilla"]["p"], result["no_patch_control"]["p"], result["constant_answer"]["p"])
+    has_mean = "mean_state_best_l_star_accuracy" in result  # results saved before it lack it
+    floor = max(
+        result["vanilla"]["p"],
+        result["no_patch_control"]["p"],
+        result["constant_answer"]["p"],
+        result["mean_state_best_l_star_accuracy"]["p"] if has_mean else 0.0,
+    )
+    mean_rows = (
+        f"| mean-state control at the best pair's ℓ*={b} (T = π2, ℓ*'s mean state at `x`) | "
+        f"{_share(result['mean_state_at_best_pair'])} |\n"
+        f"| mean-state control, best fixed ℓ*={result['mean_state_best_l_star']} | "
+        f"{_share(result['mean_state_best_l_star_accuracy'])} |\n"
+        f"| mean-state control, any ℓ* (oracle) | {_share(result['mean_state_oracle'])} |\n"
+        if has_mean
+        else "| mean-state control | – |\n"
+    )
     table = (
         "| method | accuracy [95% CI] (k/n) |\n|---|---:|\n"
         f"| vanilla (τ as one prompt) | {_share(result['vanilla'])} |\n"
@@ -193,12 +208,26 @@ def multi_hop_section(result: dict | None, command: str) -> str:
         f"| two-step chain (hop 1's answer prompted into hop 2) | {_share(result['chain'])} |\n"
         f"| no-patch control (T = π2 with `x`, nothing patched) | {_share(result['no_patch_control'])} |\n"
         f"| constant answer (each composition's most common answer) | {_share(result['constant_answer'])} |\n"
-        f"| CoT Patchscope, best fixed pair ℓ={a}, ℓ*={b} | {_share(best)} |\n"
+        + mean_rows
+        + f"| CoT Patchscope, best fixed pair ℓ={a}, ℓ*={b} | {_share(best)} |\n"
         f"| CoT Patchscope, any pair (oracle) | {_share(oracle)} |\n\n"
     )
+    mean_note = (
+        " The mean-state control's best ℓ* and oracle are chosen after seeing the answers, as the best pair "
+        f"and the Patchscope's oracle are; {_share(result['best_pair_same_as_mean_state'])} of the best "
+        f"pair's outputs and {_share(result['same_as_mean_state'])} of all pairs' outputs equal (first "
+        "line) their ℓ*'s mean-state output."
+        if has_mean
+        else ""
+    )
+    if has_mean and oracle["p"] <= result["mean_state_oracle"]["p"]:
+        mean_note += (
+            " **The Patchscope's oracle over pairs does not beat the mean-state control's over ℓ*** "
+            f"({oracle['p']:.3f} vs {result['mean_state_oracle']['p']:.3f})."
+        )
     if best["p"] > floor:
         verdict = (
-            f"The best fixed pair beats vanilla and both controls ({best['p']:.3f} > {floor:.3f}); its "
+            f"The best fixed pair beats vanilla and the controls ({best['p']:.3f} > {floor:.3f}); its "
             "outputs "
             f"take {result['best_pair_distinct_outputs']} distinct forms over {result['evaluated']} queries, "
             "and "
@@ -229,5 +258,6 @@ def multi_hop_section(result: dict | None, command: str) -> str:
         "checked hop 2 with the true bridge, so the chain falls short of 1 where that phrase is not "
         f"the bridge ({result['chain']['k']}/{result['chain']['n']} here). "
         + verdict
+        + mean_note
         + " Every pair's generation per query is stored in the JSON (`queries[].patchscope`).\n"
     )
