@@ -188,7 +188,8 @@ def _mean_state_cell(p: dict) -> str:
     if "mean_state_control" not in p:
         return "–"
     control = p["mean_state_control"]
-    return f"{_pm(control)} ({control['answers'][0]!r})"
+    answer = repr(control["answers"][0]).replace("|", "\\|")  # a table cell
+    return f"{_pm(control)} ({answer})"
 
 
 def _same_as_mean_state_cell(p: dict) -> str:
