@@ -235,9 +235,11 @@ def behaviour(source, target, root: Path, args) -> None:
         f"held-out LRE subjects known by {target.id} in plain text ({time.perf_counter() - started:.0f}s)"
     )
     options = {
-        "behavioural": bh.BehaviouralOptions(max_steps=args.steps, lr=args.lr, batch_size=args.batch_size),
+        "behavioural": bh.BehaviouralOptions(
+            max_steps=args.steps, lr=args.lr, batch_size=args.batch_size, positions=args.positions
+        ),
         "behavioural-mlp": bh.BehaviouralOptions(
-            hidden=256, max_steps=args.steps, lr=args.lr, batch_size=args.batch_size
+            hidden=256, max_steps=args.steps, lr=args.lr, batch_size=args.batch_size, positions=args.positions
         ),
     }
     methods = args.behaviour_methods.split(",")
@@ -342,6 +344,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="behavioural: most Adam steps")
     parser.add_argument("--lr", type=float, default=1e-4, help="behavioural: Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=64, help="behavioural: rows per step")
+    parser.add_argument(
+        "--positions", type=int, default=1, help="behavioural: continuation positions scored per row"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
