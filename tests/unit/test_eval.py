@@ -410,13 +410,24 @@ def test_the_next_token_verdict_names_the_pairs_that_do_not_beat_their_mean_stat
             "same_as_mean_state": proportion(1, 40),
         }
 
-    pairs = [pair(2, 1, 0.05, 0.075), pair(16, 9, 0.3, 0.075), pair(29, 17, 0.075, 0.075)]
-    verdict = _next_token_against_mean_state(pairs, "pair")
-    assert "At 2 of 3 pairs the Patchscope does not beat" in verdict and "(2 → 1, 29 → 17)" in verdict
+    pairs = [
+        pair(2, 1, 0.05, 0.075),
+        pair(16, 9, 0.3, 0.075),
+        pair(29, 17, 0.075, 0.075),
+        pair(2, 9, 0.1, 0.075),
+    ]
+    pooled = [proportion(2, 40), proportion(20, 40), proportion(3, 40), proportion(4, 40)]
+    verdict = _next_token_against_mean_state(pairs, pooled, "pair")
+    assert "At 2 of 4 pairs the Patchscope does not beat" in verdict and "(2 → 1, 29 → 17)" in verdict
     assert "' the'" in verdict and "0.075" in verdict
-    ahead = _next_token_against_mean_state([pairs[1]], "layer")
-    assert "beats the mean-state control of its ℓ* at every layer" in ahead
-    assert _next_token_against_mean_state([{"source_layer": 0, "target_layer": 0}], "layer") == ""
+    # 4/40 is ahead of 3/40 in the mean, not beyond the control's interval; 20/40 is.
+    assert "At 1 of 4 pairs (2 → 9) its mean is ahead" in verdict
+    ahead = _next_token_against_mean_state([pairs[1]], [pooled[1]], "layer")
+    assert (
+        "beats the mean-state control of its ℓ* at every layer." in ahead and "not established" not in ahead
+    )
+    unmeasured = {"source_layer": 0, "target_layer": 0, "patchscope": {"mean": 0.1}}
+    assert _next_token_against_mean_state([unmeasured], [pooled[0]], "layer") == ""
 
 
 def test_the_eval_commands_parse():

@@ -6,6 +6,7 @@ no-patch answer and the mean-state answer per ℓ*), which the other experiments
 
 from __future__ import annotations
 
+from patchscope.eval.common import proportion
 from patchscope.eval.report_format import _deviation, _missing, _pm, _share
 
 
@@ -68,7 +69,7 @@ def next_token_section(result: dict | None, command: str) -> str:
             else "; the ridge tuned lens is never ahead of it."
         )
     )
-    text += _next_token_against_mean_state(summary["pairs"], "layer")
+    text += _next_token_against_mean_state(summary["pairs"], _pooled_patchscope(runs), "layer")
     control = runs[0].get("identity_control", "")
     return (
         f"`{command}` — seeds {result['seeds']} (document splits), {result['positions_per_seed'][0]} "
@@ -153,7 +154,7 @@ def cross_model_section(result: dict | None, command: str) -> str:
             " **The best T = S pair is within its spread over seeds of the text-only baseline**: the T = S "
             "figure does not show that the patched state adds anything to the text."
         )
-    verdict += _next_token_against_mean_state(summary["pairs"], "pair")
+    verdict += _next_token_against_mean_state(summary["pairs"], _pooled_patchscope(runs), "pair")
     last = max(p["target_layer"] for p in summary["pairs"])
     verdict += (
         f" At ℓ* = {last} (the target's last layer) both prompts read the patched last-token state through "
@@ -196,27 +197,55 @@ def _same_as_mean_state_cell(p: dict) -> str:
     return f"{p['same_as_mean_state']['p']:.1%}" if "same_as_mean_state" in p else "–"
 
 
-def _next_token_against_mean_state(pairs: list[dict], unit: str) -> str:
-    """The verdict against the mean-state control: where a Patchscope P@1 does not beat its ℓ*'s constant."""
-    measured = [p for p in pairs if "mean_state_control" in p]
+def _pooled_patchscope(runs: list[dict]) -> list[dict]:
+    """Each pair's Patchscope P@1 pooled over seeds (k/n with its Wilson interval), in the summary's order."""
+    return [
+        proportion(
+            sum(r["pairs"][k]["patchscope"]["p_at_1"]["k"] for r in runs),
+            sum(r["pairs"][k]["patchscope"]["p_at_1"]["n"] for r in runs),
+        )
+        for k in range(len(runs[0]["pairs"]))
+    ]
+
+
+def _next_token_against_mean_state(pairs: list[dict], pooled: list[dict], unit: str) -> str:
+    """The verdict against the mean-state control: where a Patchscope P@1 does not beat its ℓ*'s constant.
+
+    `pooled` is each pair's Patchscope P@1 pooled over seeds: where its interval reaches the control's, the
+    difference is not established on this n even if the mean is ahead.
+    """
+    measured = [(p, ps) for p, ps in zip(pairs, pooled, strict=True) if "mean_state_control" in p]
     if not measured:
         return ""
-    behind = [p for p in measured if p["patchscope"]["mean"] <= p["mean_state_control"]["mean"]]
-    best = max(measured, key=lambda p: p["mean_state_control"]["mean"])
-    pooled = best["mean_state_control"]["pooled"]
-    head = (
-        f" The best mean-state control (ℓ* = {best['target_layer']}, always "
-        f"{best['mean_state_control']['answers'][0]!r}) scores {_share(pooled)} pooled over seeds."
-    )
-    if not behind:
-        return head + f" The Patchscope beats the mean-state control of its ℓ* at every {unit}."
 
     def name(p: dict) -> str:
         a, b = p["source_layer"], p["target_layer"]
         return str(a) if unit == "layer" else f"{a} → {b}"
 
-    return head + (
-        f" **At {len(behind)} of {len(measured)} {unit}s the Patchscope does not beat the mean-state control "
-        f"of its ℓ*** ({', '.join(name(p) for p in behind)}): there its P@1 is no more than a constant "
-        "answer, which reads nothing from the state, would score."
+    behind = [p for p, _ in measured if p["patchscope"]["mean"] <= p["mean_state_control"]["mean"]]
+    close = [
+        p
+        for p, ps in measured
+        if p not in behind and ps["ci"][0] <= p["mean_state_control"]["pooled"]["ci"][1]
+    ]
+    best = max((p for p, _ in measured), key=lambda p: p["mean_state_control"]["mean"])
+    control = best["mean_state_control"]
+    text = (
+        f" The best mean-state control (ℓ* = {best['target_layer']}, always {control['answers'][0]!r}) "
+        f"scores {_share(control['pooled'])} pooled over seeds."
     )
+    if behind:
+        text += (
+            f" **At {len(behind)} of {len(measured)} {unit}s the Patchscope does not beat the mean-state "
+            f"control of its ℓ*** ({', '.join(name(p) for p in behind)}): there its P@1 is no more than a "
+            "constant answer, which reads nothing from the state, would score."
+        )
+    else:
+        text += f" The Patchscope's mean P@1 beats the mean-state control of its ℓ* at every {unit}."
+    if close:
+        text += (
+            f" At {len(close)} of {len(measured)} {unit}s ({', '.join(name(p) for p in close)}) its mean is "
+            "ahead but the 95% interval of its P@1 pooled over seeds reaches the control's: the difference "
+            "is not established on this n."
+        )
+    return text
