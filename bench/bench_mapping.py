@@ -345,7 +345,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="behavioural: Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=64, help="behavioural: rows per step")
     parser.add_argument(
-        "--positions", type=int, default=1, help="behavioural: continuation positions scored per row"
+        "--positions", type=int, default=2, help="behavioural: continuation positions scored per row"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     args = parser.parse_args()

@@ -47,7 +47,7 @@ class BehaviouralOptions:
     eval_every: int = 10
     patience: int = 5
     mse_weight: float = 0.2
-    positions: int = 1  # next-token distributions per row: the template's last position (and after it)
+    positions: int = 2  # scored tokens per row: an identity template answers " ->" first, then the word
     top_k: int = 64
     restrict_vocabulary: bool = True  # logits over the train and validation rows' top-K tokens only
     calibrate_norm: bool = True
