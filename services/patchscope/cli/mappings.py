@@ -185,7 +185,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--seed", type=int, default=0, help="splits, data order and initialisation")
     fit.add_argument("--steps", type=int, default=300, help="behavioural: most Adam steps (early stopping)")
     fit.add_argument("--lr", type=float, default=1e-4, help="behavioural: Adam learning rate")
-    fit.add_argument("--batch-size", type=int, default=32, help="behavioural: rows per step")
+    fit.add_argument("--batch-size", type=int, default=64, help="behavioural: rows per step, templates mixed")
     fit.add_argument("--hidden", type=int, default=256, help="behavioural-mlp: width of the MLP residual")
     fit.add_argument(
         "--mse-weight", type=float, default=0.2, help="behavioural: weight of the MSE/Var regulariser"
