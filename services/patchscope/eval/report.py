@@ -35,8 +35,8 @@ over a fixed warm-up text (a state that holds no subject: what the prompt and th
 own); the *text-only* baseline is the target asked the same question with the source text in its
 prompt; "same as unpatched" and "same as mean-state" are the shares of Patchscope answers identical to
 those controls' answers. A Patchscope figure that does not beat its controls shows nothing, and the page
-says so. The mean-state control is measured for attribute extraction (§4.2) and entity description
-(§4.3); next token, cross-model and multi-hop have the no-patch control only so far.
+says so. Every experiment below carries both controls; the cross-model T = S reading (the source text as
+the target's prompt) has the no-patch one only, since its mean-state control would need a row per position.
 
 **Oracles** ("any pair") pick the layer pair after seeing the answers; they bound what a perfect choice
 could do and are not achievable figures. The paper's §4.2 figure (mean over ℓ of "some ℓ* works") is
