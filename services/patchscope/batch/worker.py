@@ -28,7 +28,7 @@ from patchscope.engine.generation import GenerationConfig
 from patchscope.engine.models import LoadedModel, ModelRegistry, load_model
 from patchscope.engine.runtime import TargetRuntime
 from patchscope.explain import ActivationsRequest, LocalBackend, TargetSpec, explain, plan_activations
-from patchscope.explain.local import LOCAL_LIMITS, model_info
+from patchscope.explain.local import LOCAL_LIMITS
 from patchscope.explain.plan import MappingResolver, ModelInfo
 
 
@@ -76,8 +76,8 @@ class Worker:
         self.target = target
         self.backend = LocalBackend([source], [target])
         self.resolve = cached(resolve)
-        self.source_info = model_info(source)
-        self.target_info = model_info(target.model)
+        self.source_info = self.backend.infos[source.id]  # read once, by the backend's warm-up
+        self.target_info = self.backend.infos[target.model.id]
         # Rows of one file and of one batch are requests of the pipeline: its site limit must admit them.
         sites = max(LOCAL_LIMITS.max_sites, options.max_rows_per_file, options.batch_rows)
         self.limits = LOCAL_LIMITS.model_copy(update={"max_sites": sites})

@@ -34,11 +34,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     mappings = MappingRegistry(args.registry)
     calibrations = CalibrationRegistry(mappings.root)
     runtime = TargetRuntime.build(target)
+    infos = (model_info(source), model_info(target)) if args.if_missing else None  # one forward each
     for preset in presets:
-        if (
-            args.if_missing
-            and calibrations.lookup(model_info(source), model_info(target), preset) is not None
-        ):
+        if infos is not None and calibrations.lookup(*infos, preset) is not None:
             progress(f"{calibrator_id(source.id, target.id, preset)} is registered already")
             continue
         report = calibrate(

@@ -150,8 +150,7 @@ def _score_prefixes(
     chosen_ids = torch.tensor([key[-1] for key in keys], device=device)
     values: list[float] = []
     for start in range(0, len(keys), UNEMBED_CHUNK):
-        chunk = states[start : start + UNEMBED_CHUNK]
-        logits = model.layout.unembed_normed(chunk).float().contiguous()  # [c, V]; see streaming._observe
+        logits = model.layout.unembed_normed(states[start : start + UNEMBED_CHUNK]).float()  # [c, V]
         picked = logits.gather(1, chosen_ids[start : start + UNEMBED_CHUNK, None])[:, 0]
         values.extend((picked - torch.logsumexp(logits, dim=-1)).tolist())
     return dict(zip(keys, values, strict=True))

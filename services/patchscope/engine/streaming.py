@@ -246,9 +246,7 @@ def _observe(
     """
     if step.logits is None:
         raise ValueError("signals need the steps' logits (iter_patched_generate(..., keep_logits=True))")
-    # [B, V]. Contiguous: the head's logits are a transposed product (`unembed_normed`), and a reduction
-    # over a strided vocabulary is several times slower than the copy.
-    logits = step.logits.float().contiguous()
+    logits = step.logits.float()  # [B, V]; a no-op for the float32 (contiguous: unembed_normed) logits
     ids = torch.tensor(step.token_ids, device=logits.device)[:, None]  # [B, 1]
     lse = torch.logsumexp(logits, dim=-1)  # [B]
     chosen = (logits.gather(1, ids)[:, 0] - lse).tolist()

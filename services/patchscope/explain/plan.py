@@ -105,6 +105,16 @@ class Plan:
         """The target layers of the mean-state rows, in row order (none without the control)."""
         return sorted({s.target_layer for s in self.sites}) if self.mean_state_control else []
 
+    def rows(self, vectors: Sequence[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
+        """Target layer and vector of every patched row: the sites', then each mean-state layer's mean."""
+        means = self.mean_state_layers
+        layers = [s.target_layer for s in self.sites] + means
+        return layers, [*vectors, *(self.target.layer_means[layer] for layer in means)]
+
+    def mean_state_row(self, site: Site) -> int:
+        """The row (or lens reading) of `site`'s mean-state control, after the sites' own."""
+        return len(self.sites) + self.mean_state_layers.index(site.target_layer)
+
 
 @dataclass(frozen=True)
 class _Verbalise:

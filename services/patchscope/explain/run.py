@@ -148,18 +148,18 @@ class Pipeline:
                 yield event
             return
         # Rows: the sites, then one per mean-state layer, then the unpatched control (GenerateRequest).
-        mean_layers = plan.mean_state_layers
+        layers, row_vectors = plan.rows(vectors)
         request = GenerateRequest(
             model=plan.target.id,
             template=plan.template,
             filler=plan.preset.filler,
-            layers=[s.target_layer for s in plan.sites] + mean_layers,
-            vectors=vectors + [plan.target.layer_means[layer] for layer in mean_layers],
+            layers=layers,
+            vectors=row_vectors,
             config=plan.generation,
             control=plan.controls,
         )
         n = len(plan.sites)
-        control_row = n + len(mean_layers)
+        control_row = len(layers)
         held: dict[int, RowEvent] = {}  # finished rows waiting for the control to end
         spans = tracing.generation(target=plan.target.id, sites=n, rows=request.num_rows)
         async with spans, contextlib.aclosing(self.backend.generate(request)) as steps:
@@ -183,9 +183,8 @@ class Pipeline:
                 raise RuntimeError(f"the control row's finished event carries no scores for the {n} sites")
             for index in range(n):
                 mean_state = None
-                if mean_layers:
-                    row = held[n + mean_layers.index(plan.sites[index].target_layer)]
-                    mean_state = row.explanation or ""
+                if plan.mean_state_control:
+                    mean_state = held[plan.mean_state_row(plan.sites[index])].explanation or ""
                 yield self._finished(
                     plan, held[index], timings, held[control_row], unpatched[index], mean_state
                 )
@@ -196,12 +195,10 @@ class Pipeline:
         """The logit lens of every site; with controls, beside the unpatched reading at the same site."""
         spec = None
         # The mean-state control reads each layer's mean state after the sites' own states.
-        mean_layers = plan.mean_state_layers
-        vectors = vectors + [plan.target.layer_means[layer] for layer in mean_layers]
+        layers, row_vectors = plan.rows(vectors)
         if plan.controls:
-            layers = [s.target_layer for s in plan.sites] + mean_layers
             spec = LensControlRequest(plan.template, plan.preset.filler, layers)
-        lens = await self.backend.logit_lens(plan.target.id, vectors, plan.top_k, spec)
+        lens = await self.backend.logit_lens(plan.target.id, row_vectors, plan.top_k, spec)
         n = len(plan.sites)
         for index, (explanation, pairs) in enumerate(lens.readings[:n]):
             answer = plan.preset.answer(explanation)
@@ -210,9 +207,8 @@ class Pipeline:
                 c, site = lens.controls[index], plan.sites[index]
                 r2 = plan.mapping.describe(site.source_layer, site.target_layer)[1] if plan.mapping else None
                 mean_state = None
-                if mean_layers:
-                    mean_reading = lens.readings[n + mean_layers.index(site.target_layer)]
-                    mean_state = self._mean_state(plan, mean_reading[0])
+                if plan.mean_state_control:
+                    mean_state = self._mean_state(plan, lens.readings[plan.mean_state_row(site)][0])
                 site_control = control(
                     answer=answer,
                     unpatched_explanation=c.explanation,
