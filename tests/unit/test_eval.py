@@ -37,8 +37,10 @@ from patchscope.eval.report_format import _share
 from patchscope.eval.report_next_token import _mean_state_cell, _next_token_against_mean_state
 from patchscope.eval.report_sections import _against_mean_state, multi_hop_section
 from patchscope.eval.timed import record
+from patchscope.mapping.corpus import read_documents, split_documents
 from patchscope.mapping.pipeline import fit_mappings
 from patchscope.mapping.registry import MappingRegistry
+from patchscope.mapping.resolve import resolve_mappings
 
 CORPUS = data_dir() / "wikitext-2" / "valid.txt"
 
@@ -107,6 +109,14 @@ def test_cross_model_next_token_goes_through_the_registered_mappings(tiny_models
     assert [(p["source_layer"], p["target_layer"]) for p in result["pairs"]] == [(1, 1), (3, 2)]
     assert all(isinstance(p["mapping_r2"], float) and p["mapping_id"] for p in result["pairs"])
     assert all(p["same_prompt"]["p_at_1"]["n"] == 24 for p in result["pairs"])
+    # The cross-model description takes its corpus entities only from documents no map was fitted on.
+    maps = resolve_mappings(registry, source, target, [(1, 1), (3, 2)])
+    with pytest.raises(next_token.FittedOnEvaluation, match="split seed 1"):
+        description.held_out_documents(maps, CORPUS, 0)
+    held_out = description.held_out_documents(maps, CORPUS, 1)
+    fitted = split_documents(read_documents(CORPUS), seed=1)
+    assert held_out == list(fitted.test)
+    assert held_out and not any(d in fitted.train + fitted.validation for d in held_out)
     assert result["text_only"]["p_at_1"]["k"] == result["text_only"]["hits"].count("1")
     preset = get_preset("identity")  # the mean-state control is the target's, at each pair's ℓ*
     expected = mean_state_texts(target, preset.template, preset.filler, [1, 2], 1)
@@ -295,7 +305,7 @@ def test_two_hop_queries_are_read_from_the_data_and_every_pair_is_stored(llama, 
 
 def test_entity_description_scores_rouge_l_beside_its_baselines(llama, tmp_path):
     entities = [
-        *description.corpus_entities(CORPUS)[:3],
+        *description.corpus_entities(read_documents(CORPUS))[:3],
         description.Entity("Paris", "city in France", "lre"),
     ]
     result = description.run(llama, llama, entities, layer_step=2, max_new_tokens=4)

@@ -167,6 +167,8 @@ def cmd_multi_hop(args: argparse.Namespace) -> int:
 
 def cmd_description(args: argparse.Namespace) -> int:
     from patchscope.eval import description
+    from patchscope.eval.next_token import FittedOnEvaluation
+    from patchscope.mapping.corpus import read_documents
     from patchscope.mapping.resolve import resolve_mappings
 
     source = _load(args.source, args.dtype)
@@ -178,11 +180,8 @@ def cmd_description(args: argparse.Namespace) -> int:
         result = description.rescore(json.loads(saved.read_text(encoding="utf-8")), source)
         return _finish(args, result, name, description.plot)
     target = source if args.target in (None, args.source) else _load(args.target, args.dtype)
-    entities = description.corpus_entities(_corpus(args))
-    if args.lre_per_relation:
-        entities += description.lre_entities(
-            _relations(args, args.lre_relations), args.lre_per_relation, args.seed
-        )
+    corpus = _corpus(args)
+    documents = read_documents(corpus)
     mapping, pairs = None, None
     if target is not source:
         registry = _registry_for_seed(args.registry, args.seed)
@@ -193,6 +192,15 @@ def cmd_description(args: argparse.Namespace) -> int:
                 f"no mappings {source.id} -> {target.id} in {registry.root}: run patchscope fit-mapping"
             )
         mapping = resolve_mappings(registry, source, target, pairs)
+        try:
+            documents = description.held_out_documents(mapping, corpus, args.seed)
+        except FittedOnEvaluation as error:
+            raise SystemExit(str(error)) from None
+    entities = description.corpus_entities(documents)
+    if args.lre_per_relation:
+        entities += description.lre_entities(
+            _relations(args, args.lre_relations), args.lre_per_relation, args.seed
+        )
     update, bar = progress_bar()
     with bar:
         result = description.run(
@@ -206,6 +214,11 @@ def cmd_description(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=update,
         )
+    result["corpus_documents"] = (
+        f"the {len(documents)} test documents of split seed {args.seed} (the maps' held-out part)"
+        if mapping is not None
+        else f"all {len(documents)} documents"
+    )
     if mapping is not None:
         for entry in result["pairs"]:
             entry["mapping_id"], entry["mapping_r2"] = mapping.describe(

@@ -4,7 +4,8 @@ Entities and references are built offline from the data the project ships:
 
 - **corpus** entities: WikiText article titles (titles with `<unk>` dropped, a trailing parenthetical
   such as "(Slayer song)" removed) whose first kept sentence says what the title is ("X is/was …"); the
-  reference is that sentence's predicate;
+  reference is that sentence's predicate; a cross-model run takes them only from the test documents of
+  its maps' split seed (`next_token.check_held_out` first refuses maps whose split is unknown);
 - **LRE** entities: subjects of the relations, the reference written from the relation's data: the
   domain name, the template's words and the object ("landmark is in the country of France").
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,8 @@ from patchscope.eval.common import (
     subsample,
     unpatched_texts,
 )
-from patchscope.mapping.corpus import detokenise, read_documents
+from patchscope.eval.next_token import check_held_out
+from patchscope.mapping.corpus import Document, detokenise, read_documents, split_documents
 
 POPULARITY_PROXY = "source-model mean surprisal per name token (nats) in the source context, below the median"
 _COPULA = re.compile(r"\b(?:is|was|are|were)\b\s+(.*)$")
@@ -71,10 +73,14 @@ class Entity:
     origin: str  # "corpus" or an LRE relation name
 
 
-def corpus_entities(corpus: Path) -> list[Entity]:
-    """Article titles with the predicate of their first sentence that says what the title is."""
+def corpus_entities(documents: Iterable[Document]) -> list[Entity]:
+    """Article titles with the predicate of their first sentence that says what the title is.
+
+    Cross-model runs pass only the maps' held-out documents: a map fitted on an entity's lead sentence has
+    seen its reference, so its description would measure memory, not the state.
+    """
     out = []
-    for document in read_documents(corpus):
+    for document in documents:
         if "<unk>" in document.title:
             continue
         name = re.sub(r"\s*\([^)]*\)\s*$", "", detokenise(document.title)).strip()
@@ -85,6 +91,16 @@ def corpus_entities(corpus: Path) -> list[Entity]:
             if head and head in sentence.lower()[: len(sentence) // 2 + len(head)] and match:
                 out.append(Entity(name, match.group(1).rstrip("."), "corpus"))
     return out
+
+
+def held_out_documents(mapping_set, corpus: Path, seed: int) -> list[Document]:
+    """The corpus documents none of `mapping_set`'s maps was fitted on: the test part of their split.
+
+    Raises `FittedOnEvaluation` (before any model runs) when a map fitted on this corpus recorded no split
+    seed or another one, as the cross-model next-token eval does.
+    """
+    check_held_out(mapping_set, corpus, seed)
+    return list(split_documents(read_documents(corpus), seed=seed).test)
 
 
 def lre_entities(relations: Sequence[Relation], per_relation: int, seed: int) -> list[Entity]:

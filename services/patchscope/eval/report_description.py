@@ -9,6 +9,11 @@ from __future__ import annotations
 from patchscope.eval.report_format import _deviation, _mean_r, _missing, _share
 
 
+def _documents(result: dict) -> str:
+    """Which corpus documents the titles came from, where the result records it."""
+    return f", from {result['corpus_documents']}" if result.get("corpus_documents") else ""
+
+
 def _popularity(result: dict) -> str:
     """How the result split popular from rare entities, in the words of its own record."""
     if "popularity_proxy" in result:
@@ -101,8 +106,8 @@ def description_section(result: dict | None, command: str) -> str:
         verdict += " " + _against_mean_state(best, result["pairs"])
     return (
         f"`{command}` — {counts['all']} entities ({counts['corpus']} WikiText titles with the predicate of "
-        "their "
-        f"lead sentence, {counts['lre']} LRE subjects described from their relation's data); "
+        f"their lead sentence{_documents(result)}, {counts['lre']} LRE subjects described from their "
+        "relation's data); "
         f"{_popularity(result)}: {counts['popular']}, rare: {counts['rare']}. "
         "Source "
         f"prompt `{result['source_context']}`, the paper's few-shot description prompt as target, "
