@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -317,3 +318,34 @@ def test_continuous_steps_run_a_bounded_lead_ahead_of_a_busy_event_loop(llama, l
     assert end - before > LEAD + 2, "the request must still have steps to run when the loop blocks"
     assert during - before >= 2, "the next step must not wait for the event loop to stream the last one"
     assert during - before <= LEAD + 1, "a stalled loop stalls the steps: a leaving caller is seen soon"
+
+
+def test_the_step_driver_stops_quietly_when_its_event_loop_has_closed(caplog):
+    from patchscope.serve.stepping import StepDriver
+
+    class Busy:
+        """A scheduler with work forever, whose steps wait until the loop that admitted it is gone."""
+
+        def __init__(self) -> None:
+            self.steps = 0
+            self.loop_closed = threading.Event()
+
+        def busy(self) -> bool:
+            return True
+
+        def run_once(self) -> None:
+            self.loop_closed.wait(5)
+            self.steps += 1
+
+    scheduler = Busy()
+    with ThreadPoolExecutor(1) as executor:
+        driver = StepDriver({"t": scheduler}, executor, fail=lambda s, e: None)
+
+        async def admit() -> None:
+            driver.wake()
+
+        with caplog.at_level("ERROR", logger="patchscope.serve"):
+            asyncio.run(admit())
+            scheduler.loop_closed.set()
+    assert scheduler.steps == 1 and not driver._driving
+    assert not [r for r in caplog.records if "step driver stopped" in r.getMessage()]

@@ -8,7 +8,30 @@ import inspect
 
 import pytest
 
+from patchscope.serve.frames import Frames, frame_stream
 from patchscope.serve.proxy import add_patchscope_servicer, cancel_on_leave
+
+
+class Message:
+    """A protobuf message as the framing sees one: it serializes to its bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:
+        return self.data
+
+
+async def framed(*messages: bytes) -> bytes:
+    """One replica item carrying `messages`, made by the ingress's framing."""
+    items = [f async for f in frame_stream(_messages(messages))]
+    assert len(items) == 1 and isinstance(items[0], Frames)
+    return items[0].SerializeToString()
+
+
+async def _messages(data):
+    for d in data:
+        yield Message(d)
 
 
 class Replica:
@@ -66,7 +89,7 @@ def test_a_cancelled_stream_cancels_the_replica_call_wherever_it_waits(during):
         handler = cancel_on_leave(proxy_handler(replica))
         task = asyncio.ensure_future(handler(None, context))
         if during == "write":
-            replica.items.put_nowait(b"token")
+            replica.items.put_nowait(await framed(b"token"))
             await context.writing.wait()
         else:
             await asyncio.sleep(0.01)
@@ -83,15 +106,17 @@ def test_a_finished_stream_writes_every_message_and_cancels_nothing():
         replica, context = Replica(), SlowWriter()
         context.release.set()
 
+        items = [await framed(b"a", b"b"), await framed(b""), await framed(b"c")]
+
         async def finite(request, ctx):
-            for item in (b"a", b"b", b"c"):
+            for item in items:
                 yield item
 
         await cancel_on_leave(finite)(None, context)
         return replica, context
 
     replica, context = asyncio.run(scenario())
-    assert context.written == [b"a", b"b", b"c"] and not replica.cancelled
+    assert context.written == [b"a", b"b", b"", b"c"] and not replica.cancelled
 
 
 class ProxyServer:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +25,7 @@ from grpc_health.v1._async import HealthServicer
 SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # grpc.health.v1.Health
 API_SERVICE = "patchscope.v1.Patchscope"
 DEPLOYMENTS = ("SourceModel", "TargetModel", "Explainer")
+POLL_ENV = "PATCHSCOPE_HEALTH_POLL_S"  # read in the proxy process, which inherits Ray's environment
 POLL_S = 1.0
 READY_TIMEOUT_S = 2.0
 
@@ -71,7 +73,7 @@ def add_health_servicer(servicer: Any, server: Any) -> None:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not on an event loop (a plain gRPC server): the caller sets the status
         return
-    _watchers.append(loop.create_task(watch(health)))
+    _watchers.append(loop.create_task(watch(health, poll_s=float(os.environ.get(POLL_ENV, POLL_S)))))
 
 
 async def hosted_ready(backend: Any) -> tuple[set[str], set[str]] | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -11,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from patchscope.engine.template import prompt_tokens
 from patchscope.serve.backend import ServeBackend
 from patchscope.serve.config import ServiceConfig
+from patchscope.serve.frames import Frames, frame_stream
 from patchscope.serve.hosting import rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
 from patchscope.serve.quotas import QuotaClient
@@ -38,8 +41,30 @@ class IngressBackend(ServeBackend):
         return prompt_tokens(await asyncio.shield(task), prompt)
 
 
+def framed(method: Callable) -> Callable:
+    """A streaming RPC whose messages leave in `Frames` (the proxy splits them: serve/proxy.py).
+
+    `functools.wraps` keeps the signature Serve reads to pass `grpc_context`.
+    """
+
+    @functools.wraps(method)
+    async def stream(self: Servicer, request, grpc_context) -> AsyncIterator[Frames]:
+        async for frames in frame_stream(method(self, request, grpc_context)):
+            yield frames
+
+    return stream
+
+
 class Explainer(Servicer):
-    """The gRPC ingress: holds no model, only the handles of SourceModel and TargetModel."""
+    """The gRPC ingress: holds no model, only the handles of SourceModel and TargetModel.
+
+    Its streaming RPCs yield `Frames`, so it is served only behind Serve's proxy with
+    `add_patchscope_servicer` registered (every config's `grpc_servicer_functions`).
+    """
+
+    ExtractHiddenStates = framed(Servicer.ExtractHiddenStates)
+    Explain = framed(Servicer.Explain)
+    ExplainActivations = framed(Servicer.ExplainActivations)
 
     def __init__(self, source: DeploymentHandle, target: DeploymentHandle, config: dict) -> None:
         settings = ServiceConfig.model_validate(config)

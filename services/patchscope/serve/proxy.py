@@ -11,9 +11,9 @@ ray-project/ray#42665, never merged).
 
 `add_patchscope_servicer` is the `grpc_servicer_functions` entry of the service's configs. Registering on
 Serve's proxy server, it makes every server-streaming handler of `patchscope.v1.Patchscope` a coroutine
-that writes the messages itself; cancelled anywhere, it resumes the proxy's generator once and cancels it
-at its innermost wait, which is where the proxy cancels the replica call. On any other gRPC server it
-registers the generated servicer unchanged.
+that writes the messages itself (several per replica item: serve/frames.py); cancelled anywhere, it
+resumes the proxy's generator once and cancels it at its innermost wait, which is where the proxy cancels
+the replica call. On any other gRPC server it registers the generated servicer unchanged.
 
 It also makes a call whose ingress replica died (killed, out of memory) UNAVAILABLE, as a call whose
 model replica died already is (the ingress maps that one itself): Serve's proxy gives any `RayActorError`
@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from patchscope.serve.frames import unframe
 from patchscope_client._proto.patchscope_pb2_grpc import add_PatchscopeServicer_to_server
 
 logger = logging.getLogger("patchscope.serve")
@@ -52,13 +53,17 @@ async def cancel_inside(messages: AsyncIterator[Any]) -> None:
 
 
 def cancel_on_leave(handler: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Any]:
-    """A unary-stream handler that writes `handler`'s messages and cancels it properly when cancelled."""
+    """A unary-stream handler that writes `handler`'s messages and cancels it properly when cancelled.
+
+    Each item `handler` yields is one of the ingress's `Frames`: split here into its messages.
+    """
 
     async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
         messages = handler(request, context)
         try:
-            async for message in messages:
-                await context.write(message)
+            async for item in messages:
+                for message in unframe(item):
+                    await context.write(message)
         except asyncio.CancelledError:
             await cancel_inside(messages)
             raise

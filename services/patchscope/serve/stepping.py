@@ -63,8 +63,12 @@ class StepDriver:
                         self.fail(scheduler, error)
             with self._lock:  # admission appends before it wakes: a job admitted now is seen, or wakes anew
                 assert self._loop is not None
+                try:
+                    self._loop.call_soon_threadsafe(self._ack)
+                except RuntimeError:  # the loop is closed (its process is ending): nobody reads the rows on
+                    self._driving = self._parked = False
+                    return
                 self._unacked += 1
-                self._loop.call_soon_threadsafe(self._ack)
                 more = any(s.busy() for s in self.schedulers.values())
                 self._parked = more and self._unacked > LEAD
                 self._driving = more and not self._parked
