@@ -112,7 +112,8 @@ def test_the_ingress_s_streaming_rpcs_are_framed_and_keep_the_signature_serve_re
     import inspect
 
     from patchscope.serve.ingress import Explainer
-    from patchscope.serve.servicer import STREAMING, Servicer
+    from patchscope.serve.rpc import STREAMING
+    from patchscope.serve.servicer import Servicer
 
     for name in STREAMING:
         method = getattr(Explainer, name)

@@ -2,19 +2,17 @@
 
 Serve's gRPC proxy calls the methods named like the RPCs. Nothing here validates or orchestrates: proto
 becomes a domain request (`wire/`), the pipeline plans it (every check, before any model runs) and runs
-it, and its events become proto again. Errors become status codes in one place (`status.py`); in a
-streaming method the code is set on the context *and* raised, since returning after setting it reaches
-the client as OK. The class runs without Ray given a backend (tests drive it with fakes).
+it, and its events become proto again. What every method does around that (authentication, the API
+version, a quota slot, errors as status codes) is the `rpc` decorator's (`rpc.py`). The class runs
+without Ray given a backend (tests drive it with fakes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from patchscope import __version__
@@ -28,7 +26,7 @@ from patchscope.serve.auth import TokenCheck
 from patchscope.serve.backend import ServeBackend
 from patchscope.serve.config import ServiceConfig
 from patchscope.serve.health import hosted_ready, mark_ready
-from patchscope.serve.status import status_of
+from patchscope.serve.rpc import rpc
 from patchscope.wire import (
     LayerStates,
     Stamp,
@@ -41,10 +39,7 @@ from patchscope.wire import (
     pb,
     wire_dtype,
 )
-from patchscope_client.version import API_VERSION, METADATA_KEY
-
-logger = logging.getLogger("patchscope.serve")
-STREAMING = frozenset({"ExtractHiddenStates", "Explain", "ExplainActivations"})
+from patchscope_client.version import API_VERSION
 
 
 class Metrics(Protocol):
@@ -61,64 +56,6 @@ class NoMetrics:
     def sites(self, target: str, count: int = 1) -> None: ...
     def first_token(self, seconds: float) -> None: ...
     def mapping(self, mapping_id: str, count: int = 1) -> None: ...
-
-
-def rpc(method: Callable) -> Callable:
-    """Authenticate, stamp the API version, take a quota slot, and turn errors into status codes.
-
-    Serve's gRPC proxy passes the context only to a method whose signature names `grpc_context` (read
-    through `functools.wraps`), so every RPC and wrapper uses that name.
-    """
-
-    async def begin(self: Servicer, context) -> tuple[str, str] | None:
-        context.set_trailing_metadata([(METADATA_KEY, API_VERSION)])
-        key = self.auth.check(context.invocation_metadata(), method.__name__)
-        if self.quotas is None:
-            return None
-        return await self.quotas.acquire(key)  # a lease; QuotaExceeded or QuotaUnavailable
-
-    def fail(error: BaseException, context) -> None:
-        code, message = status_of(error)
-        context.set_code(code)
-        context.set_details(message)
-        logger.info("rpc %s failed: %s", method.__name__, code.name)
-
-    def end(self: Servicer, key: tuple[str, str] | None) -> None:
-        if key is not None:
-            self.quotas.release(key)
-
-    if method.__name__ in STREAMING:
-
-        @functools.wraps(method)
-        async def stream(self: Servicer, request, grpc_context):
-            key = None
-            try:
-                key = await begin(self, grpc_context)
-                # aclosing: a caller that leaves closes the inner generators now, not at garbage collection.
-                async with contextlib.aclosing(method(self, request, grpc_context)) as messages:
-                    async for message in messages:
-                        yield message
-            except Exception as error:
-                fail(error, grpc_context)
-                raise
-            finally:
-                end(self, key)
-
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self: Servicer, request, grpc_context):
-        key = None
-        try:
-            key = await begin(self, grpc_context)
-            return await method(self, request, grpc_context)
-        except Exception as error:
-            fail(error, grpc_context)
-            raise
-        finally:
-            end(self, key)
-
-    return unary
 
 
 class Servicer:
