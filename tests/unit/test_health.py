@@ -27,7 +27,7 @@ def test_the_status_follows_the_probe_and_a_failing_probe_is_not_serving():
 
     async def scenario():
         health = HealthServicer()
-        task = asyncio.ensure_future(watch(health, probe, poll_s=0.01))
+        task = asyncio.ensure_future(watch(health, probe, poll_s=0.01, serving_poll_s=0.01))
         for _ in range(len(states)):
             await asyncio.sleep(0.05)
             overall = await health.Check(health_pb2.HealthCheckRequest(service=""), None)
@@ -40,6 +40,28 @@ def test_the_status_follows_the_probe_and_a_failing_probe_is_not_serving():
     asyncio.run(scenario())
     assert [s for s, _ in seen] == [NOT_SERVING, SERVING, NOT_SERVING, SERVING]
     assert all(a == b for a, b in seen)
+
+
+def test_the_controller_is_asked_less_often_while_serving():
+    def calls(answer: bool) -> int:
+        count = 0
+
+        def probe() -> bool:
+            nonlocal count
+            count += 1
+            return answer
+
+        async def scenario() -> None:
+            task = asyncio.ensure_future(watch(HealthServicer(), probe, poll_s=0.01, serving_poll_s=0.25))
+            await asyncio.sleep(0.4)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        asyncio.run(scenario())
+        return count
+
+    assert calls(True) <= 2 < 10 <= calls(False)
 
 
 def test_list_models_ready_means_every_deployment_hosting_the_model_answers():

@@ -3,10 +3,11 @@
 `add_health_servicer` is a `grpc_servicer_functions` entry (serve/local.py adds it to every config it
 starts). On Serve's proxy it registers the health service as a *passthrough* service, so a check runs in
 the proxy process and never waits behind the streams an Explainer replica is busy with. A watcher there
-asks Serve's controller every `POLL_S` seconds: SERVING once the application is RUNNING and every
-deployment (SourceModel, TargetModel, Explainer) is HEALTHY, i.e. each replica's constructor has loaded
-and warmed up every model the config hosts; NOT_SERVING while a replica is missing or restarting, or the
-controller cannot be reached. The overall service "" and `patchscope.v1.Patchscope` share the status.
+asks Serve's controller: SERVING once the application is RUNNING and every deployment (SourceModel,
+TargetModel, Explainer) is HEALTHY, i.e. each replica's constructor has loaded and warmed up every model
+the config hosts; NOT_SERVING while a replica is missing or restarting, or the controller cannot be
+reached. It asks every second until SERVING, then every `SERVING_POLL_S`. The overall service "" and
+`patchscope.v1.Patchscope` share the status.
 
 `hosted_ready` is the same question asked of the model deployments by the ingress, for `ready` in
 ListModels.
@@ -25,8 +26,11 @@ from grpc_health.v1._async import HealthServicer
 SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # grpc.health.v1.Health
 API_SERVICE = "patchscope.v1.Patchscope"
 DEPLOYMENTS = ("SourceModel", "TargetModel", "Explainer")
-POLL_ENV = "PATCHSCOPE_HEALTH_POLL_S"  # read in the proxy process, which inherits Ray's environment
-POLL_S = 1.0
+POLL_S = 1.0  # while not serving: a replica that comes up is announced within a second
+# While serving: each probe costs the proxy ~40 ms of CPU (Serve's status object), taken from the cores the
+# models decode on; a lost replica is announced within this many seconds (its calls fail over at once).
+SERVING_POLL_S = 5.0
+SERVING_POLL_ENV = "PATCHSCOPE_HEALTH_POLL_S"  # read in the proxy process, which inherits Ray's environment
 READY_TIMEOUT_S = 2.0
 
 logger = logging.getLogger("patchscope.serve")
@@ -44,8 +48,13 @@ def serving(app_name: str = "patchscope") -> bool:
     return all(name in deployments and deployments[name].status == "HEALTHY" for name in DEPLOYMENTS)
 
 
-async def watch(servicer: HealthServicer, probe=serving, poll_s: float = POLL_S) -> None:
-    """Keep the health status in step with `probe()` (run in a thread: it blocks on the controller)."""
+async def watch(
+    servicer: HealthServicer, probe=serving, poll_s: float = POLL_S, serving_poll_s: float = SERVING_POLL_S
+) -> None:
+    """Keep the health status in step with `probe()` (run in a thread: it blocks on the controller).
+
+    `probe` runs every `poll_s` while the status is NOT_SERVING and every `serving_poll_s` while SERVING.
+    """
     last = None
     while True:
         try:
@@ -59,7 +68,7 @@ async def watch(servicer: HealthServicer, probe=serving, poll_s: float = POLL_S)
             for service in ("", API_SERVICE):
                 await servicer.set(service, status)
             last = status
-        await asyncio.sleep(poll_s)
+        await asyncio.sleep(serving_poll_s if ok else poll_s)
 
 
 def add_health_servicer(servicer: Any, server: Any) -> None:
@@ -73,7 +82,8 @@ def add_health_servicer(servicer: Any, server: Any) -> None:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not on an event loop (a plain gRPC server): the caller sets the status
         return
-    _watchers.append(loop.create_task(watch(health, poll_s=float(os.environ.get(POLL_ENV, POLL_S)))))
+    serving_poll_s = float(os.environ.get(SERVING_POLL_ENV, SERVING_POLL_S))
+    _watchers.append(loop.create_task(watch(health, serving_poll_s=serving_poll_s)))
 
 
 async def hosted_ready(backend: Any) -> tuple[set[str], set[str]] | None:
