@@ -189,3 +189,25 @@ def test_an_abandoned_huge_prefill_delays_the_next_request_by_at_most_one_chunk(
     assert nxt.steps == 1, "the next request's (one-chunk) prefill ran in the very next turn"
     assert scheduler.chunks_run - before == 1 and scheduler.rows_dropped == 1
     drain(scheduler)
+
+
+@pytest.mark.parametrize("budget, joined", [(1, 1), (None, 4)])
+def test_short_prefills_waiting_together_join_the_same_step_within_the_prefill_budget(
+    llama_runtime, budget, joined
+):
+    model = llama_runtime.model
+    scheduler = Scheduler(llama_runtime, prefill_budget=budget)
+    for template in TEMPLATES:  # the templates' prefixes cached: each prefill is one short chunk
+        scheduler.admit(rows_of(model, template, [1]), GenerationConfig(max_new_tokens=1), Collect())
+        drain(scheduler)
+    jobs = [Collect() for _ in range(4)]
+    for k, job in enumerate(jobs):
+        scheduler.admit(rows_of(model, TEMPLATES[k % 3], [1]), GenerationConfig(max_new_tokens=3), job)
+    scheduler.run_once()
+    assert sum(j.steps for j in jobs) == joined, "each joined request has its first token"
+    drain(scheduler)
+    for k, job in enumerate(jobs):  # admission order changes nothing in what each request gets
+        alone = patched_generate(
+            llama_runtime, rows_of(model, TEMPLATES[k % 3], [1]), GenerationConfig(max_new_tokens=3)
+        )
+        assert [job.ids[r] for r in range(len(alone))] == [g.token_ids for g in alone]

@@ -9,8 +9,8 @@ joins. Rows of different templates, lengths and decoding options share a step: t
 `RaggedCache` gives each row its own position and mask, and each request samples its own rows with its
 own generator, in its own row order, so a seeded sampled request draws what it draws alone.
 
-The scheduler is synchronous and single-threaded: `run_once` does one decode step and one prefill chunk
-and calls each request's `on_step` with that request's rows; the service's driver calls it on the
+The scheduler is synchronous and single-threaded: `run_once` does one decode step and prefill chunks up
+to a budget and calls each request's `on_step` with that request's rows; the service's driver calls it on the
 target's worker thread while work remains. Only lean-forward runtimes can run here (`supported`);
 transformers' forward keeps the per-template batches of `generation.iter_patched_generate`.
 """
@@ -44,6 +44,7 @@ from patchscope.engine.template import TemplateTokens
 from patchscope.engine.timings import Timings
 
 DEFAULT_CHUNK_TOKENS = 128
+PREFILL_BUDGET_CHUNKS = 4  # the default prefill budget per round, in chunks of one row
 
 
 def _rows_of(logits: torch.Tensor, slots: list[int], device: torch.device) -> torch.Tensor:
@@ -99,6 +100,7 @@ class Scheduler:
         *,
         max_rows: int = 256,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        prefill_budget: int | None = None,
         use_prefix_cache: bool = True,
         compiled_step: bool = False,
         compile_mode: str | None = "reduce-overhead",
@@ -113,6 +115,8 @@ class Scheduler:
         self.runtime = runtime
         self.max_rows = max_rows
         self.chunk_tokens = chunk_tokens
+        # Row-tokens of prefill per round (at least one chunk runs): a few short requests' worth.
+        self.prefill_budget = prefill_budget or PREFILL_BUDGET_CHUNKS * chunk_tokens
         self.use_prefix_cache = use_prefix_cache
         self.cache = RaggedCache()
         self.fast = RaggedStep(runtime.model, runtime.lean, compile_mode) if compiled_step else None
@@ -194,8 +198,12 @@ class Scheduler:
 
     # -- prefill ------------------------------------------------------------------------------------
 
-    def _prefill(self, job: Job) -> Iterator[None]:
-        """The request's prompt pass, one chunk of at most `chunk_tokens` tokens per `next`."""
+    def _prefill(self, job: Job) -> Iterator[tuple[int, bool]]:
+        """The request's prompt pass, one chunk of at most `chunk_tokens` tokens per `next`.
+
+        Each `next` yields the chunk's cost in row-tokens and whether the prefill is complete (then
+        `job.first_logits` and `job.cache` are set).
+        """
         runtime, tokens = self.runtime, job.tokens
         lean, device = runtime.lean, runtime.model.device
         ids = torch.tensor(tokens.ids, device=device)  # [T]
@@ -207,8 +215,9 @@ class Scheduler:
             if stored is None:
                 stored = LeanCache()
                 for start in range(0, shared, self.chunk_tokens):
-                    lean.forward(ids[None, start : min(shared, start + self.chunk_tokens)], stored)
-                    yield
+                    end = min(shared, start + self.chunk_tokens)
+                    lean.forward(ids[None, start:end], stored)
+                    yield end - start, False
                 runtime.prefix_cache.put(prefix, stored)
             kv = runtime.prefix_cache.copy(stored, job.rows)
         else:
@@ -222,28 +231,40 @@ class Scheduler:
             normed = lean.forward(chunk, kv, here, identical_rows=identical)  # [rows, d]
             identical = identical and not here
             if end < len(tokens.ids):
-                yield
+                yield job.rows * (end - start), False
         assert normed is not None
         job.first_logits = runtime.model.layout.unembed_normed(normed).float()  # [rows, V]
         job.cache = kv
+        yield job.rows * (end - start), True
 
-    def _prefill_chunk(self) -> None:
-        """One chunk of the oldest waiting prefill; dropped requests leave before their next chunk."""
-        for job in [j for j in self.prefilling if j.dropped()]:
-            self.prefilling.remove(job)
-            self.rows_dropped += job.rows
-            self._closed(job, job.rows)
-        if not self.prefilling:
-            return
+    def _prefill_chunks(self) -> None:
+        """Chunks of the waiting prefills, round-robin, until `prefill_budget` row-tokens have run.
+
+        At least one chunk runs per round, so a lone request's prefill is never delayed; under load the
+        budget lets several short prefills (most are a few tokens after the cached prefix) join the next
+        step together instead of one per step. Dropped requests leave before their next chunk.
+        """
+        spent = 0
+        while spent < self.prefill_budget:
+            for job in [j for j in self.prefilling if j.dropped()]:
+                self.prefilling.remove(job)
+                self.rows_dropped += job.rows
+                self._closed(job, job.rows)
+            if not self.prefilling:
+                return
+            spent += self._prefill_chunk()
+
+    def _prefill_chunk(self) -> int:
+        """One chunk of the oldest waiting prefill; its cost in row-tokens."""
         job = self.prefilling[0]
         started = time.perf_counter()
-        done = next(job.prefill, StopIteration) is StopIteration
+        cost, done = next(job.prefill)
         job.timings.prefill_s += time.perf_counter() - started
         self.chunks_run += 1
         if not done:
             # Round-robin: a long prefill takes turns with the requests queued behind it.
             self.prefilling.rotate(-1)
-            return
+            return cost
         self.prefilling.remove(job)
         started = time.perf_counter()
         logits = job.first_logits
@@ -263,6 +284,7 @@ class Scheduler:
                 self.next_ids.append(tokens[row])
                 assert slot == len(self.slots) - 1
         job.cache = None
+        return cost
 
     # -- decoding -----------------------------------------------------------------------------------
 
@@ -358,10 +380,10 @@ class Scheduler:
         return list(jobs.values())
 
     def run_once(self) -> None:
-        """One decode step over every decoding row, then one prefill chunk (rows joining next step)."""
+        """One decode step over every decoding row, then prefill chunks (rows joining next step)."""
         with self._lock:
             self.prefilling.extend(self._inbox)
             self._inbox.clear()
         with torch.inference_mode():
             self._decode_step()
-            self._prefill_chunk()
+            self._prefill_chunks()
