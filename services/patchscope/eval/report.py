@@ -193,6 +193,8 @@ def timings_section(path: Path) -> str:
     ]
     for e in entries:
         failed = "" if e["status"] == 0 else f" (exit {e['status']})"
+        if "--if-missing" in e["command"].split():
+            failed += " (`--if-missing`: pairs already registered are not refitted)"
         lines.append(
             f"| `{e['command']}` | {e['wall_s'] / 60:.1f} min{failed} | {e['load_start']:.1f} → "
             f"{e['load_end']:.1f} | {e['finished']} |"
