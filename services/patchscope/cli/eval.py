@@ -181,9 +181,10 @@ def cmd_description(args: argparse.Namespace) -> int:
         return _finish(args, result, name, description.plot)
     target = source if args.target in (None, args.source) else _load(args.target, args.dtype)
     corpus = _corpus(args)
-    documents = read_documents(corpus)
     mapping, pairs = None, None
-    if target is not source:
+    if target is source:
+        documents = read_documents(corpus)
+    else:
         registry = _registry_for_seed(args.registry, args.seed)
         best = registry.best(source.id, target.id)
         pairs = parse_pairs_option(args.pairs) if args.pairs else sorted(best)

@@ -10,8 +10,8 @@ joins. Rows of different templates, lengths and decoding options share a step: t
 own generator, in its own row order, so a seeded sampled request draws what it draws alone.
 
 The scheduler is synchronous and single-threaded: `run_once` does one decode step and prefill chunks up
-to a budget and calls each request's `on_step` with that request's rows; the service's driver calls it on the
-target's worker thread while work remains. Only lean-forward runtimes can run here (`supported`);
+to a budget and calls each request's `on_step` with that request's rows; the service's driver calls it on
+the target's worker thread while work remains. Only lean-forward runtimes can run here (`supported`);
 transformers' forward keeps the per-template batches of `generation.iter_patched_generate`.
 """
 
