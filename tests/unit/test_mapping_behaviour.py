@@ -4,7 +4,8 @@ import pytest
 import torch
 from tests.conftest import data_dir
 
-from patchscope.eval.common import Relation, Sample
+from patchscope.engine.template import leading_special_ids, tokenize_template
+from patchscope.eval.common import SOURCE_CONTEXT, Relation, Sample
 from patchscope.mapping import behaviour_data as bd
 from patchscope.mapping import behaviour_forward as bf
 from patchscope.mapping import behavioural as bh
@@ -65,6 +66,19 @@ def test_splits_are_by_subject_and_multi_token_subjects_are_read_at_their_last_t
     from patchscope.engine.hooks import extract
 
     torch.testing.assert_close(full, extract(target, text, [1], [len(ids) - 1]).states[0, 0])
+
+
+def test_subjects_are_read_in_the_experiments_context_and_no_placeholder_opens_a_template(setup):
+    """A subject alone would put its first token at position 0, the attention sink no map is fitted on."""
+    source, target, *_ = setup
+    data = bd.build_data(source, target, relations(3), subjects_per_relation=6, words=0, identity_eval=0)
+    subjects = {s.subject for relation in relations(3) for s in relation.samples}
+    read = [r.text for part in bd.SPLITS for r in data.rows[part] if r.template.startswith("rel_")]
+    assert read and all(t.startswith(SOURCE_CONTEXT.split("{}")[0]) for t in read)
+    assert {t.removeprefix(SOURCE_CONTEXT.split("{}")[0]) for t in read} <= subjects
+    for name, template in data.templates.items():
+        tokens = tokenize_template(target.tokenizer, template.template, template.filler)
+        assert tokens.placeholder > len(leading_special_ids(target.tokenizer)), name
 
 
 def test_the_identity_map_of_the_targets_own_state_has_zero_kl(setup):

@@ -36,6 +36,8 @@ from patchscope.engine.hooks import extract
 from patchscope.engine.layer_stats import layer_stats
 from patchscope.engine.models import LoadedModel
 from patchscope.eval.common import (
+    SOURCE_CONTEXT,
+    TEMPLATE_LEAD,
     Progress,
     Relation,
     bootstrap_ci,
@@ -54,12 +56,11 @@ from patchscope.eval.common import (
     save_figure,
     sign_test,
     subsample,
+    target_template,
     trivial_object,
     unpatched_texts,
 )
 
-SOURCE_CONTEXT = "Here is {}"
-TEMPLATE_LEAD = "Fact:"
 MIN_TEST_SAMPLES = 10
 # The twelve tasks of the paper's §4.2, as LRE names; those absent from the data are reported as absent.
 PAPER_TASKS = (
@@ -76,11 +77,6 @@ PAPER_TASKS = (
     "task_done_by_tool",
     "word_sentiment",
 )
-
-
-def target_template(template: str) -> str:
-    """The LRE template, led by `TEMPLATE_LEAD` when it begins with the placeholder (never position 0)."""
-    return f"{TEMPLATE_LEAD} {template}" if template.startswith("{}") else template
 
 
 def first_line(text: str) -> str:

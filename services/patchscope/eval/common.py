@@ -93,6 +93,17 @@ def plain_texts(
     return patched_texts(model, rows, max_new_tokens, progress=progress, phase="plain prompts")
 
 
+# A subject is read inside this context, never alone: alone, its first token sits at position 0, the
+# attention sink (SmolLM2 has no BOS), a state no map was fitted on and no target reads as a word.
+SOURCE_CONTEXT = "Here is {}"
+TEMPLATE_LEAD = "Fact:"
+
+
+def target_template(template: str) -> str:
+    """The LRE template, led by `TEMPLATE_LEAD` when it begins with the placeholder (never position 0)."""
+    return f"{TEMPLATE_LEAD} {template}" if template.startswith("{}") else template
+
+
 def placeholder_template(template: str) -> tuple[str, str]:
     """An LRE template (`"The capital of {} is"`) as an engine template and filler.
 

@@ -9,7 +9,7 @@ Entities and references are built offline from the data the project ships:
 - **LRE** entities: subjects of the relations, the reference written from the relation's data: the
   domain name, the template's words and the object ("landmark is in the country of France").
 
-Source: the entity in the neutral context `attributes.SOURCE_CONTEXT`, its last token's state at ℓ.
+Source: the entity in the neutral context `common.SOURCE_CONTEXT`, its last token's state at ℓ.
 Target: the paper's few-shot description prompt (`presets["description"]`), patched at ℓ* = ℓ (same
 model) or through the registry's map of each (ℓ, ℓ*) pair (cross-model), greedy, `max_new_tokens`.
 The description is the continuation up to its first comma or line end (the prompt's own separator).
@@ -41,8 +41,8 @@ from patchscope.engine.hooks import extract
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.presets import get_preset
 from patchscope.engine.template import tokenize_prompt
-from patchscope.eval.attributes import SOURCE_CONTEXT
 from patchscope.eval.common import (
+    SOURCE_CONTEXT,
     Progress,
     Relation,
     bootstrap_ci,

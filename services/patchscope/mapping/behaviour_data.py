@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.presets import PRESETS
-from patchscope.eval.common import Relation, placeholder_template, read_relations
+from patchscope.eval.common import (
+    SOURCE_CONTEXT,
+    Relation,
+    placeholder_template,
+    read_relations,
+    target_template,
+)
 from patchscope.mapping.collect import shared_words
 from patchscope.mapping.corpus import CARRIERS
 
@@ -45,7 +51,7 @@ def templates_for(relations: Sequence[Relation]) -> dict[str, BehaviourTemplate]
         for name in ("identity", "description")
     }
     for relation in relations:
-        template, filler = placeholder_template(relation.template)
+        template, filler = placeholder_template(target_template(relation.template))
         out[relation.name] = BehaviourTemplate(relation.name, template, filler)
     return out
 
@@ -83,7 +89,8 @@ def build_data(
 ) -> BehaviourData:
     """Rows split by subject (LRE) and by word (shared single-token words), never by row.
 
-    A subject gives an attribute row (its relation's template) and an identity row; a word, put at the end
+    A subject, read in `SOURCE_CONTEXT` as the experiments read it, gives an attribute row (its relation's
+    template, led as `target_template` leads it) and an identity row; a word, put at the end
     of one of the corpus carriers, gives an identity row and a description row. Test subjects and words
     give the held-out KL rows and the metrics' samples; no fit sees them.
     """
@@ -108,8 +115,9 @@ def build_data(
             if taken[part] >= caps[part]:
                 continue
             taken[part] += 1
-            rows[part].append(TextRow(sample.subject, relation.name))
-            rows[part].append(TextRow(sample.subject, "identity"))
+            text = SOURCE_CONTEXT.format(sample.subject)
+            rows[part].append(TextRow(text, relation.name))
+            rows[part].append(TextRow(text, "identity"))
     vocabulary = shared_words(source, target, exclude_words or set())
     by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
     for word in vocabulary:

@@ -17,7 +17,7 @@ import torch
 from patchscope.engine.generation import PatchedRow, RowPatch
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.presets import PRESETS, identity_answer
-from patchscope.eval.common import contains, patched_texts, plain_texts
+from patchscope.eval.common import SOURCE_CONTEXT, contains, patched_texts, plain_texts
 from patchscope.mapping.behaviour_data import BehaviourData
 from patchscope.mapping.behaviour_forward import _last_token_states
 
@@ -104,7 +104,7 @@ def behaviour_metrics(
     samples = metrics.samples
     accuracy = reference = share = math.nan
     if samples:
-        subjects = [s for _, s, _ in samples]
+        subjects = [SOURCE_CONTEXT.format(s) for _, s, _ in samples]
         with torch.no_grad():
             mapped = mapping(_last_token_states(source, subjects, a))
         texts = _attribute_texts(target, data, samples, mapped, b, max_new_tokens)
