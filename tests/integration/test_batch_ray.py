@@ -74,7 +74,7 @@ options = BatchOptions(source={model!r}, target={model!r}, vllm_layers={tuple(LA
                        max_new_tokens=12)
 summary = run_ray(options, [{str(inputs)!r}], {str(out)!r}, address="local", actors=2, cpus_per_actor=1,
                   init_options={{"num_cpus": 2, "_temp_dir": {ray_dir.name!r}, "include_dashboard": False}})
-print(json.dumps({{"parts_run": summary.parts_run, "refusals": len(summary.refusals)}}))
+print("SUMMARY", json.dumps({{"parts_run": summary.parts_run, "refusals": len(summary.refusals)}}))
 """
     env = {**os.environ, "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -88,7 +88,9 @@ print(json.dumps({{"parts_run": summary.parts_run, "refusals": len(summary.refus
         killer.join(timeout=5)
         ray_dir.cleanup()
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    # Ray forwards its workers' and raylet's log lines to the driver's stdout, before or after ours.
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("SUMMARY ")]
+    summary = json.loads(line.removeprefix("SUMMARY "))
     assert killed, "no actor was killed: the test proved nothing"
     assert summary == {"parts_run": FILES // 2, "refusals": 0}
     got = pq.read_table(out)
