@@ -71,11 +71,13 @@ def test_splits_are_by_subject_and_multi_token_subjects_are_read_at_their_last_t
 def test_subjects_are_read_in_the_experiments_context_and_no_placeholder_opens_a_template(setup):
     """A subject alone would put its first token at position 0, the attention sink no map is fitted on."""
     source, target, *_ = setup
-    data = bd.build_data(source, target, relations(3), subjects_per_relation=6, words=0, identity_eval=0)
-    subjects = {s.subject for relation in relations(3) for s in relation.samples}
+    made_up = relations(3)
+    data = bd.build_data(source, target, made_up, subjects_per_relation=6, words=0, identity_eval=0)
+    subjects = {s.subject for relation in made_up for s in relation.samples}
+    prefix = SOURCE_CONTEXT.split("{}")[0]
     read = [r.text for part in bd.SPLITS for r in data.rows[part] if r.template.startswith("rel_")]
-    assert read and all(t.startswith(SOURCE_CONTEXT.split("{}")[0]) for t in read)
-    assert {t.removeprefix(SOURCE_CONTEXT.split("{}")[0]) for t in read} <= subjects
+    assert read and all(t.startswith(prefix) for t in read)
+    assert {t.removeprefix(prefix) for t in read} <= subjects
     for name, template in data.templates.items():
         tokens = tokenize_template(target.tokenizer, template.template, template.filler)
         assert tokens.placeholder > len(leading_special_ids(target.tokenizer)), name
