@@ -83,6 +83,44 @@ def test_subjects_are_read_in_the_experiments_context_and_no_placeholder_opens_a
         assert tokens.placeholder > len(leading_special_ids(target.tokenizer)), name
 
 
+def test_validation_and_test_samples_and_the_fits_subject_texts_never_share_a_subject(setup):
+    source, target, *_ = setup
+    data = bd.build_data(source, target, relations(), subjects_per_relation=120, identity_eval=20)
+    val = {s for _, s, _ in data.validation_samples}
+    test = {s for _, s, _ in data.attribute_samples}
+    assert val and test and not val & test
+    fitted = set(data.subject_texts("train")) | set(data.subject_texts("validation"))
+    assert fitted and all(t.startswith(SOURCE_CONTEXT.format("")) for t in fitted)
+    assert not fitted & {SOURCE_CONTEXT.format(s) for s in test}
+    validation_words, test_words = data.evaluation("validation")[0], data.evaluation("test")[0]
+    assert validation_words and not set(validation_words) & set(test_words)
+
+
+def test_subject_texts_add_the_training_subjects_to_the_ridge_fit(tiny_models, tmp_path):
+    source, target = tiny_models["llama"], tiny_models["qwen2"]
+    data = bd.build_data(source, target, relations(), subjects_per_relation=30, words=0, identity_eval=0)
+    common = dict(max_words=300, vocab_words=0, behaviour_data=data)
+    plain = fit_mappings(
+        source, target, [(2, 1)], "affine", WIKITEXT, MappingRegistry(tmp_path / "a"), **common
+    )
+    more = fit_mappings(
+        source,
+        target,
+        [(2, 1)],
+        "affine",
+        WIKITEXT,
+        MappingRegistry(tmp_path / "b"),
+        subject_texts=True,
+        **common,
+    )
+    # "Here is <two words>": each subject text adds at least its last word's pair to train / validation.
+    for part in ("train", "validation"):
+        assert more.pairs[part] >= plain.pairs[part] + len(data.subject_texts(part)) > plain.pairs[part]
+    assert more.pairs["test"] == plain.pairs["test"]  # test texts stay corpus text
+    assert '"subject_texts": 1' in more.infos[0].hyperparameters
+    assert more.infos[0].r2 != plain.infos[0].r2
+
+
 def test_the_identity_map_of_the_targets_own_state_has_zero_kl(setup):
     _, _, forwards, prepared, _ = setup
     test = prepared["test"]

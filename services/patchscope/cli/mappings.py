@@ -23,7 +23,7 @@ def cmd_mappings(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.__dict__ for m in listing.mappings], indent=2))
         return 0
-    # Behaviour columns: identity rate on held-out words, attribute accuracy on held-out subjects beside
+    # Behaviour columns: identity rate on validation words, attribute accuracy on validation subjects beside
     # the same-model target's, share equal to the unpatched control ("-": not measured).
     print(
         f"{'id':<52}{'method':<16}{'pairs':>7}{'R²':>7}{'cos':>7}{'|y| mean':>10}"
@@ -118,6 +118,7 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
             seed=args.seed,
             behavioural_options=options,
             behaviour_eval=args.behaviour_metrics,
+            subject_texts=args.subject_texts,
         )
     print(f"pairs of states: {report.pairs}; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s")
     print(
@@ -177,6 +178,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("--exclude-words", default=None, help="file of words the vocabulary texts must not use")
     fit.add_argument(
+        "--subject-texts",
+        action="store_true",
+        help="add the training and validation subjects of the packaged LRE relations, read as "
+        '"Here is <subject>", to the fit\'s texts (test subjects never); see docs/mapping.md',
+    )
+    fit.add_argument(
         "--kl-weight",
         type=float,
         default=0.0,
@@ -199,7 +206,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--behaviour-metrics",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="measure held-out identity / attribute / unpatched-share metrics and record them (default: "
-        "on for behavioural methods; `--mapping auto` prefers maps that have them)",
+        help="measure identity / attribute / unpatched-share metrics on the validation split and record "
+        "them (default: on for behavioural methods; `--mapping auto` prefers maps that have them)",
     )
     fit.set_defaults(func=cmd_fit_mapping)

@@ -65,11 +65,12 @@ class MappingInfo:
     fit_seconds: float
     created: str
     format_version: str = FORMAT_VERSION
-    # Held-out behaviour (mapping/behavioural.py); a count of 0 means not measured (older files lack them).
+    # Behaviour on the validation split (no fit trains on it; mapping/behaviour_metrics.py); a count of 0
+    # means not measured (older files lack them).
     # Not NaN: a NaN field would make two readings of one file compare unequal.
-    identity_rate: float = 0.0  # held-out words the patched target repeats
+    identity_rate: float = 0.0  # validation words the patched target repeats
     identity_n: int = 0
-    attribute_accuracy: float = 0.0  # held-out LRE subjects the target knows: object named
+    attribute_accuracy: float = 0.0  # validation LRE subjects the target knows: object named
     attribute_reference: float = 0.0  # the same samples, same-model target patched at ℓ* itself
     attribute_n: int = 0
     unpatched_share: float = 0.0  # attribute explanations equal to the template's unpatched output

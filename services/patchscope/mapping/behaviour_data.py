@@ -73,6 +73,27 @@ class BehaviourData:
     identity_words: list[str]  # held-out words for the identity rate
     attribute_samples: list[tuple[str, str, str]]  # held-out (relation, subject, object)
     relations: dict[str, Relation] = field(default_factory=dict)
+    # The same kinds of sets from the validation split: what a layer pair or a method is chosen on, so
+    # that the test sets above only report the choice.
+    validation_words: list[str] = field(default_factory=list)
+    validation_samples: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def evaluation(self, split: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+        """The identity words and attribute samples of `split` ("validation" or "test")."""
+        if split == "validation":
+            return self.validation_words, self.validation_samples
+        if split == "test":
+            return self.identity_words, self.attribute_samples
+        raise ValueError(f"evaluation split is validation or test, not {split!r}")
+
+    def subject_texts(self, split: str) -> list[str]:
+        """The subjects of `split` as the source reads them (in `SOURCE_CONTEXT`), each once.
+
+        Why: a map fitted on corpus word ends has seen few states of a name read after a short lead; these
+        texts add such states to a ridge fit without touching a held-out subject.
+        """
+        texts = {row.text for row in self.rows[split] if row.template in self.relations}
+        return sorted(texts)
 
 
 def build_data(
@@ -92,11 +113,12 @@ def build_data(
     A subject, read in `SOURCE_CONTEXT` as the experiments read it, gives an attribute row (its relation's
     template, led as `target_template` leads it) and an identity row; a word, put at the end
     of one of the corpus carriers, gives an identity row and a description row. Test subjects and words
-    give the held-out KL rows and the metrics' samples; no fit sees them.
+    give the held-out KL rows and the metrics' test samples; no fit sees them. Validation subjects and
+    words give the early-stopping rows and the samples a choice between maps is made on.
     """
     templates = templates_for(relations)
     rows: dict[str, list[TextRow]] = {s: [] for s in SPLITS}
-    attribute_samples: list[tuple[str, str, str]] = []
+    samples: dict[str, list[tuple[str, str, str]]] = {"validation": [], "test": []}
     caps = {
         "train": subjects_per_relation,
         "validation": max(2, subjects_per_relation // 6),
@@ -110,8 +132,9 @@ def build_data(
                 continue
             seen.add(sample.subject)
             part = split_of(sample.subject, seed)
-            if part == "test" and taken["test"] < attribute_eval_per_relation:
-                attribute_samples.append((relation.name, sample.subject, sample.object))
+            held = sum(1 for r, _, _ in samples.get(part, []) if r == relation.name)
+            if part in samples and held < attribute_eval_per_relation:
+                samples[part].append((relation.name, sample.subject, sample.object))
             if taken[part] >= caps[part]:
                 continue
             taken[part] += 1
@@ -131,8 +154,15 @@ def build_data(
             text = rng.choice(CARRIERS).format(word)
             rows[part].append(TextRow(text, "identity"))
             rows[part].append(TextRow(text, "description"))
-    identity_words = sorted(chosen["test"])
-    return BehaviourData(templates, rows, identity_words, attribute_samples, {r.name: r for r in relations})
+    return BehaviourData(
+        templates,
+        rows,
+        sorted(chosen["test"]),
+        samples["test"],
+        {r.name: r for r in relations},
+        validation_words=sorted(chosen["validation"][:identity_eval]),
+        validation_samples=samples["validation"],
+    )
 
 
 def default_relations() -> list[Relation]:

@@ -35,6 +35,9 @@ class BehaviourMetrics:
     attribute_n: int = 0
     unpatched_share: float = math.nan  # attribute explanations equal to the template's unpatched output
     kl: float = math.nan  # coarse KL on the held-out rows, when measured
+    # Per sample, in the metric set's order: the mapped hit and the same-model hit (paired intervals).
+    attribute_hits: tuple[bool, ...] = ()
+    reference_hits: tuple[bool, ...] = ()
 
     @property
     def measured(self) -> bool:
@@ -51,16 +54,22 @@ class MetricSet:
     reference_hits: dict[int, list[bool]] = field(default_factory=dict)  # ℓ* -> same-model hits
 
 
-def metric_set(target: LoadedModel, data: BehaviourData, *, max_new_tokens: int = 8) -> MetricSet:
-    """The held-out samples the target answers when prompted in plain text, and the unpatched controls."""
-    samples = data.attribute_samples
+def metric_set(
+    target: LoadedModel, data: BehaviourData, *, split: str = "test", max_new_tokens: int = 8
+) -> MetricSet:
+    """The held-out samples of `split` the target answers in plain text, and the unpatched controls.
+
+    `split="validation"` gives the set a layer pair or a method is chosen on; the test set then reports
+    the choice without having made it.
+    """
+    words, samples = data.evaluation(split)
     prompts = [data.relations[r].template.format(s) for r, s, _ in samples]
     plain = plain_texts(target, prompts, max_new_tokens)
     known = [smp for smp, text in zip(samples, plain, strict=True) if contains(text, smp[2])]
     names = sorted({r for r, _, _ in known})
     rows = [PatchedRow(data.templates[r].template, data.templates[r].filler, ()) for r in names]
     controls = dict(zip(names, patched_texts(target, rows, max_new_tokens), strict=True))
-    return MetricSet(data.identity_words, known, controls)
+    return MetricSet(words, known, controls)
 
 
 def _attribute_texts(
@@ -103,6 +112,7 @@ def behaviour_metrics(
         )
     samples = metrics.samples
     accuracy = reference = share = math.nan
+    hits: list[bool] = []
     if samples:
         subjects = [SOURCE_CONTEXT.format(s) for _, s, _ in samples]
         with torch.no_grad():
@@ -127,4 +137,6 @@ def behaviour_metrics(
         attribute_reference=reference,
         attribute_n=len(samples),
         unpatched_share=share,
+        attribute_hits=tuple(hits),
+        reference_hits=tuple(metrics.reference_hits.get(b, [])) if samples else (),
     )

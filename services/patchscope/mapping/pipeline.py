@@ -113,6 +113,7 @@ def fit_mappings(
     relations: list | None = None,
     paired_states: dict[str, PairedStates] | None = None,
     behaviour_data: bd.BehaviourData | None = None,
+    subject_texts: bool = False,
 ) -> FitReport:
     """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`.
 
@@ -124,6 +125,9 @@ def fit_mappings(
     `paired_states` (a previous report's `states`, fitted with the same corpus, words and layers) skips the
     extraction. `behaviour_data` (from `build_data`, same seed and excluded words) replaces the default-sized
     rows, so that a caller comparing methods fits and measures every one on the same rows.
+    `subject_texts` adds the training and validation subjects of the relations, read in `SOURCE_CONTEXT`,
+    to the ridge fit's texts of those splits (test subjects never). The behaviour metrics recorded are
+    those of the validation split, so that `auto`'s choice leaves the test split to report it.
     """
     progress = progress or Progress()
     if method not in METHODS:
@@ -156,6 +160,14 @@ def fit_mappings(
         "validation": take_words(split.validation, budget["validation"]),
         "test": take_words(split.test, budget["test"]),
     }
+    data = behaviour_data
+    if data is None and (behavioural or behaviour_eval or subject_texts):
+        relations = relations if relations is not None else bd.default_relations()
+        data = bd.build_data(source, target, relations, seed=seed, exclude_words=exclude_words)
+    if subject_texts:
+        assert data is not None
+        texts["train"] += data.subject_texts("train")
+        texts["validation"] += data.subject_texts("validation")
     words = shared_words(source, target, exclude_words or set()) if vocab_words > 0 or kl_weight > 0 else []
     kl = head_lens(target, words, kl_weight) if kl_weight > 0 else None
     if vocab_words > 0:  # training texts only: validation and test stay plain corpus text
@@ -187,16 +199,11 @@ def fit_mappings(
         by_source.setdefault(a, []).append(b)
     done = 0
     corpus_fp = file_fingerprint(corpus)
-    data = metric_set = None
-    if behaviour_data is not None:
-        data = behaviour_data
-    elif behavioural or behaviour_eval:
-        relations = relations if relations is not None else bd.default_relations()
-        data = bd.build_data(source, target, relations, seed=seed, exclude_words=exclude_words)
+    metric_set = None
     if behaviour_eval:
         assert data is not None
-        progress.note("fit", "behaviour metrics: finding the held-out samples the target knows")
-        metric_set = bm.metric_set(target, data)
+        progress.note("fit", "behaviour metrics: finding the validation samples the target knows")
+        metric_set = bm.metric_set(target, data, split="validation")
     forwards_by_layer: dict[int, dict[str, bf.TemplateForward]] = {}
     for a, targets in by_source.items():
         basis = RidgeBasis.of(train.source[a]) if method != "identity" else None
@@ -233,11 +240,13 @@ def fit_mappings(
             fitted.hyperparameters["split_seed"] = seed
             if exclude_words:
                 fitted.hyperparameters["excluded_words"] = len(exclude_words)
+            if subject_texts:
+                fitted.hyperparameters["subject_texts"] = 1
             behaviour = bm.BehaviourMetrics()
             if behaviour_eval:
                 assert data is not None and metric_set is not None
                 phase = f"behaviour {a}:{b}"
-                progress.note(phase, "measuring identity and attribute explanations on held-out data")
+                progress.note(phase, "measuring identity and attribute explanations on validation data")
                 tensors = fitted.tensors()
                 behaviour = bm.behaviour_metrics(
                     source, target, a, b, lambda x, t=tensors: apply(t, x), data, metric_set
