@@ -179,9 +179,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--exclude-words", default=None, help="file of words the vocabulary texts must not use")
     fit.add_argument(
         "--subject-texts",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="add the training and validation subjects of the packaged LRE relations, read as "
-        '"Here is <subject>", to the fit\'s texts (test subjects never); see docs/mapping.md',
+        '"Here is <subject>", to the fit\'s texts (test subjects never; default: on for behavioural '
+        "methods); see docs/mapping.md",
     )
     fit.add_argument(
         "--kl-weight",

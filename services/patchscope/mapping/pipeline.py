@@ -113,7 +113,7 @@ def fit_mappings(
     relations: list | None = None,
     paired_states: dict[str, PairedStates] | None = None,
     behaviour_data: bd.BehaviourData | None = None,
-    subject_texts: bool = False,
+    subject_texts: bool | None = None,
 ) -> FitReport:
     """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`.
 
@@ -125,8 +125,9 @@ def fit_mappings(
     `paired_states` (a previous report's `states`, fitted with the same corpus, words and layers) skips the
     extraction. `behaviour_data` (from `build_data`, same seed and excluded words) replaces the default-sized
     rows, so that a caller comparing methods fits and measures every one on the same rows.
-    `subject_texts` adds the training and validation subjects of the relations, read in `SOURCE_CONTEXT`,
-    to the ridge fit's texts of those splits (test subjects never). The behaviour metrics recorded are
+    `subject_texts` (default: on for the behavioural methods only) adds the training and validation
+    subjects of the relations, read in `SOURCE_CONTEXT`, to the ridge fit's texts of those splits (test
+    subjects never). The behaviour metrics recorded are
     those of the validation split, so that `auto`'s choice leaves the test split to report it.
     """
     progress = progress or Progress()
@@ -148,6 +149,8 @@ def fit_mappings(
         )
     if behaviour_eval is None:
         behaviour_eval = behavioural
+    if subject_texts is None:
+        subject_texts = behavioural
     if behaviour_eval and method in ("identity", "tuned-lens"):
         behaviour_eval = False  # same-model maps: the reference is the state itself
 

@@ -99,7 +99,7 @@ class MappingRegistry:
 def rank(info: MappingInfo) -> tuple[bool, float, float]:
     """Behaviour first, then R²: the key `best` maximises.
 
-    A map with held-out behaviour metrics beats one without, and among those the better
+    A map with behaviour metrics (validation split) beats one without, and among those the better
     `behaviour_score` wins; R² only decides between maps with no behaviour measured (or ties).
 
     R² rewards reproducing the target's high-variance directions, which is not what makes the target read
