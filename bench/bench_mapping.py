@@ -228,6 +228,7 @@ def behaviour(source, target, root: Path, args) -> None:
         words=args.words,
         identity_eval=args.identity_words,
         attribute_eval_per_relation=args.attribute_samples,
+        validation_eval_per_relation=args.validation_samples,
         exclude_words=held_out,
     )
     metric_set = bm.metric_set(target, data)
@@ -397,6 +398,12 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=600, help="shared training words (carrier texts)")
     parser.add_argument("--identity-words", type=int, default=100, help="held-out shared words")
     parser.add_argument("--attribute-samples", type=int, default=8, help="held-out subjects per relation")
+    parser.add_argument(
+        "--validation-samples",
+        type=int,
+        default=None,
+        help="validation subjects per relation (default: as --attribute-samples)",
+    )
     parser.add_argument("--nouns", type=int, default=249, help="held-out nouns of the identity figure")
     parser.add_argument("--steps", type=int, default=300, help="behavioural: most Adam steps")
     parser.add_argument("--lr", type=float, default=1e-4, help="behavioural: Adam learning rate")

@@ -94,6 +94,17 @@ def test_validation_and_test_samples_and_the_fits_subject_texts_never_share_a_su
     assert not fitted & {SOURCE_CONTEXT.format(s) for s in test}
     validation_words, test_words = data.evaluation("validation")[0], data.evaluation("test")[0]
     assert validation_words and not set(validation_words) & set(test_words)
+    wider = bd.build_data(
+        source,
+        target,
+        relations(),
+        subjects_per_relation=120,
+        identity_eval=20,
+        validation_eval_per_relation=30,
+    )
+    assert wider.attribute_samples == data.attribute_samples  # a wider validation set leaves test alone
+    assert set(data.validation_samples) < set(wider.validation_samples)
+    assert not {s for _, s, _ in wider.validation_samples} & test
 
 
 def test_subject_texts_add_the_training_subjects_to_the_ridge_fit(tiny_models, tmp_path):

@@ -106,6 +106,7 @@ def build_data(
     words: int = 600,
     identity_eval: int = 100,
     attribute_eval_per_relation: int = 8,
+    validation_eval_per_relation: int | None = None,
     exclude_words: set[str] | None = None,
 ) -> BehaviourData:
     """Rows split by subject (LRE) and by word (shared single-token words), never by row.
@@ -113,8 +114,9 @@ def build_data(
     A subject, read in `SOURCE_CONTEXT` as the experiments read it, gives an attribute row (its relation's
     template, led as `target_template` leads it) and an identity row; a word, put at the end
     of one of the corpus carriers, gives an identity row and a description row. Test subjects and words
-    give the held-out KL rows and the metrics' test samples; no fit sees them. Validation subjects and
-    words give the early-stopping rows and the samples a choice between maps is made on.
+    give the held-out KL rows and the metrics' test samples (`attribute_eval_per_relation` each); no fit
+    sees them. Validation subjects and words give the early-stopping rows and the samples a choice
+    between maps is made on (`validation_eval_per_relation` each, default as many as the test's).
     """
     templates = templates_for(relations)
     rows: dict[str, list[TextRow]] = {s: [] for s in SPLITS}
@@ -124,16 +126,23 @@ def build_data(
         "validation": max(2, subjects_per_relation // 6),
         "test": attribute_eval_per_relation,
     }
+    eval_caps = {
+        "validation": attribute_eval_per_relation
+        if validation_eval_per_relation is None
+        else validation_eval_per_relation,
+        "test": attribute_eval_per_relation,
+    }
     for relation in relations:
         taken = {s: 0 for s in SPLITS}
+        held = {"validation": 0, "test": 0}
         seen: set[str] = set()
         for sample in relation.samples:
             if sample.subject in seen or not sample.subject.strip():
                 continue
             seen.add(sample.subject)
             part = split_of(sample.subject, seed)
-            held = sum(1 for r, _, _ in samples.get(part, []) if r == relation.name)
-            if part in samples and held < attribute_eval_per_relation:
+            if part in samples and held[part] < eval_caps[part]:
+                held[part] += 1
                 samples[part].append((relation.name, sample.subject, sample.object))
             if taken[part] >= caps[part]:
                 continue
