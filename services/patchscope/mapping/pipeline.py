@@ -127,8 +127,8 @@ def fit_mappings(
     rows, so that a caller comparing methods fits and measures every one on the same rows.
     `subject_texts` (default: on for the behavioural methods only) adds the training and validation
     subjects of the relations, read in `SOURCE_CONTEXT`, to the ridge fit's texts of those splits (test
-    subjects never). The behaviour metrics recorded are
-    those of the validation split, so that `auto`'s choice leaves the test split to report it.
+    subjects never). The behaviour metrics recorded are those of the validation split, so that `auto`'s
+    choice leaves the test split to report it.
     """
     progress = progress or Progress()
     if method not in METHODS:
