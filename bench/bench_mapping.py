@@ -37,7 +37,7 @@ from patchscope.data import data_root
 from patchscope.engine import GenerationConfig, PatchedRow, RowPatch, extract, load_model, patched_generate
 from patchscope.engine.presets import PRESETS, identity_answer
 from patchscope.engine.runtime import TargetRuntime
-from patchscope.eval.common import wilson
+from patchscope.eval.common import bootstrap_ratio_ci, wilson
 from patchscope.mapping.artefact import MappingInfo
 from patchscope.mapping.pipeline import Progress, fit_mappings
 from patchscope.mapping.registry import MappingRegistry
@@ -310,14 +310,14 @@ def behaviour(source, target, root: Path, args) -> None:
             v = bm.behaviour_metrics(source, target, a, b, loaded.map, data, validation_set)
             noun_hits = identity_rate(source, target, [(a, b)], MappingSet({(a, b): loaded}), nouns)[0]
             measured[label][(a, b)] = (v, m, noun_hits)
-            ratio, n_attr = _ratio(m), m.attribute_n
+            ratio, n_attr = m.attribute_ratio, m.attribute_n
             lines.append(
                 f"{label:<16}{seconds[label]:>7.0f}{info.r2:>7.3f}{kl:>9.4f}  "
                 f"{_cell(round(m.identity_rate * m.identity_n), m.identity_n):<24}"
                 f"{_cell(noun_hits, len(nouns)):<24}"
                 f"{_cell(round(m.attribute_accuracy * n_attr), n_attr):<24}{ratio:>7.2f}  "
                 f"{_cell(round(m.unpatched_share * n_attr), n_attr):<22}"
-                f"{_ratio(v):>9.2f} (n={v.attribute_n})"
+                f"{v.attribute_ratio:>9.2f} (n={v.attribute_n})"
             )
         ref = metric_set.reference_hits.get(b, [])
         print(_cell(sum(ref), len(ref)))
@@ -329,36 +329,17 @@ def behaviour(source, target, root: Path, args) -> None:
             "accuracy); the test split only reports it. × same on test with a paired bootstrap 95% interval:"
         )
         for label in methods:
-            by_pair = measured[label]
-            chosen = max(pairs, key=lambda p, r=by_pair: (_ratio(r[p][0]), r[p][0].attribute_accuracy))
+            val = {p: v for p, (v, _, _) in measured[label].items()}
+            chosen = max(pairs, key=lambda p: (val[p].attribute_ratio, val[p].attribute_accuracy))
             v, m, noun_hits = measured[label][chosen]
-            lo, hi = paired_ratio_interval(m.attribute_hits, m.reference_hits)
+            lo, hi = bootstrap_ratio_ci(m.attribute_hits, m.reference_hits)
             print(
-                f"{label:<16} pair {chosen[0]}:{chosen[1]}  validation {_ratio(v):.2f} (n={v.attribute_n})  "
-                f"test {_ratio(m):.2f} [{lo:.2f}, {hi:.2f}] (n={m.attribute_n}), "
+                f"{label:<16} pair {chosen[0]}:{chosen[1]}  "
+                f"validation {v.attribute_ratio:.2f} (n={v.attribute_n})  "
+                f"test {m.attribute_ratio:.2f} [{lo:.2f}, {hi:.2f}] (n={m.attribute_n}), "
                 f"= unpatched {m.unpatched_share:.1%}, identity on nouns {noun_hits}/{len(nouns)}"
             )
     print(f"behaviour part: {time.perf_counter() - started:.0f}s in all")
-
-
-def _ratio(m) -> float:
-    """Attribute accuracy through the map over the same-model target's on the same samples."""
-    return m.attribute_accuracy / m.attribute_reference if m.attribute_reference else float("nan")
-
-
-def paired_ratio_interval(
-    hits: tuple[bool, ...], reference: tuple[bool, ...], *, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """95% percentile interval of sum(hits)/sum(reference), resampling samples with both readings together."""
-    if not hits or sum(reference) == 0:
-        return float("nan"), float("nan")
-    h = torch.tensor(hits, dtype=torch.float64)
-    r = torch.tensor(reference, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(h), (resamples, len(h)), generator=g)
-    ratios = h[idx].sum(1) / r[idx].sum(1).clamp_min(1)
-    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
 
 
 def main() -> None:

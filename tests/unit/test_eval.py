@@ -457,3 +457,12 @@ def test_batched_plain_prompts_give_the_engine_s_greedy_texts(llama):
     prompts = ["The capital of France is", "Hi", "One two three four five six seven", "x"]
     expected = plain_texts(llama, prompts, 6)
     assert batched_plain_texts(llama, prompts, 6, batch=3) == expected
+
+
+def test_the_paired_ratio_interval_holds_the_ratio_and_is_a_point_when_both_readings_agree():
+    from patchscope.eval.common import bootstrap_ratio_ci
+
+    hits, reference = [1] * 30 + [0] * 50, [1] * 45 + [0] * 35
+    low, high = bootstrap_ratio_ci(hits, reference, seed=3)
+    assert low < 30 / 45 < high < 1.0
+    assert bootstrap_ratio_ci(reference, reference) == (1.0, 1.0)  # paired: each draw's sums are equal

@@ -253,15 +253,35 @@ def proportion(k: int, n: int) -> dict:
     return {"k": int(k), "n": int(n), "p": (k / n) if n else 0.0, "ci": [round(low, 4), round(high, 4)]}
 
 
+def _resamples(n: int, draws: int, seed: int) -> torch.Tensor:
+    """[draws, n] item indices drawn with replacement, seeded."""
+    return torch.randint(n, (draws, n), generator=torch.Generator().manual_seed(seed))
+
+
 def bootstrap_ci(values: Sequence[float], *, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean of `values` (resampling items)."""
     if not values:
         return (0.0, 0.0)
     x = torch.tensor(list(values), dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(len(x), (draws, len(x)), generator=generator)  # [draws, n]
-    means = x[index].mean(dim=1)
+    means = x[_resamples(len(x), draws, seed)].mean(dim=1)
     return (float(means.quantile(0.025)), float(means.quantile(0.975)))
+
+
+def bootstrap_ratio_ci(
+    numerator: Sequence[float], denominator: Sequence[float], *, draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile bootstrap interval of sum(numerator) / sum(denominator), resampling paired items.
+
+    Why paired: a map's hits and the same-model reference's hits are read on the same samples, so an
+    interval of their ratio must resample each sample's two readings together.
+    """
+    if not numerator or sum(denominator) == 0:
+        return (math.nan, math.nan)
+    num = torch.tensor(list(numerator), dtype=torch.float64)
+    den = torch.tensor(list(denominator), dtype=torch.float64)
+    index = _resamples(len(num), draws, seed)
+    ratios = num[index].sum(dim=1) / den[index].sum(dim=1).clamp_min(1)
+    return (float(ratios.quantile(0.025)), float(ratios.quantile(0.975)))
 
 
 def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:

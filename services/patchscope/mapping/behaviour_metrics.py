@@ -43,6 +43,11 @@ class BehaviourMetrics:
     def measured(self) -> bool:
         return self.identity_n > 0 or self.attribute_n > 0
 
+    @property
+    def attribute_ratio(self) -> float:
+        """Attribute accuracy through the map over the same-model target's on the same samples."""
+        return self.attribute_accuracy / self.attribute_reference if self.attribute_reference else math.nan
+
 
 @dataclass
 class MetricSet:
