@@ -46,6 +46,7 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
     from patchscope.engine import load_model
     from patchscope.mapping import pipeline
     from patchscope.mapping.behavioural import BehaviouralOptions
+    from patchscope.mapping.next_token_fit import NextTokenOptions
     from patchscope.mapping.registry import MappingRegistry
 
     corpus = Path(args.corpus) if args.corpus else default_corpus()
@@ -81,6 +82,11 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             mse_weight=args.mse_weight,
             calibrate_norm=not args.no_norm_calibration,
+        )
+    next_token = None
+    if method == "next-token":
+        next_token = NextTokenOptions(
+            train_positions=args.positions, lr=args.lr, max_steps=args.steps, batch_size=args.batch_size
         )
 
     update, display = progress_bar()
@@ -119,6 +125,7 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
             behavioural_options=options,
             behaviour_eval=args.behaviour_metrics,
             subject_texts=args.subject_texts,
+            next_token_options=next_token,
         )
     print(f"pairs of states: {report.pairs}; extraction {report.extract_s:.1f}s, fit {report.solve_s:.1f}s")
     print(
@@ -153,9 +160,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--method",
         default="affine",
-        choices=["affine", "learned", "identity", "tuned-lens", "behavioural", "behavioural-mlp"],
+        choices=[
+            "affine",
+            "learned",
+            "identity",
+            "tuned-lens",
+            "behavioural",
+            "behavioural-mlp",
+            "next-token",
+        ],
         help="behavioural: ridge start, then trained on the target's own behaviour (KL through its upper "
-        "layers + MSE); slower than affine, see the README",
+        "layers + MSE); slower than affine, see the README. next-token: ridge start, then trained so that "
+        "the target's identity reading names the source's own next token (for late layers; docs/mapping.md)",
     )
     fit.add_argument(
         "--variant",
@@ -192,9 +208,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="learned only: add W × KL between the target head's reading of true and mapped states",
     )
     fit.add_argument("--seed", type=int, default=0, help="splits, data order and initialisation")
-    fit.add_argument("--steps", type=int, default=300, help="behavioural: most Adam steps (early stopping)")
-    fit.add_argument("--lr", type=float, default=1e-4, help="behavioural: Adam learning rate")
-    fit.add_argument("--batch-size", type=int, default=64, help="behavioural: rows per step, templates mixed")
+    fit.add_argument(
+        "--steps", type=int, default=300, help="behavioural, next-token: most Adam steps (early stopping)"
+    )
+    fit.add_argument("--lr", type=float, default=1e-4, help="behavioural, next-token: Adam learning rate")
+    fit.add_argument("--batch-size", type=int, default=64, help="behavioural, next-token: rows per step")
+    fit.add_argument(
+        "--positions", type=int, default=4000, help="next-token: training positions of the train documents"
+    )
     fit.add_argument("--hidden", type=int, default=256, help="behavioural-mlp: width of the MLP residual")
     fit.add_argument(
         "--mse-weight", type=float, default=0.2, help="behavioural: weight of the MSE/Var regulariser"

@@ -19,6 +19,7 @@ from patchscope.mapping import behaviour_data as bd
 from patchscope.mapping import behaviour_forward as bf
 from patchscope.mapping import behaviour_metrics as bm
 from patchscope.mapping import behavioural as bh
+from patchscope.mapping import next_token_fit as nt
 from patchscope.mapping.artefact import MappingInfo, mapping_id
 from patchscope.mapping.collect import PairedStates, collect_pairs, shared_words
 from patchscope.mapping.corpus import (
@@ -40,7 +41,7 @@ from patchscope.mapping.fit import (
 from patchscope.mapping.metrics import evaluate
 from patchscope.mapping.registry import MappingRegistry
 
-METHODS = ("affine", "learned", "identity", "tuned-lens", "behavioural", "behavioural-mlp")
+METHODS = ("affine", "learned", "identity", "tuned-lens", "behavioural", "behavioural-mlp", "next-token")
 BEHAVIOURAL = ("behavioural", "behavioural-mlp")
 SPLIT_SHARES = {"train": 0.75, "validation": 0.08, "test": 0.17}
 
@@ -114,6 +115,7 @@ def fit_mappings(
     paired_states: dict[str, PairedStates] | None = None,
     behaviour_data: bd.BehaviourData | None = None,
     subject_texts: bool | None = None,
+    next_token_options: nt.NextTokenOptions | None = None,
 ) -> FitReport:
     """Fit `method` for every (ℓ, ℓ*) in `pairs` and write one artefact per pair into `registry`.
 
@@ -128,7 +130,8 @@ def fit_mappings(
     `subject_texts` (default: on for the behavioural methods only) adds the training and validation
     subjects of the relations, read in `SOURCE_CONTEXT`, to the ridge fit's texts of those splits (test
     subjects never). The behaviour metrics recorded are those of the validation split, so that `auto`'s
-    choice leaves the test split to report it.
+    choice leaves the test split to report it. `next-token` starts from the affine fit and trains on the
+    source's next token at positions of the train and validation documents (`next_token_fit.py`).
     """
     progress = progress or Progress()
     if method not in METHODS:
@@ -163,6 +166,7 @@ def fit_mappings(
         "validation": take_words(split.validation, budget["validation"]),
         "test": take_words(split.test, budget["test"]),
     }
+    documents = {"train": take_words(split.train, None), "validation": take_words(split.validation, None)}
     data = behaviour_data
     if data is None and (behavioural or behaviour_eval or subject_texts):
         relations = relations if relations is not None else bd.default_relations()
@@ -236,6 +240,21 @@ def fit_mappings(
                     fitted = _fit_behavioural(
                         source, target, a, b, fitted, data, forwards_by_layer[b], options, seed, progress
                     )
+                if method == "next-token":
+                    fitted = _fit_next_token(
+                        source,
+                        target,
+                        a,
+                        b,
+                        fitted,
+                        documents,
+                        train.target[b].mean(dim=0),
+                        next_token_options or nt.NextTokenOptions(),
+                        seed,
+                        progress,
+                    )
+                    with torch.no_grad():
+                        fitted.validation = evaluate(apply(fitted.tensors(), val.source[a]), val.target[b])
                 fitted.method = method
             if vocab_words > 0:
                 fitted.hyperparameters["vocab_words"] = vocab_words
@@ -307,6 +326,47 @@ def _fit_behavioural(
         phase,
         f"validation KL {h['val_kl_start']} -> {h['val_kl']} (best step {h['best_step']}, "
         f"norm gain {h['norm_gain']}), {fitted.seconds:.0f}s",
+    )
+    return fitted
+
+
+def _fit_next_token(
+    source: LoadedModel,
+    target: LoadedModel,
+    a: int,
+    b: int,
+    start: FittedMap,
+    documents: dict[str, list[str]],
+    y_mean: torch.Tensor,
+    options: nt.NextTokenOptions,
+    seed: int,
+    progress: Progress,
+) -> FittedMap:
+    phase = f"next-token {a}:{b}"
+    progress.note(phase, "the source's own next token at positions of the train and validation documents")
+    counts = {"train": options.train_positions, "validation": options.validation_positions}
+    rows = {
+        part: nt.prediction_rows(
+            source, target, documents[part], a, counts[part], per_text=options.per_text, seed=seed
+        )
+        for part in counts
+    }
+    progress.start(phase, options.max_steps)
+
+    def on_step(step: int, total: int, loss: float | None) -> None:
+        progress.advance(phase, step)
+        if loss is not None:
+            progress.note(phase, f"step {step}/{total}: validation cross-entropy {loss:.4f}")
+
+    forward = nt.identity_forward(target, b)
+    fitted = nt.fit_next_token(
+        start, target, forward, rows["train"], rows["validation"], y_mean, options, seed=seed, on_step=on_step
+    )
+    h = fitted.hyperparameters
+    progress.note(
+        phase,
+        f"validation cross-entropy {h['val_ce_start']} -> {h['val_ce']}, top-1 {h['val_top1_start']} -> "
+        f"{h['val_top1']} (best step {h['best_step']}, norm gain {h['norm_gain']}), {fitted.seconds:.0f}s",
     )
     return fitted
 
