@@ -83,3 +83,15 @@ def test_fit_mappings_registers_next_token_maps_with_their_own_r2_and_split_seed
     check_held_out(mapping, WIKITEXT, 2)  # fitted on seed 2's train documents: evaluable with seed 2
     assert hyper["best_step"] > 0 and info.r2 != affine.r2  # the trained weights', not the start's
     assert loaded.info.r2 == info.r2
+
+
+def test_soft_labels_lead_with_the_argmax_label_and_are_a_distribution(setup):
+    *_, train, val, _, _ = setup
+    for rows in (train, val):
+        assert rows.soft_ids.shape == (len(rows.label), 16)
+        # The label is the most likely token (an fp16 tie may order it behind an equal one).
+        at_label = rows.soft_ids == rows.label[:, None]
+        assert bool(at_label.any(dim=1).all())
+        torch.testing.assert_close((rows.soft_probs * at_label).max(dim=1).values, rows.soft_probs[:, 0])
+        torch.testing.assert_close(rows.soft_probs.sum(-1), torch.ones(len(rows.label)))
+        assert bool((rows.soft_probs[:, :-1] >= rows.soft_probs[:, 1:]).all())

@@ -47,15 +47,23 @@ class NextTokenOptions:
     max_steps: int = 300
     eval_every: int = 20
     patience: int = 4
-    gains: tuple[float, ...] = (0.9, 1.0, 1.2, 1.5)
+    gains: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)  # ridge shrinks late states far below their norm
+    top_k: int = 16  # soft labels: the source's K most likely tokens (1: its argmax alone)
 
 
 @dataclass
 class PredictionRows:
-    """Source states at one layer and the source's next token at each, as the target's token id."""
+    """Source states at one layer and the source's next-token distribution there, in the target's tokens.
+
+    `label` is the source's argmax (what P@1 scores); `soft_ids` and `soft_probs` are its `top_k` most
+    likely tokens, each as the target's first token of the same string, and their probabilities
+    renormalised over the K: a distribution carries more of what the state encodes than its argmax alone.
+    """
 
     x: torch.Tensor  # [N, d_s] float32
     label: torch.Tensor  # [N] target token ids
+    soft_ids: torch.Tensor  # [N, K] target token ids
+    soft_probs: torch.Tensor  # [N, K], rows sum to 1
 
 
 def prediction_rows(
@@ -67,10 +75,18 @@ def prediction_rows(
     *,
     per_text: int,
     seed: int,
+    top_k: int = 16,
 ) -> PredictionRows:
-    """`count` positions of `texts` (seeded): the source's state at `layer` and its final-layer argmax."""
+    """`count` positions of `texts` (seeded): the source's state at `layer` and its final distribution."""
     states = source_states(source, texts, count, per_text=per_text, seed=seed, phase="next-token rows")
-    return PredictionRows(states.states[layer], reference_ids_in(target, source, states.reference))
+    assert states.final_logprobs is not None
+    top = states.final_logprobs.float().topk(top_k, dim=-1)
+    unique = top.indices.unique()
+    in_target = dict(zip(unique.tolist(), reference_ids_in(target, source, unique).tolist(), strict=True))
+    soft_ids = torch.tensor([[in_target[t] for t in row] for row in top.indices.tolist()])
+    soft_probs = torch.softmax(top.values, dim=-1)
+    label = reference_ids_in(target, source, states.reference)
+    return PredictionRows(states.states[layer], label, soft_ids, soft_probs)
 
 
 def identity_forward(target: LoadedModel, layer: int) -> TemplateForward:
@@ -80,11 +96,13 @@ def identity_forward(target: LoadedModel, layer: int) -> TemplateForward:
 
 
 def _loss_and_hits(
-    forward: TemplateForward, mapped: torch.Tensor, label: torch.Tensor
+    forward: TemplateForward, mapped: torch.Tensor, rows: PredictionRows, idx: torch.Tensor | slice
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy against the soft labels of rows `idx`, and whether the target's argmax is the label."""
     logprobs = forward.logprobs(mapped)[:, 0]  # [B, V]
-    picked = logprobs.gather(1, label[:, None].to(logprobs.device))[:, 0]
-    return -picked.mean(), (logprobs.argmax(dim=-1).cpu() == label)
+    ids, probs = rows.soft_ids[idx].to(logprobs.device), rows.soft_probs[idx].to(logprobs.device)
+    loss = -(probs * logprobs.gather(1, ids)).sum(-1).mean()
+    return loss, (logprobs.argmax(dim=-1).cpu() == rows.label[idx])
 
 
 def split_loss(
@@ -93,13 +111,13 @@ def split_loss(
     mapped: Callable[[torch.Tensor], torch.Tensor],
     batch: int = 128,
 ) -> tuple[float, float]:
-    """Mean cross-entropy (nats) and top-1 agreement with the labels over `rows`, no gradients."""
+    """Mean cross-entropy (nats, soft labels) and top-1 agreement with the labels over `rows` (no grad)."""
     total, hits = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rows.label), batch):
-            x, label = rows.x[start : start + batch], rows.label[start : start + batch]
-            loss, hit = _loss_and_hits(forward, mapped(x), label)
-            total += float(loss) * len(label)
+            idx = slice(start, start + batch)
+            loss, hit = _loss_and_hits(forward, mapped(rows.x[idx]), rows, idx)
+            total += float(loss) * len(hit)
             hits += int(hit.sum())
     n = max(1, len(rows.label))
     return total / n, hits / n
@@ -150,7 +168,7 @@ def fit_next_token(
                 order.reverse()
             idx = order.pop()
             optimiser.zero_grad()
-            loss, _ = _loss_and_hits(forward, mapped(train.x[idx]), train.label[idx])
+            loss, _ = _loss_and_hits(forward, mapped(train.x[idx]), train, idx)
             loss.backward()
             optimiser.step()
             step += 1
@@ -168,6 +186,7 @@ def fit_next_token(
     hyper: dict[str, float | int | str] = {
         "init": "affine",
         "objective": "next-token cross-entropy, identity prompt",
+        "top_k": options.top_k,
         "lr": options.lr,
         "batch_size": options.batch_size,
         "steps": step,

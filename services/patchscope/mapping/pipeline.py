@@ -347,7 +347,14 @@ def _fit_next_token(
     counts = {"train": options.train_positions, "validation": options.validation_positions}
     rows = {
         part: nt.prediction_rows(
-            source, target, documents[part], a, counts[part], per_text=options.per_text, seed=seed
+            source,
+            target,
+            documents[part],
+            a,
+            counts[part],
+            per_text=options.per_text,
+            seed=seed,
+            top_k=options.top_k,
         )
         for part in counts
     }
