@@ -17,6 +17,13 @@ Prints figures; asserts nothing.
              explanations equal to the unpatched control; counts n and Wilson 95% intervals; the same
              attribute figure on validation subjects, and with several pairs, one pair per method chosen
              on validation and reported on test
+  next-token the paper's §4.4 reading at late pairs (--next-token-pairs): per method of
+             --next-token-methods (affine: ridge at `make eval`'s budget; next-token: ridge start trained
+             on the source's own next token, mapping/next_token_fit.py) fitted on one split seed's train
+             documents, cross-model P@1 on its test documents (`eval cross-model`'s reader and scoring)
+             beside the source's own ridge tuned lens and logit lens at the source layer on the same
+             positions, the share equal to the unpatched control, the paired difference to the tuned lens
+             with a bootstrap 95% interval, and each map's fit time
 
 `make bench-mapping` runs all three into a scratch registry and writes docs/mapping_*.png.
 """
@@ -342,12 +349,83 @@ def behaviour(source, target, root: Path, args) -> None:
     print(f"behaviour part: {time.perf_counter() - started:.0f}s in all")
 
 
+def next_token_part(source, target, root: Path, args) -> None:
+    """Each method fitted on one seed's train documents, read on its test positions; tuned lens beside."""
+    from patchscope.eval import next_token
+    from patchscope.eval.common import bootstrap_ci
+    from patchscope.mapping.next_token_fit import NextTokenOptions
+
+    pairs = [tuple(int(v) for v in p.split(":")) for p in args.next_token_pairs.split(",")]
+    held_out = set((ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split())
+    options = NextTokenOptions(
+        train_positions=args.next_token_positions, lr=args.next_token_lr, max_steps=args.next_token_steps
+    )
+    rows = []
+    for method in args.next_token_methods.split(","):
+        registry = MappingRegistry(root / method / f"seed-{args.seed}")
+        report = fit_mappings(
+            source,
+            target,
+            pairs,
+            method,
+            corpus(),
+            registry,
+            max_words=args.next_token_max_words,
+            vocab_words=2000,
+            exclude_words=held_out,
+            seed=args.seed,
+            progress=Notes(),
+            next_token_options=options,
+        )
+        fit_s = {(i.source_layer, i.target_layer): i.fit_seconds for i in report.infos}
+        started = time.perf_counter()
+        result = next_token.run(
+            source,
+            target,
+            corpus(),
+            positions=args.next_token_eval,
+            fit_positions=args.next_token_positions,
+            per_text=2,
+            pairs=pairs,
+            registry=registry,
+            seed=args.seed,
+            same_prompt=False,
+        )
+        eval_s = time.perf_counter() - started
+        layers = {entry["layer"]: entry for entry in result["layers"]}
+        for entry in result["pairs"]:
+            a, b = entry["source_layer"], entry["target_layer"]
+            rows.append((a, b, method, entry["patchscope"], layers[a], fit_s[(a, b)], eval_s))
+    print(
+        f"-- next token, seed {args.seed}: {args.next_token_eval} test positions; the tuned lens and the "
+        f"next-token maps fitted on {args.next_token_positions} train positions"
+    )
+    print(
+        f"{'pair':<8}{'method':<12}{'P@1':>24}{'= unpatched':>13}{'tuned lens':>24}{'logit lens':>12}"
+        f"{'map − tuned [95%]':>26}{'fit s':>8}"
+    )
+    for a, b, method, reading, layer, fit_seconds, _ in sorted(rows):
+        hits = [int(c) for c in reading["hits"]]
+        tuned_hits = [int(c) for c in layer["tuned_lens"]["hits"]]
+        diff = [h - t for h, t in zip(hits, tuned_hits, strict=True)]
+        lo, hi = bootstrap_ci(diff)
+        unpatched = reading["same_as_unpatched"]
+        print(
+            f"{a:>2} → {b:<3}{method:<12}{_cell(sum(hits), len(hits)):>24}{unpatched['p']:>13.1%}"
+            f"{_cell(sum(tuned_hits), len(tuned_hits)):>24}{layer['logit_lens']['p_at_1']['p']:>12.3f}"
+            f"{sum(diff) / len(diff):>+10.3f} [{lo:+.3f}, {hi:+.3f}]{fit_seconds:>8.0f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "parts", nargs="*", default=["quality", "identity", "all-pairs"], help="… and/or behaviour"
+        "parts",
+        nargs="*",
+        default=["quality", "identity", "all-pairs"],
+        help="… and/or behaviour, next-token",
     )
     parser.add_argument(
         "--registry", default=None, help="scratch registries' parent (default: a temporary one)"
@@ -392,6 +470,14 @@ def main() -> None:
     parser.add_argument(
         "--positions", type=int, default=2, help="behavioural: continuation positions scored per row"
     )
+    parser.add_argument("--next-token-pairs", default="23:13,25:15,28:16", help="next-token part: pairs")
+    parser.add_argument("--next-token-methods", default="affine,next-token", help="next-token part: methods")
+    parser.add_argument("--next-token-positions", type=int, default=8000, help="train positions (map, lens)")
+    parser.add_argument("--next-token-eval", type=int, default=160, help="test positions (2 per text)")
+    parser.add_argument("--next-token-steps", type=int, default=600, help="next-token: most Adam steps")
+    parser.add_argument("--next-token-lr", type=float, default=3e-4, help="next-token: Adam learning rate")
+    parser.add_argument("--next-token-max-words", type=int, default=6000, help="words of the ridge start")
+    parser.add_argument("--seed", type=int, default=0, help="next-token part: the document split seed")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -409,6 +495,8 @@ def main() -> None:
         identity(source, target, registries, args.method.split(","), args.cross_only)
     if "behaviour" in args.parts:
         behaviour(source, target, root / "behaviour", args)
+    if "next-token" in args.parts:
+        next_token_part(source, target, root / "next-token", args)
     if "all-pairs" in args.parts:
         all_pairs(
             source, target, MappingRegistry(Path(tempfile.mkdtemp(prefix="patchscope-all-"))), Path(args.out)

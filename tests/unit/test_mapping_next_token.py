@@ -95,3 +95,21 @@ def test_soft_labels_lead_with_the_argmax_label_and_are_a_distribution(setup):
         torch.testing.assert_close((rows.soft_probs * at_label).max(dim=1).values, rows.soft_probs[:, 0])
         torch.testing.assert_close(rows.soft_probs.sum(-1), torch.ones(len(rows.label)))
         assert bool((rows.soft_probs[:, :-1] >= rows.soft_probs[:, 1:]).all())
+
+
+def test_a_next_token_fit_without_positions_is_refused_before_any_model_runs(tiny_models, tmp_path):
+    from patchscope.engine.errors import InvalidArgument
+
+    source, target = tiny_models["llama"], tiny_models["qwen2"]
+    options = nt.NextTokenOptions(train_positions=0)
+    with pytest.raises(InvalidArgument, match="train_positions"):
+        fit_mappings(
+            source,
+            target,
+            [(2, 1)],
+            "next-token",
+            WIKITEXT,
+            MappingRegistry(tmp_path),
+            next_token_options=options,
+        )
+    assert not list(tmp_path.iterdir())

@@ -150,6 +150,18 @@ def fit_mappings(
         raise InvalidArgument(
             "hidden", "behavioural-mlp needs a hidden width > 0, behavioural none", value=options.hidden
         )
+    next_options = next_token_options or nt.NextTokenOptions()
+    if method == "next-token":
+        for name in (
+            "train_positions",
+            "validation_positions",
+            "per_text",
+            "batch_size",
+            "max_steps",
+            "top_k",
+        ):
+            if getattr(next_options, name) < 1:
+                raise InvalidArgument(name, "must be at least 1", value=getattr(next_options, name))
     if behaviour_eval is None:
         behaviour_eval = behavioural
     if subject_texts is None:
@@ -249,7 +261,7 @@ def fit_mappings(
                         fitted,
                         documents,
                         train.target[b].mean(dim=0),
-                        next_token_options or nt.NextTokenOptions(),
+                        next_options,
                         seed,
                         progress,
                     )
