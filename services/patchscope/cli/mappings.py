@@ -77,8 +77,8 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
     if method in pipeline.BEHAVIOURAL:
         options = BehaviouralOptions(
             hidden=args.hidden if method == "behavioural-mlp" else 0,
-            lr=args.lr,
-            max_steps=args.steps,
+            lr=BehaviouralOptions.lr if args.lr is None else args.lr,
+            max_steps=BehaviouralOptions.max_steps if args.steps is None else args.steps,
             batch_size=args.batch_size,
             mse_weight=args.mse_weight,
             calibrate_norm=not args.no_norm_calibration,
@@ -86,7 +86,10 @@ def cmd_fit_mapping(args: argparse.Namespace) -> int:
     next_token = None
     if method == "next-token":
         next_token = NextTokenOptions(
-            train_positions=args.positions, lr=args.lr, max_steps=args.steps, batch_size=args.batch_size
+            train_positions=args.positions,
+            lr=NextTokenOptions.lr if args.lr is None else args.lr,
+            max_steps=NextTokenOptions.max_steps if args.steps is None else args.steps,
+            batch_size=args.batch_size,
         )
 
     update, display = progress_bar()
@@ -209,12 +212,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("--seed", type=int, default=0, help="splits, data order and initialisation")
     fit.add_argument(
-        "--steps", type=int, default=300, help="behavioural, next-token: most Adam steps (early stopping)"
+        "--steps",
+        type=int,
+        default=None,
+        help="behavioural, next-token: most Adam steps, early stopping (default 300; next-token 1000)",
     )
-    fit.add_argument("--lr", type=float, default=1e-4, help="behavioural, next-token: Adam learning rate")
+    fit.add_argument(
+        "--lr", type=float, default=None, help="behavioural, next-token: Adam learning rate (1e-4; 1e-3)"
+    )
     fit.add_argument("--batch-size", type=int, default=64, help="behavioural, next-token: rows per step")
     fit.add_argument(
-        "--positions", type=int, default=4000, help="next-token: training positions of the train documents"
+        "--positions", type=int, default=8000, help="next-token: training positions of the train documents"
     )
     fit.add_argument("--hidden", type=int, default=256, help="behavioural-mlp: width of the MLP residual")
     fit.add_argument(

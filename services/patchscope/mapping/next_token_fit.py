@@ -39,12 +39,12 @@ from patchscope.mapping.fit import FittedMap, apply
 class NextTokenOptions:
     """Hyperparameters of `fit_next_token` (recorded in the artefact)."""
 
-    train_positions: int = 4000
+    train_positions: int = 8000
     validation_positions: int = 400
     per_text: int = 16  # positions of one text: a forward costs the same for one position or all
-    lr: float = 1e-4  # an absolute Adam step, as the behavioural fit's
+    lr: float = 1e-3  # an absolute Adam step
     batch_size: int = 64
-    max_steps: int = 300
+    max_steps: int = 1000
     eval_every: int = 20
     patience: int = 4
     gains: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)  # ridge shrinks late states far below their norm
