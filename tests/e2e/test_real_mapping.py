@@ -111,3 +111,27 @@ def test_a_tiny_behavioural_fit_on_the_default_pair_lowers_validation_kl_and_rep
     assert one.keys() == two.keys()
     for key in one:
         assert torch.equal(one[key], two[key]), key
+
+
+def test_a_small_next_token_map_at_a_late_pair_reads_the_sources_prediction_better_than_its_ridge_start(
+    smollm2, gemma3, tmp_path
+):
+    """At 28 → 16 the ridge map's reading rarely names the source's next token; training on it must help."""
+    from patchscope.mapping.next_token_fit import NextTokenOptions
+
+    corpus = data_dir() / "wikitext-2" / "valid.txt"
+    options = NextTokenOptions(train_positions=512, validation_positions=200, max_steps=40, eval_every=10)
+    (info,) = fit_mappings(
+        smollm2,
+        gemma3,
+        [(28, 16)],
+        "next-token",
+        corpus,
+        MappingRegistry(tmp_path),
+        max_words=1500,
+        next_token_options=options,
+    ).infos
+    hyper = json.loads(info.hyperparameters)
+    assert info.method == "next-token" and hyper["val_rows"] == 200
+    assert hyper["val_ce"] < hyper["val_ce_start"] - 0.1, hyper
+    assert hyper["val_top1"] > hyper["val_top1_start"], hyper
