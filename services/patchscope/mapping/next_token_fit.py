@@ -86,7 +86,7 @@ def prediction_rows(
     soft_ids = torch.tensor([[in_target[t] for t in row] for row in top.indices.tolist()])
     soft_probs = torch.softmax(top.values, dim=-1)
     label = reference_ids_in(target, source, states.reference)
-    return PredictionRows(states.states[layer], label, soft_ids, soft_probs)
+    return PredictionRows(states.states[layer].clone(), label, soft_ids, soft_probs)  # frees the other layers
 
 
 def identity_forward(target: LoadedModel, layer: int) -> TemplateForward:
