@@ -180,13 +180,17 @@ def continuous(llama_runtime):
 def test_continuous_requests_arriving_apart_share_steps_and_match_separate_generation(
     llama, llama_runtime, continuous
 ):
-    reqs = requests(llama, 4, max_new_tokens=12)
+    reqs = requests(llama, 4, max_new_tokens=40)
 
     async def main():
         tasks = []
-        for r in reqs:  # arriving one after another, mid-generation
+        for r in reqs:  # arriving one after another, mid-generation: each once the one before is running
             tasks.append(asyncio.ensure_future(consume(continuous, r)))
-            await asyncio.sleep(0.02)
+            for _ in range(400):
+                await asyncio.sleep(0.001)
+                scheduler = continuous.schedulers.get("tiny-llama")
+                if scheduler is not None and scheduler.rows >= 2 * len(tasks):
+                    break
         return await asyncio.gather(*tasks)
 
     results = run(main())
