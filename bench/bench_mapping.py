@@ -58,6 +58,16 @@ def corpus() -> Path:
     return data_root() / "wikitext-2" / "valid.txt"
 
 
+def heldout_nouns() -> list[str]:
+    """The nouns no bench fit may read (bench/data/heldout_nouns.txt), in file order."""
+    return (ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split()
+
+
+def layer_pairs(spec: str) -> list[tuple[int, int]]:
+    """`2:1,6:4` → [(2, 1), (6, 4)]."""
+    return [(int(a), int(b)) for a, b in (p.split(":") for p in spec.split(","))]
+
+
 VOCAB = "affine+vocab"  # affine with the carrier vocabulary texts: what fit-mapping and make run fit
 
 
@@ -69,7 +79,7 @@ def quality(
         "== quality: held-out R² (variance-weighted) and cosine, test split by document (corpus text only)"
         + (f"; {VOCAB} = affine + up to {vocab_words} vocabulary texts" if VOCAB in labels else "")
     )
-    held_out = set((ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split())
+    held_out = set(heldout_nouns())
     rows: dict[tuple[int, int], dict[str, MappingInfo]] = {}
     for label in labels:
         method, extra = ("affine", vocab_words) if label == VOCAB else (label, 0)
@@ -128,7 +138,7 @@ def identity_rate(source, target, pairs, mapping, words: list[str], chunk: int =
 def identity(
     source, target, registries: dict[str, MappingRegistry], labels: list[str], cross_only: bool
 ) -> None:
-    words = (ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split()
+    words = heldout_nouns()
     n = len(words)
     print(f"== identity: {n} held-out nouns, single-token in both tokenizers, absent from the fit text")
     pairs = list(PAIRS)
@@ -221,8 +231,8 @@ def behaviour(source, target, root: Path, args) -> None:
     from patchscope.mapping import behaviour_metrics as bm
     from patchscope.mapping import behavioural as bh
 
-    pairs = [tuple(int(v) for v in p.split(":")) for p in args.behaviour_pairs.split(",")]
-    nouns = (ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split()
+    pairs = layer_pairs(args.behaviour_pairs)
+    nouns = heldout_nouns()
     held_out = set(nouns)
     nouns = nouns[: args.nouns]
     started = time.perf_counter()
@@ -355,8 +365,8 @@ def next_token_part(source, target, root: Path, args) -> None:
     from patchscope.eval.common import bootstrap_ci
     from patchscope.mapping.next_token_fit import NextTokenOptions
 
-    pairs = [tuple(int(v) for v in p.split(":")) for p in args.next_token_pairs.split(",")]
-    held_out = set((ROOT / "bench" / "data" / "heldout_nouns.txt").read_text().split())
+    pairs = layer_pairs(args.next_token_pairs)
+    held_out = set(heldout_nouns())
     options = NextTokenOptions(
         train_positions=args.next_token_positions, lr=args.next_token_lr, max_steps=args.next_token_steps
     )
@@ -378,7 +388,6 @@ def next_token_part(source, target, root: Path, args) -> None:
             next_token_options=options,
         )
         fit_s = {(i.source_layer, i.target_layer): i.fit_seconds for i in report.infos}
-        started = time.perf_counter()
         result = next_token.run(
             source,
             target,
@@ -391,11 +400,10 @@ def next_token_part(source, target, root: Path, args) -> None:
             seed=args.seed,
             same_prompt=False,
         )
-        eval_s = time.perf_counter() - started
         layers = {entry["layer"]: entry for entry in result["layers"]}
         for entry in result["pairs"]:
             a, b = entry["source_layer"], entry["target_layer"]
-            rows.append((a, b, method, entry["patchscope"], layers[a], fit_s[(a, b)], eval_s))
+            rows.append((a, b, method, entry["patchscope"], layers[a], fit_s[(a, b)]))
     print(
         f"-- next token, seed {args.seed}: {args.next_token_eval} test positions; the tuned lens and the "
         f"next-token maps fitted on {args.next_token_positions} train positions"
@@ -404,7 +412,7 @@ def next_token_part(source, target, root: Path, args) -> None:
         f"{'pair':<8}{'method':<12}{'P@1':>24}{'= unpatched':>13}{'tuned lens':>24}{'logit lens':>12}"
         f"{'map − tuned [95%]':>26}{'fit s':>8}"
     )
-    for a, b, method, reading, layer, fit_seconds, _ in sorted(rows):
+    for a, b, method, reading, layer, fit_seconds in sorted(rows):
         hits = [int(c) for c in reading["hits"]]
         tuned_hits = [int(c) for c in layer["tuned_lens"]["hits"]]
         diff = [h - t for h, t in zip(hits, tuned_hits, strict=True)]

@@ -23,8 +23,12 @@ WIKITEXT = data_dir() / "wikitext-2" / "valid.txt"
 def setup(tiny_models):
     """Source tiny-llama layer 2, target tiny-qwen2 layer 1; rows from the train and test documents."""
     source, target = tiny_models["llama"], tiny_models["qwen2"]
-    train = nt.prediction_rows(source, target, sentences_of(WIKITEXT, "fit", 0), 2, 480, per_text=16, seed=0)
-    val = nt.prediction_rows(source, target, sentences_of(WIKITEXT, "eval", 0), 2, 160, per_text=16, seed=1)
+    train = nt.prediction_rows(
+        source, target, sentences_of(WIKITEXT, "fit", 0), [2], 480, per_text=16, seed=0
+    )[2]
+    val = nt.prediction_rows(
+        source, target, sentences_of(WIKITEXT, "eval", 0), [2], 160, per_text=16, seed=1
+    )[2]
     # A ridge start from the source layer to the target's layer-1 states is not needed to test the fit;
     # a least-squares map onto random targets of the right shape stands in for it.
     y = torch.randn(len(train.label), target.facts.hidden_size, generator=torch.Generator().manual_seed(0))

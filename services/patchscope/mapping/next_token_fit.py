@@ -70,14 +70,17 @@ def prediction_rows(
     source: LoadedModel,
     target: LoadedModel,
     texts: Sequence[str],
-    layer: int,
+    layers: Sequence[int],
     count: int,
     *,
     per_text: int,
     seed: int,
     top_k: int = 16,
-) -> PredictionRows:
-    """`count` positions of `texts` (seeded): the source's state at `layer` and its final distribution."""
+) -> dict[int, PredictionRows]:
+    """`count` positions of `texts` (seeded): per layer the source's state there, and its final distribution.
+
+    One source pass serves every layer: the positions and labels are the same for all of them.
+    """
     states = source_states(source, texts, count, per_text=per_text, seed=seed, phase="next-token rows")
     assert states.final_logprobs is not None
     top = states.final_logprobs.float().topk(top_k, dim=-1)
@@ -86,7 +89,10 @@ def prediction_rows(
     soft_ids = torch.tensor([[in_target[t] for t in row] for row in top.indices.tolist()])
     soft_probs = torch.softmax(top.values, dim=-1)
     label = reference_ids_in(target, source, states.reference)
-    return PredictionRows(states.states[layer].clone(), label, soft_ids, soft_probs)  # frees the other layers
+    # Each layer's states cloned out of the [L, N, d] stack, so the layers not asked for are freed.
+    return {
+        layer: PredictionRows(states.states[layer].clone(), label, soft_ids, soft_probs) for layer in layers
+    }
 
 
 def identity_forward(target: LoadedModel, layer: int) -> TemplateForward:

@@ -23,6 +23,7 @@ from patchscope.mapping import next_token_fit as nt
 from patchscope.mapping.artefact import MappingInfo, mapping_id
 from patchscope.mapping.collect import PairedStates, collect_pairs, shared_words
 from patchscope.mapping.corpus import (
+    Split,
     file_fingerprint,
     read_documents,
     split_documents,
@@ -178,7 +179,6 @@ def fit_mappings(
         "validation": take_words(split.validation, budget["validation"]),
         "test": take_words(split.test, budget["test"]),
     }
-    documents = {"train": take_words(split.train, None), "validation": take_words(split.validation, None)}
     data = behaviour_data
     if data is None and (behavioural or behaviour_eval or subject_texts):
         relations = relations if relations is not None else bd.default_relations()
@@ -224,6 +224,9 @@ def fit_mappings(
         progress.note("fit", "behaviour metrics: finding the validation samples the target knows")
         metric_set = bm.metric_set(target, data, split="validation")
     forwards_by_layer: dict[int, dict[str, bf.TemplateForward]] = {}
+    predictions = None
+    if method == "next-token":
+        predictions = _prediction_rows(source, target, split, sorted(by_source), next_options, seed, progress)
     for a, targets in by_source.items():
         basis = RidgeBasis.of(train.source[a]) if method != "identity" else None
         for b in targets:
@@ -253,13 +256,13 @@ def fit_mappings(
                         source, target, a, b, fitted, data, forwards_by_layer[b], options, seed, progress
                     )
                 if method == "next-token":
+                    assert predictions is not None
                     fitted = _fit_next_token(
-                        source,
                         target,
                         a,
                         b,
                         fitted,
-                        documents,
+                        {part: rows[a] for part, rows in predictions.items()},
                         train.target[b].mean(dim=0),
                         next_options,
                         seed,
@@ -342,27 +345,27 @@ def _fit_behavioural(
     return fitted
 
 
-def _fit_next_token(
+def _prediction_rows(
     source: LoadedModel,
     target: LoadedModel,
-    a: int,
-    b: int,
-    start: FittedMap,
-    documents: dict[str, list[str]],
-    y_mean: torch.Tensor,
+    split: Split,
+    layers: list[int],
     options: nt.NextTokenOptions,
     seed: int,
     progress: Progress,
-) -> FittedMap:
-    phase = f"next-token {a}:{b}"
-    progress.note(phase, "the source's own next token at positions of the train and validation documents")
+) -> dict[str, dict[int, nt.PredictionRows]]:
+    """The next-token rows of the train and validation documents, every source layer from one pass each."""
+    progress.note(
+        "next-token", "the source's own next token at positions of the train and validation documents"
+    )
+    documents = {"train": split.train, "validation": split.validation}
     counts = {"train": options.train_positions, "validation": options.validation_positions}
-    rows = {
+    return {
         part: nt.prediction_rows(
             source,
             target,
-            documents[part],
-            a,
+            take_words(documents[part], None),
+            layers,
             counts[part],
             per_text=options.per_text,
             seed=seed,
@@ -370,6 +373,20 @@ def _fit_next_token(
         )
         for part in counts
     }
+
+
+def _fit_next_token(
+    target: LoadedModel,
+    a: int,
+    b: int,
+    start: FittedMap,
+    rows: dict[str, nt.PredictionRows],
+    y_mean: torch.Tensor,
+    options: nt.NextTokenOptions,
+    seed: int,
+    progress: Progress,
+) -> FittedMap:
+    phase = f"next-token {a}:{b}"
     progress.start(phase, options.max_steps)
 
     def on_step(step: int, total: int, loss: float | None) -> None:
