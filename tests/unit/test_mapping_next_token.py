@@ -9,7 +9,7 @@ from tests.conftest import data_dir
 from patchscope.engine.presets import get_preset
 from patchscope.eval.common import first_token_logits
 from patchscope.eval.next_token import check_held_out
-from patchscope.eval.next_token_readers import sentences_of
+from patchscope.eval.next_token_readers import sentences_of, source_states, usable_positions
 from patchscope.mapping import next_token_fit as nt
 from patchscope.mapping.fit import RidgeBasis, apply, fit_affine
 from patchscope.mapping.pipeline import fit_mappings
@@ -101,12 +101,38 @@ def test_soft_labels_lead_with_the_argmax_label_and_are_a_distribution(setup):
         assert bool((rows.soft_probs[:, :-1] >= rows.soft_probs[:, 1:]).all())
 
 
-def test_a_next_token_fit_without_positions_is_refused_before_any_model_runs(tiny_models, tmp_path):
-    from patchscope.engine.errors import InvalidArgument
+def test_usable_positions_counts_what_the_sampler_can_take(tiny_models):
+    """The tokenizer-only count equals what `source_states` samples: all of it, and not one more."""
+    source = tiny_models["llama"]
+    texts = sentences_of(WIKITEXT, "fit", 0)[:12]
+    held = usable_positions(source, texts, per_text=5)
+    assert 0 < held < 5 * len(texts) + 1
+    assert source_states(source, texts, held, per_text=5, seed=0).states.shape[1] == held
+    with pytest.raises(ValueError, match=f"only {held} usable positions"):
+        source_states(source, texts, held + 1, per_text=5, seed=0)
 
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (nt.NextTokenOptions(train_positions=0), "train_positions"),
+        (nt.NextTokenOptions(train_positions=10**7), r"train_positions: the train documents hold \d+"),
+        (nt.NextTokenOptions(validation_positions=10**7), "validation_positions"),
+    ],
+)
+def test_next_token_fits_asking_for_impossible_positions_are_refused_before_any_model_runs(
+    tiny_models, tmp_path, monkeypatch, options, named
+):
+    from patchscope.engine.errors import InvalidArgument
+    from patchscope.mapping import pipeline
+
+    def no_forward(*_args, **_kwargs):
+        raise AssertionError("a model ran before the options were checked")
+
+    monkeypatch.setattr(pipeline, "collect_pairs", no_forward)
+    monkeypatch.setattr(nt, "source_states", no_forward)
     source, target = tiny_models["llama"], tiny_models["qwen2"]
-    options = nt.NextTokenOptions(train_positions=0)
-    with pytest.raises(InvalidArgument, match="train_positions"):
+    with pytest.raises(InvalidArgument, match=named):
         fit_mappings(
             source,
             target,

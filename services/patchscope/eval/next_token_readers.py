@@ -46,6 +46,21 @@ def sentences_of(corpus: Path, part: str, seed: int) -> list[str]:
     return take_words(documents, None)
 
 
+def _candidates(model: LoadedModel, ids: list[int]) -> list[int]:
+    """The positions of one text a position may be sampled from: never 0, never a special token."""
+    specials = set(model.tokenizer.all_special_ids)
+    return [p for p in range(1, len(ids)) if ids[p] not in specials]
+
+
+def usable_positions(model: LoadedModel, texts: Sequence[str], *, per_text: int, max_tokens: int = 64) -> int:
+    """How many positions `source_states` can sample from `texts`: tokenizers only, no forward pass.
+
+    Why: a caller asking for more positions than the texts hold is told so before any model runs.
+    """
+    ids = (tokenize_prompt(model.tokenizer, text)[:max_tokens] for text in texts)
+    return sum(min(per_text, len(_candidates(model, i))) for i in ids)
+
+
 @torch.inference_mode()
 def source_states(
     model: LoadedModel,
@@ -60,14 +75,13 @@ def source_states(
 ) -> SourceStates:
     """`count` positions (at most `per_text` per text, never position 0 or a special token), all layers."""
     rng = random.Random(seed)
-    specials = set(model.tokenizer.all_special_ids)
     layers = list(range(model.facts.num_layers))
     states, contexts, done = [], [], 0
     for text in texts:
         if done >= count:
             break
         ids = tokenize_prompt(model.tokenizer, text)[:max_tokens]
-        candidates = [p for p in range(1, len(ids)) if ids[p] not in specials]
+        candidates = _candidates(model, ids)
         if not candidates:
             continue
         picks = sorted(rng.sample(candidates, min(per_text, len(candidates), count - done)))

@@ -15,6 +15,7 @@ import torch
 from patchscope.engine.errors import IncompatibleModels, InvalidArgument
 from patchscope.engine.models import LoadedModel
 from patchscope.engine.validation import check_layers
+from patchscope.eval.next_token_readers import usable_positions
 from patchscope.mapping import behaviour_data as bd
 from patchscope.mapping import behaviour_forward as bf
 from patchscope.mapping import behaviour_metrics as bm
@@ -183,6 +184,8 @@ def fit_mappings(
     if data is None and (behavioural or behaviour_eval or subject_texts):
         relations = relations if relations is not None else bd.default_relations()
         data = bd.build_data(source, target, relations, seed=seed, exclude_words=exclude_words)
+    if method == "next-token":  # before any model runs: more positions than the documents hold is an error
+        _check_positions(source, split, next_options)
     if subject_texts:
         assert data is not None
         texts["train"] += data.subject_texts("train")
@@ -358,21 +361,33 @@ def _prediction_rows(
     progress.note(
         "next-token", "the source's own next token at positions of the train and validation documents"
     )
-    documents = {"train": split.train, "validation": split.validation}
-    counts = {"train": options.train_positions, "validation": options.validation_positions}
     return {
         part: nt.prediction_rows(
-            source,
-            target,
-            take_words(documents[part], None),
-            layers,
-            counts[part],
-            per_text=options.per_text,
-            seed=seed,
-            top_k=options.top_k,
+            source, target, texts, layers, count, per_text=options.per_text, seed=seed, top_k=options.top_k
         )
-        for part in counts
+        for part, (texts, count) in _position_documents(split, options).items()
     }
+
+
+def _position_documents(split: Split, options: nt.NextTokenOptions) -> dict[str, tuple[list[str], int]]:
+    """The texts the next-token rows of each split come from, and how many positions are asked of them."""
+    return {
+        "train": (take_words(split.train, None), options.train_positions),
+        "validation": (take_words(split.validation, None), options.validation_positions),
+    }
+
+
+def _check_positions(source: LoadedModel, split: Split, options: nt.NextTokenOptions) -> None:
+    fields = {"train": "train_positions", "validation": "validation_positions"}
+    for part, (texts, count) in _position_documents(split, options).items():
+        held = usable_positions(source, texts, per_text=options.per_text)
+        if count > held:
+            raise InvalidArgument(
+                fields[part],
+                f"the {part} documents hold {held} positions at {options.per_text} per text",
+                limit=f"at most {held}",
+                value=count,
+            )
 
 
 def _fit_next_token(
