@@ -46,9 +46,8 @@ def sentences_of(corpus: Path, part: str, seed: int) -> list[str]:
     return take_words(documents, None)
 
 
-def _candidates(model: LoadedModel, ids: list[int]) -> list[int]:
+def _candidates(ids: list[int], specials: set[int]) -> list[int]:
     """The positions of one text a position may be sampled from: never 0, never a special token."""
-    specials = set(model.tokenizer.all_special_ids)
     return [p for p in range(1, len(ids)) if ids[p] not in specials]
 
 
@@ -57,8 +56,9 @@ def usable_positions(model: LoadedModel, texts: Sequence[str], *, per_text: int,
 
     Why: a caller asking for more positions than the texts hold is told so before any model runs.
     """
+    specials = set(model.tokenizer.all_special_ids)
     ids = (tokenize_prompt(model.tokenizer, text)[:max_tokens] for text in texts)
-    return sum(min(per_text, len(_candidates(model, i))) for i in ids)
+    return sum(min(per_text, len(_candidates(i, specials))) for i in ids)
 
 
 @torch.inference_mode()
@@ -75,13 +75,14 @@ def source_states(
 ) -> SourceStates:
     """`count` positions (at most `per_text` per text, never position 0 or a special token), all layers."""
     rng = random.Random(seed)
+    specials = set(model.tokenizer.all_special_ids)
     layers = list(range(model.facts.num_layers))
     states, contexts, done = [], [], 0
     for text in texts:
         if done >= count:
             break
         ids = tokenize_prompt(model.tokenizer, text)[:max_tokens]
-        candidates = _candidates(model, ids)
+        candidates = _candidates(ids, specials)
         if not candidates:
             continue
         picks = sorted(rng.sample(candidates, min(per_text, len(candidates), count - done)))

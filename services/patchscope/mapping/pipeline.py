@@ -172,6 +172,8 @@ def fit_mappings(
         behaviour_eval = False  # same-model maps: the reference is the state itself
 
     split = split_documents(read_documents(corpus), seed=seed)
+    if method == "next-token":  # before any model runs: more positions than the documents hold is an error
+        _check_positions(source, split, next_options)
     budget = {
         k: None if max_words is None else max(1, int(max_words * share)) for k, share in SPLIT_SHARES.items()
     }
@@ -184,8 +186,6 @@ def fit_mappings(
     if data is None and (behavioural or behaviour_eval or subject_texts):
         relations = relations if relations is not None else bd.default_relations()
         data = bd.build_data(source, target, relations, seed=seed, exclude_words=exclude_words)
-    if method == "next-token":  # before any model runs: more positions than the documents hold is an error
-        _check_positions(source, split, next_options)
     if subject_texts:
         assert data is not None
         texts["train"] += data.subject_texts("train")
