@@ -211,6 +211,21 @@ def test_continuous_a_caller_that_leaves_stops_its_rows_within_one_step(llama, l
     assert [kept[k] for k in range(2)] == expected(llama_runtime, keep)
 
 
+def test_continuous_a_caller_whose_event_loop_closed_mid_stream_fails_no_one_else(
+    llama, llama_runtime, continuous
+):
+    gone_request, request = requests(llama, 2, max_new_tokens=32)
+    scheduler = continuous.schedulers["tiny-llama"]
+    gone_loop = asyncio.new_event_loop()
+    stream = continuous.submit(gone_request)
+    gone_loop.run_until_complete(anext(stream))  # running, never closed: its loop just stops and closes
+    gone_loop.close()
+    result = run(consume(continuous, request))
+    assert [result[k] for k in range(2)] == expected(llama_runtime, request)
+    assert scheduler.rows == 0 and scheduler.rows_dropped == 2, "the orphaned rows leave, nothing else"
+    del stream
+
+
 def test_continuous_controls_carry_their_signals(llama, llama_runtime, continuous):
     (request,) = requests(llama, 1)
     request = GenerateRequest(

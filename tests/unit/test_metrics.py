@@ -122,7 +122,9 @@ def test_the_queued_rows_gauge_returns_to_zero_when_the_caller_leaves_or_is_canc
                 first.set()
 
         task = asyncio.ensure_future(consume())
-        await first.wait()
+        started = asyncio.ensure_future(first.wait())
+        await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
+        assert started.done(), f"the request ended before its first step: {task}"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

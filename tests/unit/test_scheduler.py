@@ -174,6 +174,32 @@ def test_a_dropped_request_leaves_within_one_step_and_its_slots_are_reused(llama
     assert [kept.ids[r] for r in range(4)] == [g.token_ids for g in alone]
 
 
+@pytest.mark.parametrize("fails_at", [1, 3], ids=["at-its-first-token", "mid-decode"])
+def test_a_request_whose_own_callback_fails_leaves_alone_and_everyone_else_runs_on(llama_runtime, fails_at):
+    model = llama_runtime.model
+    config = GenerationConfig(max_new_tokens=12)
+    keep_rows = rows_of(model, TEMPLATES[0], [1, 2])
+    kept = Collect()
+    failing = Collect()
+    errors: list[Exception] = []
+
+    def on_step(step) -> None:
+        failing(step)
+        if failing.steps == fails_at:
+            raise RuntimeError("the caller's stream broke")
+
+    scheduler = Scheduler(llama_runtime)
+    scheduler.admit(keep_rows, config, kept)
+    scheduler.run_once()
+    scheduler.admit(rows_of(model, TEMPLATES[1], [0, 3]), config, on_step, on_error=errors.append)
+    drain(scheduler)
+    assert failing.steps == fails_at, "no step after the request's own callback failed"
+    assert [str(e) for e in errors] == ["the caller's stream broke"]
+    assert scheduler.rows == 0 and scheduler.cache.keys == [], "its rows and cache slots are free"
+    alone = patched_generate(llama_runtime, keep_rows, config)
+    assert [kept.ids[r] for r in range(4)] == [g.token_ids for g in alone]
+
+
 def test_an_abandoned_huge_prefill_delays_the_next_request_by_at_most_one_chunk(llama_runtime):
     model = llama_runtime.model
     huge = PatchedRow("word " * 200 + "{}", "?", ())  # a prefix of ~200 tokens: many chunks

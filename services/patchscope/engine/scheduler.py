@@ -18,6 +18,7 @@ transformers' forward keeps the per-template batches of `generation.iter_patched
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -43,6 +44,7 @@ from patchscope.engine.static_decode import RaggedStep
 from patchscope.engine.template import TemplateTokens
 from patchscope.engine.timings import Timings
 
+logger = logging.getLogger("patchscope.engine")
 DEFAULT_CHUNK_TOKENS = 128
 PREFILL_BUDGET_CHUNKS = 4  # the default prefill budget per round, in chunks of one row
 
@@ -79,6 +81,7 @@ class Job:
     keep_logits: bool
     on_step: Callable[[Step], None]
     dropped: Callable[[], bool]
+    on_error: Callable[[Exception], None] = lambda _error: None
     timings: Timings = field(default_factory=Timings)
     produced: list[int] = field(default_factory=list)  # tokens per row so far
     live: set[int] = field(default_factory=set)  # rows still decoding
@@ -150,12 +153,14 @@ class Scheduler:
         *,
         keep_logits: bool = False,
         dropped: Callable[[], bool] = lambda: False,
+        on_error: Callable[[Exception], None] = lambda _error: None,
         timings: Timings | None = None,
     ) -> Job:
         """Queue a request's rows for prefill (joining at a later `run_once`); any thread may call it.
 
         Refused at once, before any model runs, when the rows are invalid, more than the row cap, or more
-        than the room left under it (`SchedulerFull`).
+        than the room left under it (`SchedulerFull`). An exception from `on_step` is that request's own:
+        its rows leave at once and `on_error` hears it; every other request runs on.
         """
         config.validate()
         if not rows:
@@ -169,7 +174,9 @@ class Scheduler:
         if any(t != tokens for t, _ in resolved):
             raise InvalidArgument("rows", "must share one template and filler", limit="one template")
         patches = [p for _, ps in resolved for p in ps]
-        job = Job(tokens, patches, len(rows), config, keep_logits, on_step, dropped, id=next(self._ids))
+        job = Job(
+            tokens, patches, len(rows), config, keep_logits, on_step, dropped, on_error, id=next(self._ids)
+        )
         if timings is not None:
             job.timings = timings  # filled as the job runs: its prefill and the steps it takes part in
         job.produced = [0] * len(rows)
@@ -301,18 +308,21 @@ class Scheduler:
         return tokens, finished, ended
 
     def _emit(self, job, rows, tokens, finished, ended, logits) -> list[int]:
-        """Tell the job its step; the rows that go on decoding."""
+        """Tell the job its step; the rows that go on decoding (none when the job's own callback failed)."""
         for r in rows:
             job.produced[r] += 1
-        job.on_step(
-            Step(
-                rows=rows,
-                token_ids=[tokens[r] for r in rows],
-                finished=[finished[r] for r in rows],
-                logits=logits if job.keep_logits else None,
-                ended=[ended[r] for r in rows] if job.config.stop else None,
-            )
+        step = Step(
+            rows=rows,
+            token_ids=[tokens[r] for r in rows],
+            finished=[finished[r] for r in rows],
+            logits=logits if job.keep_logits else None,
+            ended=[ended[r] for r in rows] if job.config.stop else None,
         )
+        try:
+            job.on_step(step)
+        except Exception as error:  # the caller's failure, not the model's: only its rows leave
+            self._abandon(job, rows, error)
+            return []
         keep = [
             r
             for r in rows
@@ -320,6 +330,15 @@ class Scheduler:
         ]
         job.live = set(keep)
         return keep
+
+    def _abandon(self, job: Job, rows: list[int], error: Exception) -> None:
+        """`job`'s callback raised: its `rows` leave now (the caller's rows have no one to hear them)."""
+        job.live = set()
+        self.rows_dropped += len(rows)
+        try:
+            job.on_error(error)
+        except Exception:
+            logger.exception("continuous batching: a request's step and its error report both failed")
 
     def _release(self, slot: int) -> None:
         moved = self.cache.release(slot)

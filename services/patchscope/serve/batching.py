@@ -317,12 +317,13 @@ class ContinuousBatcher:
         open_rows = rows
 
         def on_step(step: Step) -> None:  # on the worker thread: text decoding stays off the event loop
-            nonlocal open_rows
+            nonlocal open_rows, dropped
             events = stream.feed(step)
             open_rows -= sum(e.finished for e in events)
-            loop.call_soon_threadsafe(queue.put_nowait, events)
-            if open_rows == 0:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            if not _post(loop, queue, events):
+                dropped = True  # the caller's event loop has closed: nobody reads this stream any more
+            elif open_rows == 0:
+                _post(loop, queue, _DONE)
 
         try:
             job = scheduler.admit(
@@ -331,6 +332,7 @@ class ContinuousBatcher:
                 on_step,
                 keep_logits=controls is not None,
                 dropped=lambda: dropped,
+                on_error=lambda error: _post(loop, queue, error),
                 timings=timings,
             )
         except SchedulerFull as full:
@@ -355,8 +357,19 @@ class ContinuousBatcher:
     def _fail(self, scheduler: Scheduler, error: Exception) -> None:
         for job in scheduler.fail():  # every open job of that target hears the error
             if (entry := self._jobs.get(job)) is not None:
-                loop, queue = entry
-                loop.call_soon_threadsafe(queue.put_nowait, error)
+                _post(*entry, error)
+
+
+def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> bool:
+    """Hand `item` to a caller's queue from the worker thread; False when the caller's loop has closed.
+
+    A closed loop is a caller that has gone: it must not fail the step every other request shares.
+    """
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _with_queue_time(event: RowEvent, enqueued_at: float) -> RowEvent:
