@@ -219,7 +219,7 @@ def test_an_abandoned_huge_prefill_delays_the_next_request_by_at_most_one_chunk(
 
 @pytest.mark.parametrize("budget, joined", [(1, 1), (None, 4)])
 def test_short_prefills_waiting_together_join_the_same_step_within_the_prefill_budget(
-    llama_runtime, budget, joined
+    llama_runtime, budget, joined, monkeypatch
 ):
     model = llama_runtime.model
     scheduler = Scheduler(llama_runtime, prefill_budget=budget)
@@ -229,8 +229,18 @@ def test_short_prefills_waiting_together_join_the_same_step_within_the_prefill_b
     jobs = [Collect() for _ in range(4)]
     for k, job in enumerate(jobs):
         scheduler.admit(rows_of(model, TEMPLATES[k % 3], [1]), GenerationConfig(max_new_tokens=3), job)
+    products = []
+    layout = type(model.layout)
+    unembed = layout.unembed_normed
+    monkeypatch.setattr(
+        layout, "unembed_normed", lambda self, normed: products.append(normed) or unembed(self, normed)
+    )
     scheduler.run_once()
+    monkeypatch.undo()
     assert sum(j.steps for j in jobs) == joined, "each joined request has its first token"
+    assert [p.shape[0] for p in products] == [2 * joined], (
+        "one head product for the round's first tokens (2 rows each)"
+    )
     drain(scheduler)
     for k, job in enumerate(jobs):  # admission order changes nothing in what each request gets
         alone = patched_generate(

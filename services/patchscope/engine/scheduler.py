@@ -88,7 +88,7 @@ class Job:
     generator: torch.Generator | None = None
     matcher: StopMatcher | None = None
     prefill: Iterator[None] | None = None
-    first_logits: torch.Tensor | None = None  # [rows, V], set when the prefill ends
+    first_normed: torch.Tensor | None = None  # [rows, d], the last position's normed state, once prefilled
     cache: LeanCache | None = None
     id: int = 0
     open: int = 0  # rows not yet ended or dropped
@@ -209,7 +209,7 @@ class Scheduler:
         """The request's prompt pass, one chunk of at most `chunk_tokens` tokens per `next`.
 
         Each `next` yields the chunk's cost in row-tokens and whether the prefill is complete (then
-        `job.first_logits` and `job.cache` are set).
+        `job.first_normed` and `job.cache` are set; the first logits come from `_join`).
         """
         runtime, tokens = self.runtime, job.tokens
         lean, device = runtime.lean, runtime.model.device
@@ -240,7 +240,7 @@ class Scheduler:
             if end < len(tokens.ids):
                 yield job.rows * (end - start), False
         assert normed is not None
-        job.first_logits = runtime.model.layout.unembed_normed(normed).float()  # [rows, V]
+        job.first_normed = normed
         job.cache = kv
         yield job.rows * (end - start), True
 
@@ -252,17 +252,19 @@ class Scheduler:
         step together instead of one per step. Dropped requests leave before their next chunk.
         """
         spent = 0
+        ready: list[Job] = []
         while spent < self.prefill_budget:
             for job in [j for j in self.prefilling if j.dropped()]:
                 self.prefilling.remove(job)
                 self.rows_dropped += job.rows
                 self._closed(job, job.rows)
             if not self.prefilling:
-                return
-            spent += self._prefill_chunk()
+                break
+            spent += self._prefill_chunk(ready)
+        self._join(ready)
 
-    def _prefill_chunk(self) -> int:
-        """One chunk of the oldest waiting prefill; its cost in row-tokens."""
+    def _prefill_chunk(self, ready: list[Job]) -> int:
+        """One chunk of the oldest waiting prefill (appended to `ready` when complete); its row-tokens."""
         job = self.prefilling[0]
         started = time.perf_counter()
         cost, done = next(job.prefill)
@@ -273,25 +275,44 @@ class Scheduler:
             self.prefilling.rotate(-1)
             return cost
         self.prefilling.remove(job)
-        started = time.perf_counter()
-        logits = job.first_logits
-        job.first_logits = None
-        tokens, finished, ended = self._sample(job, list(range(job.rows)), logits)
-        job.timings.decode_s += time.perf_counter() - started
-        keep = self._emit(job, list(range(job.rows)), tokens, finished, ended, logits)
-        if len(keep) < job.rows:
-            self._closed(job, job.rows - len(keep))
-        if keep:
-            assert job.cache is not None
-            if len(keep) < job.rows:
-                job.cache.batch_select_indices(torch.tensor(keep, device=logits.device))
-            slots = self.cache.admit(job.cache)
-            for slot, row in zip(slots, keep, strict=True):
-                self.slots.append((job, row))
-                self.next_ids.append(tokens[row])
-                assert slot == len(self.slots) - 1
-        job.cache = None
+        ready.append(job)
         return cost
+
+    def _join(self, ready: list[Job]) -> None:
+        """The first token of every job prefilled this round, from one unembedding; their rows join.
+
+        One product for all of them: the head's weight (the largest matrix of a small model) is read
+        once per round instead of once per request, which is most of a short prefill's cost.
+        """
+        if not ready:
+            return
+        started = time.perf_counter()
+        normed = torch.cat([job.first_normed for job in ready])  # [sum of rows, d]
+        logits = self.runtime.model.layout.unembed_normed(normed).float()  # [sum of rows, V]
+        unembedded = time.perf_counter() - started
+        offset = 0
+        for job in ready:
+            job.first_normed = None
+            job.timings.prefill_s += unembedded
+            started = time.perf_counter()
+            rows = list(range(job.rows))
+            job_logits = logits[offset : offset + job.rows]  # [rows, V], a contiguous view
+            offset += job.rows
+            tokens, finished, ended = self._sample(job, rows, job_logits)
+            job.timings.decode_s += time.perf_counter() - started
+            keep = self._emit(job, rows, tokens, finished, ended, job_logits)
+            if len(keep) < job.rows:
+                self._closed(job, job.rows - len(keep))
+            if keep:
+                assert job.cache is not None
+                if len(keep) < job.rows:
+                    job.cache.batch_select_indices(torch.tensor(keep, device=logits.device))
+                slots = self.cache.admit(job.cache)
+                for slot, row in zip(slots, keep, strict=True):
+                    self.slots.append((job, row))
+                    self.next_ids.append(tokens[row])
+                    assert slot == len(self.slots) - 1
+            job.cache = None
 
     # -- decoding -----------------------------------------------------------------------------------
 
