@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from paired import interval
 from patchscope.engine.hooks import drain, iter_extract
 from patchscope.engine.lens import LENS_CHUNK_SITES, iter_logit_lens
 from patchscope.engine.models import load_model
@@ -32,14 +32,6 @@ from patchscope.serve.chunked import run_chunked
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "The river runs past the old mill, and the miller counts his sacks of grain by lamplight. "
-
-
-def interval(ratios: list[float]) -> str:
-    """Geometric mean of paired ratios with a 95 % t interval on their logs."""
-    logs = [math.log(r) for r in ratios]
-    mean = statistics.fmean(logs)
-    half = 2.0 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else float("nan")
-    return f"{math.exp(mean):.3f} [{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}] (n={len(logs)})"
 
 
 def long_prompt(model, tokens: int) -> str:

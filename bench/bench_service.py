@@ -13,6 +13,8 @@
     clients sending mixed templates and targets, today's per-template batches (`Batcher`) against
     continuous batching (`ContinuousBatcher`) in the same process, rounds interleaved; sites/s, p50/p99
     latency, time to first token, and whether every explanation equals the same request run alone.
+    With one client, also each request alone through both, paired: the ratio continuous / off with a 95 %
+    interval (the bar: <= 1.05).
 Both sides use 2 torch threads. Median of --repeats runs, interleaved. Prints ratios, never asserts them.
 Ray runs its worker processes (every replica, the proxy) at its `worker_niceness` (+15 over the driver,
 which is this process and the in-process side): on a shared machine that is a lower CPU priority for the
@@ -38,6 +40,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from paired import interval
 from patchscope.engine import GenerationConfig, load_model
 from patchscope.engine.hooks import extract
 from patchscope.engine.options import DEFAULTS, GEMMS, EngineOptions
@@ -493,6 +496,26 @@ def target_load(args: argparse.Namespace) -> None:
                     result = asyncio.run(offered_load(batchers[name], clients, seed=1000 * repeat + clients))
                     rows.setdefault(name, []).append(result)
             summarize(clients, rows, reference)
+        if 1 in clients_list:
+            asyncio.run(paired_alone(batchers, pool, args.repeats, one))
+
+
+async def paired_alone(batchers: dict, pool: list, repeats: int, one: Callable) -> None:
+    """One request at a time, each pool request through continuous batching and batching off in turn.
+
+    Why paired: the one-client bar compares the same request both ways; the Poisson rounds' p50 mixes two
+    targets whose latencies differ about twofold, so a few samples moving across the middle swing it.
+    """
+    ratios, seconds = [], {"continuous": [], "off": []}
+    for repeat in range(repeats):
+        for request in pool:
+            order = ["continuous", "off"] if repeat % 2 == 0 else ["off", "continuous"]
+            got = {name: (await one(batchers[name], request))[0] for name in order}
+            for name, value in got.items():
+                seconds[name].append(value)
+            ratios.append(got["continuous"] / got["off"])
+    medians = ", ".join(f"{name} median {statistics.median(v):.2f} s" for name, v in seconds.items())
+    print(f"     1 client, each request alone ({medians}): continuous / off {interval(ratios)}", flush=True)
 
 
 def summarize(clients: int, rows: dict[str, list[dict]], reference: dict) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from paired import interval
 from patchscope.engine.generation import GenerationConfig
 from patchscope.engine.hooks import extract
 from patchscope.engine.models import load_model
@@ -47,14 +47,6 @@ from patchscope.serve.target import make_batcher
 ROOT = Path(__file__).resolve().parents[1]
 ORDINARY = "cat -> cat\n1135 -> 1135\nhello -> hello\n{}"  # the identity preset's template
 SENTENCE = "The river runs past the old mill, and the miller counts his sacks of grain by lamplight. "
-
-
-def interval(ratios: list[float]) -> str:
-    """Geometric mean of paired ratios with a 95 % t interval on their logs."""
-    logs = [math.log(r) for r in ratios]
-    mean = statistics.fmean(logs)
-    half = 2.0 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else float("nan")
-    return f"{math.exp(mean):.2f} [{math.exp(mean - half):.2f}, {math.exp(mean + half):.2f}] (n={len(logs)})"
 
 
 def spread(seconds: list[float]) -> str:
@@ -177,10 +169,10 @@ def bench_model(model_id: str, args: argparse.Namespace) -> None:
             f"  [{name}] the ordinary rows alone: {spread(alone[name])}\n"
             f"  [{name}] after a huge caller left: {spread(waits[name])}; excess over alone "
             f"{spread(excess)}; chunks run meanwhile {min(chunks[name])}-{max(chunks[name])} "
-            f"(the ordinary rows' own included); after / alone {interval(ratios)}"
+            f"(the ordinary rows' own included); after / alone {interval(ratios, 2)}"
         )
     ratio = [c / o for c, o in zip(waits["chunked"], waits["one chunk"], strict=True)]
-    print(f"  after a huge caller left, chunked / one chunk (paired): {interval(ratio)}")
+    print(f"  after a huge caller left, chunked / one chunk (paired): {interval(ratio, 2)}")
 
 
 def service_bench(args: argparse.Namespace) -> None:
@@ -242,7 +234,7 @@ def service_bench(args: argparse.Namespace) -> None:
             f"  ordinary Explain alone: {spread(alone)}\n"
             f"  right after a huge Explain whose caller left after {args.leave_after_ms:.0f} ms: "
             f"{spread(after)}; excess over alone {spread(excess)}; after / alone "
-            f"{interval([w / a for w, a in zip(after, alone, strict=True)])}\n"
+            f"{interval([w / a for w, a in zip(after, alone, strict=True)], 2)}\n"
             f"  TargetModel rows dropped per trial: {dropped}"
         )
     finally:
