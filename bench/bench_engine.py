@@ -4,9 +4,9 @@
 (b) one batched `generate` with a patch hook per row,
 (c) the same batch unpatched (the floor any patching method sits on),
 (d) the engine (`explain`, controls off): one source pass, prefix cache, lean decode loop, default options
-    (engine/options.py; `--gemm auto` packs the linears for oneDNN on an fp32 CPU), with the lean forward
-    (engine/models/lean.py) on a CPU; (d0) with the unpatched control row and its signals (the service's
-    default); (d') the same without the cache; (d'') with transformers' forward;
+    (engine/options.py; `--gemm auto` packs the linears for oneDNN on the CPU kinds where that wins),
+    with the lean forward (engine/models/lean.py) on a CPU; (d0) with the unpatched control row and its
+    signals (the service's default); (d') the same without the cache; (d'') with transformers' forward;
     (d''') on the peers' stock load,
 (e) nnsight's per-site loop: one source trace and one intervened `generate` per layer,
 (f) nnsight batched: one source trace, then one `generate` with one invoke per layer.
@@ -39,6 +39,7 @@ import torch
 from patchscope.engine import GenerationConfig, load_model
 from patchscope.engine.cpu import detect, onednn_isa
 from patchscope.engine.models import LoadedModel
+from patchscope.engine.models.packed import resolve_gemm
 from patchscope.engine.options import DEFAULTS, GEMMS, EngineOptions
 from patchscope.engine.presets import PRESETS
 from patchscope.engine.runtime import TargetRuntime
@@ -315,7 +316,8 @@ def main() -> None:
         f"model {m.id} ({m.layout.num_layers} layers, {args.dtype}) on {device_name}; commit {commit}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"sweep of {m.layout.num_layers} sites, "
-        f"{args.new_tokens} new tokens, median of {args.repeats}"
+        f"{args.new_tokens} new tokens, median of {args.repeats}; engine gemm {args.gemm} "
+        f"(runs {resolve_gemm(args.gemm, m.device, m.model.dtype)})"
     )
     if m.device.type == "cpu":  # the loop ÷ engine ratio moves with the CPU kind: name it beside every figure
         print(f"{detect().summary()}; oneDNN ISA: {onednn_isa()}")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from patchscope.engine import extract
+from patchscope.engine.cpu import parse_kind
 from patchscope.engine.lens import logit_lens
 from patchscope.engine.models import load_directory
 from patchscope.engine.models.packed import PackedLinear, onednn_available, pack_linears, resolve_gemm
@@ -47,11 +48,17 @@ def test_a_deep_copy_is_a_plain_linear_on_the_memo_parameters() -> None:
     assert own[0].weight is not model[0].weight and torch.equal(own[0].weight, model[0].weight)
 
 
-def test_auto_packs_fp32_cpu_models_only_and_onednn_elsewhere_is_refused() -> None:
+EPYC = parse_kind({"vendor_id": "AuthenticAMD", "flags": "avx2 fma"}, "AVX2", True, 2)
+XEON = parse_kind({"flags": "avx2 fma avx512f amx_tile amx_bf16"}, "AVX512", True, 2)
+
+
+def test_auto_packs_fp32_on_the_cpu_kinds_where_packing_won_and_onednn_elsewhere_is_refused() -> None:
     cpu = torch.device("cpu")
-    assert resolve_gemm("auto", cpu, torch.float32) == "onednn"
-    assert resolve_gemm("auto", cpu, torch.bfloat16) == "aten"
-    assert resolve_gemm("auto", torch.device("cuda"), torch.float32) == "aten"
+    assert resolve_gemm("auto", cpu, torch.float32, EPYC) == "onednn"
+    assert resolve_gemm("auto", cpu, torch.float32, XEON) == "aten"  # measured no faster there
+    assert resolve_gemm("onednn", cpu, torch.float32, XEON) == "onednn"  # asked for, it is what runs
+    assert resolve_gemm("auto", cpu, torch.bfloat16, EPYC) == "aten"
+    assert resolve_gemm("auto", torch.device("cuda"), torch.float32, EPYC) == "aten"
     assert resolve_gemm("aten", cpu, torch.float32) == "aten"
     with pytest.raises(ValueError, match="gemm 'onednn' needs float32"):
         resolve_gemm("onednn", cpu, torch.bfloat16)
@@ -61,7 +68,7 @@ def test_auto_packs_fp32_cpu_models_only_and_onednn_elsewhere_is_refused() -> No
 
 def test_a_packed_load_explains_as_the_stock_load_does(tiny_dirs) -> None:
     """Same logits within fp32 rounding at every step; the logit lens over all layers agrees exactly."""
-    packed = load_directory("tiny-llama", tiny_dirs["llama"], options=EngineOptions(gemm="auto"))
+    packed = load_directory("tiny-llama", tiny_dirs["llama"], options=EngineOptions(gemm="onednn"))
     stock = load_directory("tiny-llama", tiny_dirs["llama"])  # the default: ATen
     assert isinstance(packed.layout.unembed, PackedLinear)
     assert not any(isinstance(m, PackedLinear) for m in stock.model.modules())

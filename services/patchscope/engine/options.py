@@ -25,10 +25,11 @@ class EngineOptions:
     because the default must be one that every entry point can afford: the service's replicas measured no
     gain from oneDNN-packed weights while the packed copies double the memory of the linear weights, and
     the stock kernel keeps the engine's logits those of transformers' own forward, which the equivalence
-    tests and the precision benchmark compare against. `auto` (oneDNN for float32 on a CPU) and `onednn`
-    stay for in-process sweeps that want the faster products and can spend the memory. `auto` does not
-    choose by instruction set: `bench/bench_cpu_kinds.py` compares the options on the CPU it runs on
-    (engine/cpu.py names its kind), and on the AMX/AVX-512 Xeon measured the packed kernels did not win.
+    tests and the precision benchmark compare against. `auto` and `onednn` stay for in-process sweeps that
+    want the faster products and can spend the memory. `auto` chooses by the CPU's kind at load
+    (engine/cpu.py, `packed.PACKED_WINS`): oneDNN for float32 where the packed kernels were measured
+    faster (the AVX2 EPYC), ATen where they were not (the AMX/AVX-512 Xeon); `bench/bench_cpu_kinds.py`
+    compares the options on the CPU it runs on.
 
     `forward`: `auto` runs the lean forward (models/lean.py) for the families the layout table marks lean,
     on a CPU, where it removes per-step bookkeeping; transformers' forward elsewhere. Its explanations equal

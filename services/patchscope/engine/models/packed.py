@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from patchscope.engine.cpu import CpuKind, detect
 from patchscope.engine.options import GEMMS, Gemm
 
 BATCH_HINT = 32  # the row count oneDNN tunes its packing for: a sweep's width
@@ -26,14 +27,29 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
-def resolve_gemm(gemm: Gemm, device: torch.device, dtype: torch.dtype) -> Literal["onednn", "aten"]:
-    """`auto`: oneDNN for fp32 on a CPU that has it; ATen everywhere else (GPUs, half precision)."""
+# The CPU kinds (engine/cpu.py) where the packed products were measured faster than ATen's on a sweep:
+# on an AVX2 EPYC the engine ran 1.19x faster packed; on an AMX/AVX-512 Xeon packing did not win
+# (bench/results.md, "Kernels per CPU kind"), and ATen there dispatches to AVX-512 kernels of its own.
+PACKED_WINS: frozenset[str] = frozenset({"avx2"})
+
+
+def resolve_gemm(
+    gemm: Gemm, device: torch.device, dtype: torch.dtype, kind: CpuKind | None = None
+) -> Literal["onednn", "aten"]:
+    """The kernel a load uses: `auto` is oneDNN for fp32 on a CPU kind in `PACKED_WINS`, else ATen.
+
+    ATen on GPUs, in half precision, and on the CPU kinds where packing was not faster.
+
+    `kind`: the CPU to decide for (default: this one, `cpu.detect()`).
+    """
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
     fits = device.type == "cpu" and dtype == torch.float32 and onednn_available()
     if gemm == "onednn" and not fits:
         raise ValueError(f"gemm 'onednn' needs float32 on a CPU with oneDNN; got {dtype} on {device.type}")
-    return "onednn" if gemm == "onednn" or (gemm == "auto" and fits) else "aten"
+    if gemm == "auto":
+        return "onednn" if fits and (kind or detect()).isa in PACKED_WINS else "aten"
+    return gemm
 
 
 class PackedLinear(nn.Module):
