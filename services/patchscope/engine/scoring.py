@@ -12,14 +12,15 @@ positions read.
 
 The scores are computed where the target runs, when a request's rows have all finished
 (`with_unpatched_scores`), and travel on the control row's finished event: the service makes no handle
-call for them, and the CLI runs the same code.
+call for them, and the CLI runs the same code. Requests that finish together are scored together
+(`score_jobs`, from the replica's `serve/scores.ScoreQueue`): one head product for all their positions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +31,6 @@ from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.template import TemplateTokens, tokenize_template
 
-T = TypeVar("T")
 UNEMBED_CHUNK = 256  # positions unembedded at once: bounds the [n, V] logits a long sweep materialises
 
 Prefix = tuple[int, ...]
@@ -47,7 +47,60 @@ def _rows_to_run(continuations: Sequence[Prefix], known: dict[Prefix, float]) ->
     return [c for c in todo if c not in covered]
 
 
+@dataclass(frozen=True)
+class ScoreJob:
+    """One request's scoring: its template and filler, its rows' continuations, what generation knew.
+
+    `known`: token prefix -> the unpatched log-probability of its last token, where generation already
+    computed it (the control row's steps: `RowEvent.unpatched_prefixes`); those prefixes are not run.
+    """
+
+    template: str
+    filler: str
+    continuations: Sequence[Sequence[int]]
+    known: Mapping[Prefix, float] | None = None
+
+
 @torch.inference_mode()
+def score_jobs(target: TargetRuntime, jobs: Sequence[ScoreJob]) -> list[list[float | None]]:
+    """Each job's mean log-probability per token of each continuation (None if empty), unpatched.
+
+    Jobs of one template and filler run one forward together after that template's cache, and the
+    positions every job reads go through one head product: requests that finish together read the
+    target's weights once, the head's (the largest matrix of a small model) included.
+    """
+    known = [{tuple(k): float(v) for k, v in (job.known or {}).items()} for job in jobs]
+    wanted = [[tuple(int(t) for t in c) for c in job.continuations] for job in jobs]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for j, job in enumerate(jobs):
+        groups.setdefault((job.template, job.filler), []).append(j)
+    keys: list[tuple[tuple[str, str], Prefix]] = []  # (group, prefix) of each position the head reads
+    states: list[torch.Tensor] = []
+    for group, members in groups.items():
+        rows = _rows_to_run([r for j in members for r in _rows_to_run(wanted[j], known[j])], {})
+        if not rows:
+            continue
+        skip = set.intersection(*(set(known[j]) for j in members))  # what every member already knows
+        prefixes, read = _prefix_states(target, *group, rows, skip)
+        keys.extend((group, prefix) for prefix in prefixes)
+        if read is not None:
+            states.append(read)
+    computed: dict[tuple[str, str], dict[Prefix, float]] = {group: {} for group in groups}
+    if keys:
+        values = _logprobs(target, torch.cat(states), [prefix[-1] for _, prefix in keys])
+        for (group, prefix), value in zip(keys, values, strict=True):
+            computed[group][prefix] = value
+    scores: list[list[float | None]] = []
+    for j, job in enumerate(jobs):
+        table = {**computed[(job.template, job.filler)], **known[j]}  # a job's own knowledge comes first
+        row_scores: list[float | None] = []
+        for c in wanted[j]:
+            values = [table[c[: t + 1]] for t in range(len(c))]
+            row_scores.append(sum(values) / len(values) if values else None)
+        scores.append(row_scores)
+    return scores
+
+
 def score_continuations(
     target: TargetRuntime,
     template: str,
@@ -55,21 +108,8 @@ def score_continuations(
     continuations: Sequence[Sequence[int]],
     known: Mapping[Prefix, float] | None = None,
 ) -> list[float | None]:
-    """Mean log-probability per token of each continuation after the unpatched template (None if empty).
-
-    `known`: token prefix -> the unpatched log-probability of its last token, where generation already
-    computed it (the control row's steps: `RowEvent.unpatched_prefixes`); those prefixes are not run.
-    """
-    table: dict[Prefix, float] = {tuple(k): float(v) for k, v in (known or {}).items()}
-    wanted = [tuple(int(t) for t in c) for c in continuations]
-    rows = _rows_to_run(wanted, table)
-    if rows:
-        table.update(_score_prefixes(target, template, filler, rows, set(table)))
-    scores: list[float | None] = []
-    for c in wanted:
-        values = [table[c[: t + 1]] for t in range(len(c))]
-        scores.append(sum(values) / len(values) if values else None)
-    return scores
+    """One request's `score_jobs`: the mean unpatched log-probability per token of each continuation."""
+    return score_jobs(target, [ScoreJob(template, filler, continuations, known)])[0]
 
 
 def _template_cache(
@@ -100,10 +140,10 @@ def _template_cache(
     return stored, last
 
 
-def _score_prefixes(
+def _prefix_states(
     target: TargetRuntime, template: str, filler: str, rows: list[Prefix], skip: set[Prefix]
-) -> dict[Prefix, float]:
-    """The unpatched log-probability of every prefix of `rows` not in `skip` (its last token's).
+) -> tuple[list[Prefix], torch.Tensor | None]:
+    """Every prefix of `rows` not in `skip`, and the normed state ([n, d]) that predicts its last token.
 
     The template's last position predicts each first token; a continuation's own tokens, fed after the
     template's cache, predict the rest, so a continuation's last token is never fed.
@@ -144,34 +184,32 @@ def _score_prefixes(
         positions = torch.tensor([t for _, t in where.values()], device=device)
         parts.append(normed[rows_at, positions])  # [n, d]
     keys = firsts + list(where)
-    if not keys:
-        return {}
-    states = torch.cat(parts)  # [f + n, d]
-    chosen_ids = torch.tensor([key[-1] for key in keys], device=device)
+    return keys, (torch.cat(parts) if parts else None)  # [f + n, d]
+
+
+def _logprobs(target: TargetRuntime, states: torch.Tensor, chosen: list[int]) -> list[float]:
+    """Log p(chosen[i]) under the head at each normed state ([n, d]), in chunks of `UNEMBED_CHUNK`."""
+    chosen_ids = torch.tensor(chosen, device=states.device)
     values: list[float] = []
-    for start in range(0, len(keys), UNEMBED_CHUNK):
-        logits = model.layout.unembed_normed(states[start : start + UNEMBED_CHUNK]).float()  # [c, V]
+    for start in range(0, len(chosen), UNEMBED_CHUNK):
+        logits = target.model.layout.unembed_normed(states[start : start + UNEMBED_CHUNK]).float()  # [c, V]
         picked = logits.gather(1, chosen_ids[start : start + UNEMBED_CHUNK, None])[:, 0]
         values.extend((picked - torch.logsumexp(logits, dim=-1)).tolist())
-    return dict(zip(keys, values, strict=True))
-
-
-async def _inline(work: Callable[[], T]) -> T:
-    return work()
+    return values
 
 
 async def with_unpatched_scores(
     request: GenerateRequest,
     steps: AsyncIterator[list[RowEvent]],
     target: TargetRuntime,
-    run_model: Callable[[Callable[[], list[float | None]]], Awaitable[list[float | None]]] = _inline,
+    score: Callable[[ScoreJob], Awaitable[list[float | None]]] | None = None,
 ) -> AsyncIterator[list[RowEvent]]:
     """A request's row events, its control row's finished event carrying every other row's unpatched score.
 
     Without a control the events pass through. With one, the control's finished event (always the last
     row of the request, and never streamed as text) is held until every row has finished, then sent with
-    `unpatched_logprobs`, so the patched rows stream as they are generated. `run_model` runs the scoring
-    where the target's model work runs (the replica's worker thread; inline in this process).
+    `unpatched_logprobs`, so the patched rows stream as they are generated. `score` runs the scoring where
+    the target's model work runs (the replica's `ScoreQueue`, on its worker thread); None runs it inline.
     """
     if not request.control:
         async for events in steps:
@@ -195,11 +233,6 @@ async def with_unpatched_scores(
             yield passed
     if held is None or open_rows > 0:
         return  # the stream ended early: the caller left, or the generation failed
-    known = dict(held.unpatched_prefixes or ())
-    patched = tokens[:control]
-
-    def score() -> list[float | None]:
-        return score_continuations(target, request.template, request.filler, patched, known)
-
-    scores = await run_model(score)
+    job = ScoreJob(request.template, request.filler, tokens[:control], dict(held.unpatched_prefixes or ()))
+    scores = await score(job) if score is not None else score_jobs(target, [job])[0]
     yield [dataclasses.replace(held, unpatched_logprobs=tuple(scores))]

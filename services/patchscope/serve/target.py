@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
@@ -19,7 +19,7 @@ from ray import serve
 from patchscope.engine.lens import iter_logit_lens
 from patchscope.engine.lens_control import LensControlRequest, LensReadings, lens_controls
 from patchscope.engine.runtime import TargetRuntime
-from patchscope.engine.scoring import with_unpatched_scores
+from patchscope.engine.scoring import ScoreJob, with_unpatched_scores
 from patchscope.engine.streaming import GenerateRequest, RowEvent
 from patchscope.engine.validation import check_vector
 from patchscope.serve.batching import Batcher, ContinuousBatcher
@@ -27,6 +27,7 @@ from patchscope.serve.chunked import run_chunked
 from patchscope.serve.config import ServiceConfig
 from patchscope.serve.hosting import Hosted, ModelCard, rss_bytes
 from patchscope.serve.metrics import ServiceMetrics
+from patchscope.serve.scores import ScoreQueue
 
 
 def make_batcher(
@@ -75,6 +76,7 @@ class TargetModel:
             model_id: TargetRuntime.build(m, options) for model_id, m in self.hosted.models.items()
         }
         self.batcher = make_batcher(self.config, self.runtimes, self.executor, self.metrics.batch)
+        self.scores = ScoreQueue(self.runtimes, self.executor)
 
     def list_cards(self) -> list[ModelCard]:
         return list(self.hosted.cards.values())
@@ -93,20 +95,20 @@ class TargetModel:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RowEvent]]:
         """The request's row events; with a control, its rows' unpatched scores come on the control's last.
 
-        The scores are computed here, on the worker thread, once the rows have ended: no second call.
+        The scores are computed here, on the worker thread, once the rows have ended: no second call;
+        requests that end together share one head product (serve/scores.py).
         """
         self.hosted.model(request.model)
         self.metrics.queue_rows(self.batcher.queued_rows + request.num_rows)
-        loop = asyncio.get_running_loop()
 
-        def on_worker(work: Callable[[], list[float | None]]) -> asyncio.Future[list[float | None]]:
-            return loop.run_in_executor(self.executor, work)
+        def score(job: ScoreJob) -> Awaitable[list[float | None]]:
+            return self.scores.score(request.model, job)
 
         runtime = self.runtimes[request.model]
         try:
             async with (
                 contextlib.aclosing(self.batcher.submit(request)) as stream,
-                contextlib.aclosing(with_unpatched_scores(request, stream, runtime, on_worker)) as scored,
+                contextlib.aclosing(with_unpatched_scores(request, stream, runtime, score)) as scored,
             ):
                 async for events in scored:
                     self.metrics.tokens(sum(1 for e in events if not e.stop))
