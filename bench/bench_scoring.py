@@ -24,38 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bench_service import NEW_TOKENS, PROMPTS, TEMPLATES
+from bench_service import NEW_TOKENS, TARGETS, target_pool
 from paired import interval
-from patchscope.engine import GenerationConfig, load_model
-from patchscope.engine.hooks import extract
 from patchscope.engine.options import DEFAULTS
-from patchscope.engine.runtime import TargetRuntime
 from patchscope.engine.scoring import score_jobs, with_unpatched_scores
 from patchscope.engine.streaming import GenerateRequest
 from patchscope.serve.config import ServiceConfig
 from patchscope.serve.scores import ScoreQueue
 from patchscope.serve.target import make_batcher
-
-TARGETS = ("smollm2-135m", "gemma3-270m")
-
-
-def request_pool() -> tuple[dict[str, TargetRuntime], list[GenerateRequest]]:
-    """Each target patched with its own states of the prompts, templates mixed, a control row each."""
-    runtimes, pool = {}, []
-    for model_id in TARGETS:
-        model = load_model(model_id, options=DEFAULTS)
-        runtimes[model_id] = TargetRuntime.build(model, DEFAULTS)
-        n = model.facts.num_layers
-        layers = [n // 6, n // 3, n // 2]
-        for k, prompt in enumerate(PROMPTS):
-            states = extract(model, prompt, layers, [-1]).states[:, 0]  # [3, d]
-            name = list(TEMPLATES)[k % len(TEMPLATES)]
-            filler = "?" if name == "identity" else " x"
-            config = GenerationConfig(max_new_tokens=NEW_TOKENS)
-            pool.append(
-                GenerateRequest(model_id, TEMPLATES[name], filler, layers, list(states), config, True)
-            )
-    return runtimes, pool
 
 
 def main() -> None:
@@ -66,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="each client's arrivals per second")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    runtimes, pool = request_pool()
+    runtimes, pool = target_pool(DEFAULTS)
     config = ServiceConfig(
         sources=["smollm2-135m"],
         targets=list(TARGETS),
@@ -95,7 +71,7 @@ def main() -> None:
                 scores = next((e.unpatched_logprobs for e in events if e.unpatched_logprobs), scores)
             return scores
 
-        async def load(way: str, seed: int) -> tuple[float, list[tuple[int, tuple | None]]]:
+        async def offered_load(way: str, seed: int) -> tuple[float, list[tuple[int, tuple | None]]]:
             rng = random.Random(seed)
             plan = [
                 [(rng.expovariate(args.rate), rng.randrange(len(pool))) for _ in range(args.requests)]
@@ -112,7 +88,7 @@ def main() -> None:
             await asyncio.gather(*(client(a) for a in plan))
             return 3 * len(done) / (time.perf_counter() - started), done
 
-        asyncio.run(load("each alone", seed=0))  # warm-up: caches, allocations
+        asyncio.run(offered_load("each alone", seed=0))  # warm-up: caches, allocations
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         print(
             f"unpatched scoring under load · commit {commit.stdout.strip()} · "
@@ -129,7 +105,7 @@ def main() -> None:
             got = {}
             for way in order:
                 queue.batch_sizes.clear()
-                got[way], done = asyncio.run(load(way, seed=100 + repeat))
+                got[way], done = asyncio.run(offered_load(way, seed=100 + repeat))
                 rates[way].append(got[way])
                 sizes += queue.batch_sizes
                 for index, scores in done:

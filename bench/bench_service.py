@@ -390,6 +390,7 @@ def service_stats() -> dict:
     )
 
 
+TARGETS = ("smollm2-135m", "gemma3-270m")  # the hosted targets of (d)
 TEMPLATES = {  # mixed templates: two presets' and a custom one
     "identity": "cat -> cat\n1135 -> 1135\nhello -> hello\n{}",
     "description": "Syria: Country in the Middle East\nLeonardo DiCaprio: American actor\nSamsung: {}",
@@ -397,40 +398,42 @@ TEMPLATES = {  # mixed templates: two presets' and a custom one
 }
 
 
-def target_load(args: argparse.Namespace) -> None:
-    """(d) the target deployment's batching without Ray: per-template batches vs continuous batching."""
-    import random
-    from concurrent.futures import ThreadPoolExecutor
+def target_pool(options: EngineOptions) -> tuple[dict[str, TargetRuntime], list]:
+    """Both hosted targets' runtimes, and requests patching each with its own states of the prompts.
 
+    A same-model Patchscope per site: 3 sites + the control row, templates mixed, `NEW_TOKENS` new tokens.
+    """
     from patchscope.engine.streaming import GenerateRequest
-    from patchscope.serve.config import ServiceConfig
-    from patchscope.serve.target import make_batcher
 
-    options = EngineOptions(gemm=args.gemm)
-    models = {m: load_model(m, options=options) for m in ("smollm2-135m", "gemma3-270m")}
-    runtimes = {m: TargetRuntime.build(model, options) for m, model in models.items()}
-    # Each target patched with its own states of the prompts (a same-model Patchscope per site).
-    pool: list[GenerateRequest] = []
-    for m, model in models.items():
+    runtimes, pool = {}, []
+    for model_id in TARGETS:
+        model = load_model(model_id, options=options)
+        runtimes[model_id] = TargetRuntime.build(model, options)
         n = model.facts.num_layers
         layers = [n // 6, n // 3, n // 2]
         for k, prompt in enumerate(PROMPTS):
             states = extract(model, prompt, layers, [-1]).states[:, 0]  # [3, d]
             name = list(TEMPLATES)[k % len(TEMPLATES)]
+            filler = "?" if name == "identity" else " x"
+            config = GenerationConfig(max_new_tokens=NEW_TOKENS)
             pool.append(
-                GenerateRequest(
-                    m,
-                    TEMPLATES[name],
-                    "?" if name == "identity" else " x",
-                    layers,
-                    list(states),
-                    GenerationConfig(max_new_tokens=NEW_TOKENS),
-                    control=True,
-                )
+                GenerateRequest(model_id, TEMPLATES[name], filler, layers, list(states), config, True)
             )
+    return runtimes, pool
+
+
+def target_load(args: argparse.Namespace) -> None:
+    """(d) the target deployment's batching without Ray: per-template batches vs continuous batching."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from patchscope.serve.config import ServiceConfig
+    from patchscope.serve.target import make_batcher
+
+    runtimes, pool = target_pool(EngineOptions(gemm=args.gemm))
     base = {
         "sources": ["smollm2-135m"],
-        "targets": list(models),
+        "targets": list(runtimes),
         "auth": {"required": False},
     }
     modes = {
@@ -482,7 +485,7 @@ def target_load(args: argparse.Namespace) -> None:
             f"(d) target batching without Ray · commit {commit.stdout.strip()} · "
             f"{platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · 2 torch threads · "
             f"{args.repeats} rounds x {args.requests} requests per client, Poisson arrivals {args.rate}/s "
-            f"per client · 3 sites + control, {NEW_TOKENS} new tokens, targets {', '.join(models)}, "
+            f"per client · 3 sites + control, {NEW_TOKENS} new tokens, targets {', '.join(runtimes)}, "
             f"{len(TEMPLATES)} templates",
             flush=True,
         )

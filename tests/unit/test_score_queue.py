@@ -88,13 +88,13 @@ def test_requests_waiting_for_the_worker_are_scored_in_one_drain(llama, llama_ru
             return await asyncio.gather(*tasks)
 
         got = asyncio.run(main())
-        assert queue.batch_sizes == [3]  # the cancelled job was not scored
+        assert list(queue.batch_sizes) == [3]  # the cancelled job was not scored
         for scores, expected in zip(got, want, strict=True):
             assert_same(scores, expected)
         # A lone request later waits for nothing: its own drain.
         (single,) = [asyncio.run(queue.score(llama.id, jobs[1]))]
         assert_same(single, want[1])
-        assert queue.batch_sizes == [3, 1]
+        assert list(queue.batch_sizes) == [3, 1]
 
 
 def test_a_failed_product_reaches_its_callers_and_the_queue_serves_on(llama, llama_runtime, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class ScoreQueue:
         self._lock = threading.Lock()
         self._waiting: list[_Waiting] = []
         self._queued = False  # a drain task is queued on the worker thread and has not yet started
-        self.batch_sizes: list[int] = []  # jobs per head product, for tests and benches
+        self.batch_sizes: deque[int] = deque(maxlen=4096)  # jobs per product (latest), for tests and benches
 
     async def score(self, model: str, job: ScoreJob) -> Scores:
         """`job`'s scores on target `model`, computed with whatever else waits when the worker gets to it."""
